@@ -1,0 +1,1 @@
+"""Device profiles: installed as ``edgebll.devices``."""

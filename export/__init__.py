@@ -1,0 +1,1 @@
+"""Host-side exporter (needs torch and onnx): installed as ``edgebll.export``."""
