@@ -1,1 +1,10 @@
-"""Host-side exporter (needs torch and onnx): installed as ``edgebll.export``."""
+"""Host-side exporter (needs torch and onnx): installed as ``edgebll.export``.
+
+``export_model(...)`` turns a model into one ONNX Runtime training artifact folder per block.
+"""
+
+from .artifacts import OptimizerConfig
+from .exporter import build_blocks, export_block, export_model
+from .models import MODELS, ModelSpec, build_model
+
+__all__ = ["MODELS", "ModelSpec", "OptimizerConfig", "build_blocks", "build_model", "export_block", "export_model"]

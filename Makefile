@@ -1,0 +1,48 @@
+# make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
+# make test : set up the same way and run the whole test suite
+# make bench: run the benchmarks (writes benchmarks/results/*.json and .md)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEVICE_VENV := .venv-device
+DATA_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data demo test bench clean
+
+setup: $(VENV)/.installed $(DEVICE_VENV)/.installed
+
+# torch first, pinned: a local CPU wheel on our machines; any other spec pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/edgebll_codec.h
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q scikit-build-core cmake ninja
+	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev]'
+	touch $@
+
+# A board's environment: numpy + onnxruntime-training, no torch. The tests prove the runtime
+# trains here (edgebll is taken from the source tree, with the numpy codec).
+$(DEVICE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q numpy onnxruntime-training-cpu==1.19.2 tqdm
+	touch $@
+
+data: $(DATA_DIR)/train-images-idx3-ubyte.gz
+
+$(DATA_DIR)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup data
+	$(VENV)/bin/edgebll demo
+
+test: setup data
+	$(PY) -m pytest -q
+
+bench: setup data
+	$(PY) benchmarks/step_speed.py
+	$(PY) benchmarks/codec_speed.py
+
+clean:
+	rm -rf $(VENV) $(DEVICE_VENV) build runs

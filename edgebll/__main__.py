@@ -1,0 +1,7 @@
+"""``python -m edgebll`` = the ``edgebll`` command."""
+
+import sys
+
+from edgebll.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""``edgebll`` command line: export, train, eval, demo.
+
+Host commands (export, demo) need the ``export`` extra (torch, onnx); train and eval need only
+numpy and onnxruntime-training, as on a board.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgebll import __version__
+from edgebll.errors import EdgeBLLError
+
+DEMO_EXAMPLE = """\
+examples:
+  edgebll export --model cnn-small --method bwbpf --blocks 4 --batch-size 64 --out runs/a
+  edgebll train runs/a --epochs 1 --codec int8
+  edgebll eval runs/a
+  edgebll demo                      # all three on Fashion-MNIST, with a summary table
+"""
+
+
+def _load_exporter() -> Any:
+    try:
+        from edgebll import export
+    except ImportError as exc:
+        raise EdgeBLLError(f"exporting needs torch and onnx ({exc}); hint: pip install 'edgebll[export]' "
+                           "(on the CI machines: pip install torch==2.13.0 first)") from exc
+    return export
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from edgebll.codec import CODECS
+    from edgebll.schedule import SCHEDULES
+
+    p.add_argument("--epochs", type=int, default=1, help="epochs to train (default: 1)")
+    p.add_argument("--codec", choices=CODECS, default="int8", help="message codec between blocks (default: int8)")
+    p.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
+                   help="int8 scale per tensor or per channel (default: tensor)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the one given at export)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="train on the first N images only")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default: 0)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also checkpoint every STEPS steps (default: end of each epoch only)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
+                   "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgebll", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEMO_EXAMPLE,
+        description="Block-local training on edge devices: export a model as one ONNX Runtime training artifact "
+                    "per block, train the blocks with local losses and quantized messages, evaluate.")
+    parser.add_argument("--version", action="version", version=f"edgebll {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a model's blocks as ORT training artifacts (host, needs torch)",
+                       description="Partition a model into blocks, attach each block's local loss, and write one "
+                                   "artifact folder per block plus run.json under --out.")
+    p.add_argument("--model", default="cnn-small", help="model zoo name: cnn-small or resnet18 (default: cnn-small)")
+    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bp"),
+                   help="bwbpf: a local head and loss per block; bp: the whole model as one block (default: bwbpf)")
+    p.add_argument("--blocks", type=int, default=4, help="number of blocks K (default: 4; bp needs 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--head", choices=("linear", "conv"), default="linear",
+                   help="local head of all but the last block (default: linear = pool + linear)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: adamw, torch's formula)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    p.add_argument("--lr", type=float, default=None, help="default learning rate stored for train "
+                   "(default: 2e-3 for adamw, 0.05 for sgd)")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", help="train every block of a run with its local loss",
+                       description="Train the blocks of RUN in one process; every activation passes through the "
+                                   "message codec. Writes RUN/train.json and RUN/block-*/trained/checkpoint.")
+    p.add_argument("run", help="run folder written by `edgebll export`")
+    _add_train_options(p)
+    p.add_argument("--resume", action="store_true", help="continue from the trained checkpoints up to --epochs")
+    p.add_argument("--restart", action="store_true", help="start over from the exported weights")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="test accuracy of every block's head; writes RUN/eval.json",
+                       description="Evaluate RUN on the 10,000 Fashion-MNIST test images (eval graphs, messages "
+                                   "through the codec the run was trained with).")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
+    p.add_argument("--codec", default=None, help="message codec (default: the one used in training)")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="export cnn-small in 4 BWBPF blocks, train 1 epoch with int8 messages, evaluate",
+                       description="The main job end to end on Fashion-MNIST, with a summary table.")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo, replaced)")
+    p.add_argument("--model", default="cnn-small", help="(default: cnn-small)")
+    p.add_argument("--blocks", type=int, default=4, help="(default: 4)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    p.add_argument("--head", choices=("linear", "conv"), default="linear", help="(default: linear)")
+    _add_train_options(p)
+    _add_common(p)
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from edgebll.runtime import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, codec=args.codec, granularity=args.granularity, lr=args.lr,
+                       schedule=args.schedule, warmup_steps=args.warmup_steps, limit=args.limit, seed=args.seed,
+                       resume=getattr(args, "resume", False), checkpoint_every=args.checkpoint_every)
+
+
+def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    last = train["epochs"][-1] if train.get("epochs") else {"accuracy": [float("nan")] * evaluation["blocks"]}
+    print(f"\n{evaluation['model']} · {evaluation['method']} · {evaluation['blocks']} blocks · {train['codec']} messages")
+    print(f"{'block':>5}  {'train acc':>9}  {'test acc':>8}  {'bytes/step sent':>15}")
+    sent = train.get("message_bytes_per_step", [])
+    for k, acc in enumerate(evaluation["per_block_accuracy"]):
+        out = f"{sent[k]:>15,.0f}" if k < len(sent) else f"{'—':>15}"
+        print(f"{k:>5}  {last['accuracy'][k]:>9.4f}  {acc:>8.4f}  {out}")
+    print(f"test accuracy {evaluation['test_accuracy']:.4f} on {evaluation['samples']} images · "
+          f"train {train['seconds']:.0f} s ({train['samples_per_s']:.0f} samples/s) · "
+          f"messages {train['message_bytes_per_sample']:,.0f} B/sample")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    if args.command == "export":
+        export = _load_exporter()
+        lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
+        out = export.export_model(args.model, out=args.out, method=args.method, blocks=args.blocks,
+                                  batch_size=args.batch_size, head=args.head,
+                                  optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
+                                  lr=lr, seed=args.seed, overwrite=args.overwrite, progress=progress)
+        print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
+        return 0
+
+    from edgebll.runtime import Runtime
+
+    if args.command == "train":
+        if args.resume and args.restart:
+            raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+        runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart)
+        summary = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
+        last = summary["epochs"][-1]
+        print(f"trained {summary['steps']} steps · train accuracy per block {last['accuracy']} · "
+              f"{summary['samples_per_s']} samples/s · wrote {Path(args.run) / 'train.json'}")
+        return 0
+    if args.command == "eval":
+        runtime = Runtime.from_run(args.run, threads=args.threads)
+        summary = runtime.evaluate(data_dir=args.data_dir, limit=args.limit, codec=args.codec, progress=progress)
+        print(json.dumps(summary, indent=1))
+        return 0
+    if args.command == "demo":
+        export = _load_exporter()
+        began = time.perf_counter()
+        export.export_model(args.model, out=args.out, method="bwbpf", blocks=args.blocks, batch_size=args.batch_size,
+                            head=args.head, lr=2e-3, overwrite=True, progress=progress)
+        runtime = Runtime.from_run(args.out, threads=args.threads)
+        train = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
+        evaluation = runtime.evaluate(data_dir=args.data_dir, progress=progress)
+        _print_table(train, evaluation)
+        print(f"total {time.perf_counter() - began:.0f} s · results in {args.out}/train.json and {args.out}/eval.json")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: user errors print one line and exit 2; bugs raise with a traceback."""
+    try:
+        return run(argv)
+    except EdgeBLLError as exc:
+        print(f"edgebll: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgebll: interrupted; checkpoints written so far are complete (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The artifact contract: ``manifest.json`` of one block folder and ``run.json`` of a run folder.
+
+A device validates a block folder against its manifest before it trains: format version, the
+files' sha256, and the shapes of the messages it will receive. Everything here is plain JSON so
+that a board needs neither torch nor onnx to read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgebll.errors import ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RUN_NAME = "run.json"
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+METHODS = ("bp", "bwbpf")
+ROLES = ("message", "labels", "loss", "logits", "bn_stat")
+
+
+@dataclass(kw_only=True, slots=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    shape: list[int | str]
+    """Dimensions; a string is a symbolic dimension ("batch")."""
+    dtype: str
+    """numpy dtype name: "float32" or "int64"."""
+    role: str
+    """message | labels | loss | logits | bn_stat."""
+
+    def per_sample_shape(self) -> list[int | str]:
+        """The shape without the leading batch dimension."""
+        return self.shape[1:] if self.shape and self.shape[0] == "batch" else self.shape
+
+
+@dataclass(kw_only=True, slots=True)
+class BatchNormStat:
+    """A BatchNorm running statistic that the training graph outputs and the runtime writes back.
+
+    ORT bakes running statistics into the graph as constants; unless they are written back after
+    each step, eval-mode BatchNorm keeps its initial statistics forever.
+    """
+
+    output: str
+    """Training-graph output carrying the updated statistic."""
+    parameter: str
+    """Checkpoint entry holding the statistic."""
+    kind: str
+    """"mean" or "var"."""
+    momentum: float
+    """ONNX momentum: new = momentum * old + (1 - momentum) * batch statistic."""
+    spatial: int
+    """Elements per channel per sample seen by the BatchNorm (H*W); torch's running variance is the
+    unbiased one, so the runtime rescales ORT's biased update by n/(n-1), n = batch * spatial."""
+
+
+@dataclass(kw_only=True, slots=True)
+class BlockManifest:
+    """Everything a device needs to know about one exported block."""
+
+    format_version: int = FORMAT_VERSION
+    index: int
+    num_blocks: int
+    method: str
+    model: str
+    units: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    bn_stats: list[BatchNormStat] = field(default_factory=list)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    batch_size: int
+    num_parameters: int
+    estimated_peak_bytes: int
+    """Rough peak training memory at ``batch_size``: weights, gradients, optimizer state, activations."""
+    device: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    """File name -> sha256 hex digest."""
+
+    def input(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.role == role), None)
+
+    def output(self, role: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.role == role), None)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> BlockManifest:
+        """Build from parsed JSON, refusing unknown or missing keys and newer formats."""
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise ManifestError(f"{where}: no integer 'format_version'; this is not an edgebll block manifest")
+        if version > FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: format version {version} is newer than this runtime supports ({FORMAT_VERSION}); "
+                "hint: upgrade edgebll on the device, or export with the edgebll version installed here"
+            )
+        try:
+            data = dict(data)
+            data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+            data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+            data["bn_stats"] = [BatchNormStat(**s) for s in data.get("bn_stats", [])]
+            manifest = cls(**data)
+        except (KeyError, TypeError) as exc:
+            known = sorted(f.name for f in fields(cls))
+            raise ManifestError(f"{where}: malformed manifest ({exc}); expected keys {known}") from exc
+        if manifest.method not in METHODS:
+            raise ManifestError(f"{where}: unknown method {manifest.method!r}; this runtime knows {list(METHODS)}")
+        return manifest
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be copied to boards
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = True) -> BlockManifest:
+    """Read and validate ``block_dir/manifest.json``; with ``verify_files`` check every file's sha256."""
+    block_dir = Path(block_dir)
+    path = block_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; hint: export the run again with `edgebll export ... --out RUN`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    manifest = BlockManifest.from_dict(data, str(path))
+    missing = [name for name in ARTIFACT_FILES if name not in manifest.files]
+    if missing:
+        raise ManifestError(f"{path}: lists no hash for {missing}")
+    if verify_files:
+        for name, expected in manifest.files.items():
+            file = block_dir / name
+            if not file.is_file():
+                raise ManifestError(f"block {manifest.index} ({block_dir}): file {name!r} is missing; hint: re-export the run")
+            got = sha256_file(file)
+            if got != expected:
+                raise ManifestError(
+                    f"block {manifest.index} ({block_dir}): {name} has sha256 {got[:16]}… but the manifest says "
+                    f"{expected[:16]}…; the file was modified or corrupted; hint: re-export the run"
+                )
+    return manifest
+
+
+def block_dir_name(index: int) -> str:
+    return f"block-{index}"
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``run.json`` (model, data, hyper-parameters) of a run folder."""
+    path = Path(run_dir) / RUN_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; {run_dir} is not an exported run; hint: `edgebll export --out {run_dir}`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def check_chain(manifests: list[BlockManifest], run_dir: str | os.PathLike) -> None:
+    """Each block's message input must match the previous block's message output (shape and dtype)."""
+    for k, m in enumerate(manifests):
+        if m.index != k or m.num_blocks != len(manifests):
+            raise ManifestError(
+                f"{run_dir}/{block_dir_name(k)}: manifest says block {m.index} of {m.num_blocks}, expected block {k} of "
+                f"{len(manifests)}; hint: re-export all blocks together"
+            )
+        if k == 0:
+            continue
+        sent, wanted = manifests[k - 1].output("message"), m.input("message")
+        if sent is None or wanted is None:
+            raise ManifestError(f"{run_dir}: block {k - 1} sends no message or block {k} takes none")
+        if sent.per_sample_shape() != wanted.per_sample_shape() or sent.dtype != wanted.dtype:
+            raise ManifestError(
+                f"block {k} ({run_dir}/{block_dir_name(k)}/manifest.json): input {wanted.name!r} has shape "
+                f"{wanted.per_sample_shape()} ({wanted.dtype}) per sample but the previous block sends "
+                f"{sent.per_sample_shape()} ({sent.dtype}); hint: re-export both blocks with the same --blocks"
+            )

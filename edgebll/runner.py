@@ -1,0 +1,168 @@
+"""``BlockRunner``: one block's ORT training session — a thin wrapper over CheckpointState/Module/Optimizer.
+
+The runner validates its manifest (and the files' hashes) before loading, checks every input
+against the manifest, stops on a non-finite loss before the optimizer step, writes BatchNorm
+running statistics back into the checkpoint state after each step, and saves atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgebll.errors import ManifestError, TrainingError
+from edgebll.manifest import BlockManifest, load_block_manifest, sha256_file, write_json_atomic
+from edgebll.ort_training import training_api
+
+TRAINED_DIR = "trained"
+"""Sub-folder of a block folder holding the trained checkpoint (the exported files stay untouched)."""
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one train or eval step returns."""
+
+    loss: float
+    logits: np.ndarray
+    """[B, classes] scores of the block's local head (the classifier for the last block)."""
+    message: np.ndarray | None
+    """[B, ...] activation for the next block; None for the last block."""
+
+
+class BlockRunner:
+    """Train and evaluate one exported block on this device."""
+
+    def __init__(self, block_dir: str | os.PathLike, *, threads: int = 0, verify_files: bool = True,
+                 load_trained: bool = True) -> None:
+        """Load ``block_dir``; with ``load_trained`` resume from ``trained/checkpoint`` when it exists.
+
+        ``threads``: intra-op threads for ORT (0 lets ORT choose).
+        """
+        self.block_dir = Path(block_dir)
+        self.manifest: BlockManifest = load_block_manifest(self.block_dir, verify_files=verify_files)
+        api = training_api()
+        from onnxruntime import SessionOptions  # after training_api(): it registers the torch-free package
+
+        options = SessionOptions()
+        options.intra_op_num_threads = threads
+        self.progress = {"epoch": 0, "step": 0}
+        checkpoint = self.block_dir / "checkpoint"
+        trained = self.block_dir / TRAINED_DIR / "checkpoint"
+        if load_trained and trained.is_file():
+            self.progress = _verify_trained(trained)
+            checkpoint = trained
+        self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
+        self.module = api.Module(str(self.block_dir / "training_model.onnx"), self.state,
+                                 str(self.block_dir / "eval_model.onnx"), session_options=options)
+        self.optimizer = api.Optimizer(str(self.block_dir / "optimizer_model.onnx"), self.module)
+        names = self.module.output_names()
+        expected = [t.name for t in self.manifest.outputs]
+        if names != expected:
+            raise ManifestError(f"block {self.index} ({self.block_dir}): training graph outputs {names}, manifest says "
+                                f"{expected}; hint: re-export the run")
+        self._loss_at = names.index("loss")
+        self._logits_at = names.index("logits")
+        self._message_at = names.index("y") if "y" in names else None
+        self._stats = [(names.index(s.output), s) for s in self.manifest.bn_stats]
+        spec = self.manifest.input("message")
+        assert spec is not None, "every block takes a message input"
+        self._input_shape = tuple(spec.per_sample_shape())
+
+    @property
+    def index(self) -> int:
+        return self.manifest.index
+
+    def _check_inputs(self, x: np.ndarray, labels: np.ndarray) -> None:
+        where = f"block {self.index} ({self.block_dir})"
+        if x.dtype != np.float32:
+            raise TrainingError(f"{where}: input 'x' has dtype {x.dtype}, expected float32")
+        if tuple(x.shape[1:]) != self._input_shape:
+            raise TrainingError(f"{where}: input 'x' has shape {list(x.shape)} but the block takes "
+                                f"[batch, {', '.join(map(str, self._input_shape))}]; hint: the previous block and "
+                                "this one come from different exports; re-export both with the same --blocks")
+        if labels.dtype != np.int64 or labels.shape != (x.shape[0],):
+            raise TrainingError(f"{where}: labels must be int64 of shape [{x.shape[0]}], got {labels.dtype} "
+                                f"{list(labels.shape)}")
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+        """One local step: forward, local loss, backward, optimizer update at learning rate ``lr``."""
+        self._check_inputs(x, labels)
+        self.module.train()
+        outputs = self.module(x, labels)
+        loss = float(outputs[self._loss_at])
+        self.module.lazy_reset_grad()  # the gradients are consumed by this step's update (or discarded)
+        if not np.isfinite(loss):
+            raise TrainingError(f"block {self.index}: local loss is {loss} at step {self.progress['step']} "
+                                f"(epoch {self.progress['epoch']}); stopped before the optimizer step; "
+                                "hint: lower the learning rate (--lr)")
+        self.optimizer.set_learning_rate(lr)
+        self.optimizer.step()
+        self._write_back_batchnorm(outputs, batch=x.shape[0])
+        self.progress["step"] += 1
+        return self._result(outputs)
+
+    def eval_step(self, x: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Forward in eval mode (BatchNorm uses running statistics); no update."""
+        self._check_inputs(x, labels)
+        self.module.eval()
+        return self._result(self.module(x, labels))
+
+    def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
+        message = outputs[self._message_at] if self._message_at is not None else None
+        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message)
+
+    def _write_back_batchnorm(self, outputs: tuple[np.ndarray, ...], batch: int) -> None:
+        """Copy the updated running statistics into the state (ORT would keep the old ones forever).
+
+        ORT updates the running variance with the biased batch variance; torch uses the unbiased
+        one, so rescale the batch part by n/(n-1) with n = batch * H * W.
+        """
+        params = self.state.parameters
+        for at, stat in self._stats:
+            new = outputs[at]
+            if stat.kind == "var":
+                n = batch * stat.spatial
+                old = params[stat.parameter].data
+                new = stat.momentum * old + (new - stat.momentum * old) * (n / max(n - 1, 1))
+            params[stat.parameter] = np.ascontiguousarray(new, dtype=np.float32)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter and buffer in the checkpoint state."""
+        return {name: np.array(p.data) for name, p in self.state.parameters}
+
+    def save(self, *, epoch: int) -> Path:
+        """Write ``trained/checkpoint`` atomically (temp file, fsync, rename), with the optimizer state."""
+        api = training_api()
+        folder = self.block_dir / TRAINED_DIR
+        folder.mkdir(exist_ok=True)
+        final, tmp = folder / "checkpoint", folder / ".checkpoint.tmp"
+        self.progress["epoch"] = epoch
+        api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        # the sidecar names the checkpoint it belongs to: a crash between the two writes is detected on load
+        write_json_atomic(folder / "checkpoint.json", json.dumps({**self.progress, "sha256": sha256_file(final)}))
+        return final
+
+    def export_for_inference(self, path: str | os.PathLike) -> Path:
+        """A plain ONNX inference model (input ``x``; outputs ``logits`` and, but for the last block, ``y``)."""
+        self.module.export_model_for_inferencing(str(path), ["logits"] + (["y"] if self._message_at is not None else []))
+        return Path(path)
+
+
+def _verify_trained(checkpoint: Path) -> dict[str, int]:
+    sidecar = checkpoint.with_name("checkpoint.json")
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{checkpoint}: no readable {sidecar.name} ({exc}); hint: delete {checkpoint.parent} to "
+                            "start from the exported weights") from exc
+    if sha256_file(checkpoint) != info.get("sha256"):
+        raise ManifestError(f"{checkpoint}: sha256 does not match {sidecar.name} (interrupted save?); hint: delete "
+                            f"{checkpoint.parent} to start from the exported weights")
+    return {"epoch": int(info["epoch"]), "step": int(info["step"])}

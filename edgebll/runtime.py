@@ -1,0 +1,237 @@
+"""``Runtime``: train the K blocks of a run in one process, every message through the codec.
+
+Data flows one way: data -> block 0 -> ... -> last block. Each block takes its local step as soon
+as its input arrives; the activation it sends on is encoded to a frame (bytes, as a network would
+carry it) and decoded by the next block. No gradient ever crosses a block boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from edgebll import codec as message_codec
+from edgebll.data import Dataset, load_fashion_mnist
+from edgebll.errors import CodecError, EdgeBLLError, TrainingError
+from edgebll.manifest import block_dir_name, check_chain, load_run_config, write_json_atomic
+from edgebll.runner import TRAINED_DIR, BlockRunner
+from edgebll.schedule import SCHEDULES, learning_rate
+
+TRAIN_NAME = "train.json"
+EVAL_NAME = "eval.json"
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """How to train a run (defaults that work; ``lr`` None takes run.json's)."""
+
+    epochs: int = 1
+    """Total epochs; with ``resume`` the run continues until it has done this many."""
+    codec: str = "int8"
+    """Message codec between blocks: one of edgebll.codec.CODECS."""
+    granularity: str = "tensor"
+    """int8 scales: "tensor" or "channel"."""
+    lr: float | None = None
+    """Base learning rate (None: the one stored at export)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule over all steps: cosine, step or constant."""
+    warmup_steps: int = 0
+    limit: int | None = None
+    """Train on the first ``limit`` training images only (None: all 60,000)."""
+    seed: int = 0
+    """Shuffling seed (the order is a function of seed and epoch, so a resumed run repeats it)."""
+    resume: bool = False
+    """Continue from the blocks' trained checkpoints instead of the exported weights."""
+    checkpoint_every: int = 0
+    """Also save every N steps (0: at the end of every epoch only)."""
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise EdgeBLLError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.codec not in message_codec.CODECS:
+            raise EdgeBLLError(f"unknown codec {self.codec!r}; choose one of {list(message_codec.CODECS)}")
+        if self.granularity not in ("tensor", "channel"):
+            raise EdgeBLLError(f"unknown granularity {self.granularity!r}; choose tensor or channel")
+        if self.schedule not in SCHEDULES:
+            raise EdgeBLLError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.lr is not None and not self.lr > 0:
+            raise EdgeBLLError(f"--lr must be positive, got {self.lr}")
+
+
+class Runtime:
+    """All blocks of one run, trained in this process."""
+
+    def __init__(self, run_dir: str | os.PathLike, runners: list[BlockRunner], config: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.runners = runners
+        self.config = config
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, *, threads: int = 0, load_trained: bool = True,
+                 verify_files: bool = True) -> Runtime:
+        """Load and validate every block of ``run_dir`` (an ``edgebll export`` output folder)."""
+        config = load_run_config(run_dir)
+        runners = [BlockRunner(Path(run_dir) / block_dir_name(k), threads=threads, load_trained=load_trained,
+                               verify_files=verify_files) for k in range(int(config["blocks"]))]
+        check_chain([r.manifest for r in runners], run_dir)
+        return cls(run_dir, runners, config)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.runners)
+
+    def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str) -> tuple[np.ndarray, int]:
+        """Encode ``message`` as block ``block`` sends it, decode it as block ``block + 1`` receives it."""
+        try:
+            frame = message_codec.encode(message, codec, granularity=granularity)
+        except CodecError as exc:
+            raise TrainingError(f"block {block}, step {step}: cannot send its activation: {exc}") from exc
+        return message_codec.decode(frame), len(frame)
+
+    def train(self, config: TrainConfig | None = None, *, data: Dataset | None = None, data_dir: str | None = None,
+              progress: bool = True, **overrides: Any) -> dict[str, Any]:
+        """Train every block for ``config.epochs`` epochs; writes and returns ``train.json``'s content.
+
+        ``data`` defaults to the Fashion-MNIST training set from ``data_dir``. Keyword overrides
+        set fields of ``TrainConfig`` (``runtime.train(epochs=2, codec="fp16")``).
+        """
+        config = config or TrainConfig()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.validate()
+        if data is None:
+            data = load_fashion_mnist("train", data_dir, limit=config.limit)
+        elif config.limit is not None:
+            data = data.subset(config.limit)
+        batch = int(self.config["batch_size"])
+        steps_per_epoch = data.num_batches(batch, drop_last=True)
+        if steps_per_epoch == 0:
+            raise EdgeBLLError(f"{len(data)} training samples make no full batch of {batch}")
+        total = steps_per_epoch * config.epochs
+        base_lr = float(config.lr if config.lr is not None else self.config["lr"])
+        start = self._start_step(config.resume)
+        history = self._load_history() if config.resume and start > 0 else []
+        link_bytes = np.zeros(max(self.num_blocks - 1, 1), dtype=np.int64)
+        samples, began = 0, time.perf_counter()
+        step = start
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
+        for epoch in range(start // steps_per_epoch, config.epochs):
+            sums = np.zeros((2, self.num_blocks))  # loss, correct
+            seen, epoch_began = 0, time.perf_counter()
+            skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
+            for i, (x, labels) in enumerate(data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch,
+                                                         drop_last=True)):
+                if i < skip:
+                    continue
+                lr = learning_rate(config.schedule, base_lr, step, total, config.warmup_steps)
+                h = x
+                for k, runner in enumerate(self.runners):
+                    result = runner.train_step(h, labels, lr)
+                    sums[0, k] += result.loss * len(labels)
+                    sums[1, k] += int((result.logits.argmax(1) == labels).sum())
+                    if result.message is not None:
+                        h, nbytes = self._send(result.message, k, step, config.codec, config.granularity)
+                        link_bytes[k] += nbytes
+                seen += len(labels)
+                samples += len(labels)
+                step += 1
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    self.save(epoch=epoch)
+                bar.update()
+                bar.set_postfix(loss=f"{sums[0, -1] / seen:.3f}", acc=f"{sums[1, -1] / seen:.3f}")
+            self.save(epoch=epoch + 1)
+            history.append({
+                "epoch": epoch + 1,
+                "loss": (sums[0] / max(seen, 1)).round(5).tolist(),
+                "accuracy": (sums[1] / max(seen, 1)).round(5).tolist(),
+                "samples": seen,
+                "seconds": round(time.perf_counter() - epoch_began, 3),
+            })
+        bar.close()
+        elapsed = time.perf_counter() - began
+        steps_done = max(step - start, 1)
+        summary = {
+            "model": self.config["model"], "method": self.config["method"], "blocks": self.num_blocks,
+            "codec": config.codec, "granularity": config.granularity, "transport": "inprocess", "ranks": 1,
+            "config": asdict(config) | {"lr": base_lr}, "batch_size": batch, "steps": step,
+            "samples": samples, "seconds": round(elapsed, 3), "samples_per_s": round(samples / max(elapsed, 1e-9), 2),
+            "message_bytes_per_step": (link_bytes / steps_done).round(1).tolist() if self.num_blocks > 1 else [],
+            "message_bytes_per_sample": round(float(link_bytes.sum()) / max(samples, 1), 1),
+            "epochs": history,
+        }
+        write_json_atomic(self.run_dir / TRAIN_NAME, json.dumps(summary, indent=1))
+        return summary
+
+    def _start_step(self, resume: bool) -> int:
+        """The global step to start from: 0, or (resuming) the step every block has reached."""
+        steps = {r.progress["step"] for r in self.runners}
+        if not resume:
+            if any(s > 0 for s in steps):
+                raise EdgeBLLError(f"{self.run_dir}: blocks already hold trained weights ({TRAINED_DIR}/); hint: pass "
+                                   "--resume to continue, or load with load_trained=False / --restart to start over")
+            return 0
+        if len(steps) != 1:
+            raise EdgeBLLError(f"{self.run_dir}: blocks stopped at different steps {sorted(steps)}; hint: --restart")
+        return steps.pop()
+
+    def _load_history(self) -> list[dict[str, Any]]:
+        path = self.run_dir / TRAIN_NAME
+        return json.loads(path.read_text()).get("epochs", []) if path.is_file() else []
+
+    def save(self, *, epoch: int) -> None:
+        """Checkpoint every block (each atomically)."""
+        for runner in self.runners:
+            runner.save(epoch=epoch)
+
+    def evaluate(self, *, data: Dataset | None = None, data_dir: str | None = None, limit: int | None = None,
+                 codec: str | None = None, granularity: str | None = None, progress: bool = True,
+                 batch_size: int = 500) -> dict[str, Any]:
+        """Test accuracy of every block's head through the eval graphs; writes and returns ``eval.json``.
+
+        The messages go through the codec the run was trained with (from train.json), unless given.
+        """
+        trained = self._load_train_summary()
+        codec = codec or trained.get("codec", "fp32")
+        granularity = granularity or trained.get("granularity", "tensor")
+        if data is None:
+            data = load_fashion_mnist("test", data_dir, limit=limit)
+        elif limit is not None:
+            data = data.subset(limit)
+        correct = np.zeros(self.num_blocks)
+        loss = 0.0
+        began = time.perf_counter()
+        for x, labels in tqdm(data.batches(batch_size), total=data.num_batches(batch_size), desc="eval", unit="batch",
+                              disable=not progress):
+            h = x
+            for k, runner in enumerate(self.runners):
+                result = runner.eval_step(h, labels)
+                correct[k] += int((result.logits.argmax(1) == labels).sum())
+                if result.message is not None:
+                    h, _ = self._send(result.message, k, -1, codec, granularity)
+            loss += result.loss * len(labels)
+        per_block = (correct / len(data)).round(5).tolist()
+        summary = {
+            "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": round(loss / len(data), 5),
+            "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],
+            "model": self.config["model"], "blocks": self.num_blocks,
+            "trained_epochs": self.runners[-1].progress["epoch"], "seconds": round(time.perf_counter() - began, 3),
+        }
+        write_json_atomic(self.run_dir / EVAL_NAME, json.dumps(summary, indent=1))
+        return summary
+
+    def _load_train_summary(self) -> dict[str, Any]:
+        path = self.run_dir / TRAIN_NAME
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def export_for_inference(self, out_dir: str | os.PathLike) -> list[Path]:
+        """One inference ONNX model per block (``x`` -> ``logits``; chain them through the messages)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return [r.export_for_inference(out / f"block-{r.index}.onnx") for r in self.runners]

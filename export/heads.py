@@ -1,0 +1,54 @@
+"""BWBPF local heads: the small classifier each block trains its features with.
+
+"linear": global average pool + linear (the classic auxiliary head). "conv": one stride-2 3x3
+conv + BatchNorm + ReLU before the pool; the block-wise papers found such a head necessary to
+keep early blocks (wide, high-resolution, weakly discriminative features) useful.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgebll.errors import ExportError
+
+HEADS = ("linear", "conv")
+
+
+class LinearHead(nn.Module):
+    """Global average pool over every axis after the channel axis, then a linear layer."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2:
+            x = x.mean(dim=tuple(range(2, x.dim())))
+        return self.fc(x)
+
+
+class ConvHead(nn.Module):
+    """Stride-2 conv (width capped so the head never outweighs small blocks), pool, linear."""
+
+    def __init__(self, channels: int, num_classes: int, max_width: int = 128) -> None:
+        super().__init__()
+        width = min(channels * 2, max_width)
+        self.conv = nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.pool_fc = LinearHead(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool_fc(torch.relu(self.bn(self.conv(x))))
+
+
+def make_head(kind: str, activation_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A head for a block whose per-sample output has ``activation_shape`` (C, H, W) or (C,)."""
+    if kind not in HEADS:
+        raise ExportError(f"unknown head {kind!r}; choose one of {list(HEADS)}")
+    channels = activation_shape[0]
+    if kind == "conv":
+        if len(activation_shape) != 3:
+            raise ExportError(f"the conv head needs a (C, H, W) activation, got shape {activation_shape}; use --head linear")
+        return ConvHead(channels, num_classes)
+    return LinearHead(channels, num_classes)

@@ -1,0 +1,113 @@
+"""Model zoo: each model is a list of *units*, the finest points where it may be split into blocks.
+
+A unit is an ``nn.Module`` mapping one activation tensor to the next. The partitioner groups
+consecutive units into blocks; a block never splits a unit (a residual block, a conv stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgebll.errors import ExportError
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """A model ready to partition."""
+
+    name: str
+    """Zoo name, or "custom" for a user-given list of units."""
+    units: list[nn.Module]
+    """Consecutive modules, activation in -> activation out."""
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    """Shape of one sample (C, H, W)."""
+    num_classes: int = 10
+    unit_names: list[str] = field(default_factory=list)
+    """Readable name per unit (for messages and the manifest)."""
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            raise ExportError(f"model {self.name!r} has no units to split")
+        if not self.unit_names:
+            self.unit_names = [f"unit{i}" for i in range(len(self.units))]
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    """3x3 conv (no bias: BatchNorm follows), BatchNorm, ReLU."""
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def cnn_small(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> ModelSpec:
+    """Four conv stages of two conv-BN-ReLU each (~1.2 M parameters at width 32).
+
+    Stage s has ``width * 2**s`` channels; stages 1-3 halve the resolution (28 -> 14 -> 7 -> 4).
+    """
+    units, cin = [], in_channels
+    for stage in range(4):
+        cout = width * 2**stage
+        layers = conv_bn_relu(cin, cout, stride=1 if stage == 0 else 2) + conv_bn_relu(cout, cout)
+        units.append(nn.Sequential(*layers))
+        cin = cout
+    return ModelSpec(
+        name="cnn-small",
+        units=units,
+        input_shape=(in_channels, 28, 28),
+        num_classes=num_classes,
+        unit_names=[f"stage{s}" for s in range(4)],
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with a residual connection (1x1 conv when shapes change)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def resnet18(in_channels: int = 1, num_classes: int = 10, width: int = 64) -> ModelSpec:
+    """ResNet-18 as used on CIFAR, for 28x28 inputs: 3x3 stem, no max-pool, 4 stages of 2 blocks."""
+    units: list[nn.Module] = [nn.Sequential(*conv_bn_relu(in_channels, width))]
+    names = ["stem"]
+    cin = width
+    for stage in range(4):
+        cout = width * 2**stage
+        for b in range(2):
+            units.append(BasicBlock(cin, cout, stride=2 if (stage > 0 and b == 0) else 1))
+            names.append(f"layer{stage + 1}.{b}")
+            cin = cout
+    return ModelSpec(
+        name="resnet18", units=units, input_shape=(in_channels, 28, 28), num_classes=num_classes, unit_names=names
+    )
+
+
+MODELS: dict[str, Callable[..., ModelSpec]] = {"cnn-small": cnn_small, "resnet18": resnet18}
+
+
+def build_model(model: str | Sequence[nn.Module] | nn.Sequential, *, input_shape: tuple[int, ...] = (1, 28, 28),
+                num_classes: int = 10) -> ModelSpec:
+    """A zoo model by name, or a user's own list of units (an ``nn.Sequential`` counts as one)."""
+    if isinstance(model, str):
+        if model not in MODELS:
+            raise ExportError(f"unknown model {model!r}; choose one of {sorted(MODELS)} or pass a list of nn.Modules")
+        return MODELS[model](in_channels=input_shape[0], num_classes=num_classes)
+    units = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
+    bad = [i for i, u in enumerate(units) if not isinstance(u, nn.Module)]
+    if bad:
+        raise ExportError(f"custom model: item {bad[0]} is a {type(units[bad[0]]).__name__}, not an nn.Module")
+    return ModelSpec(name="custom", units=units, input_shape=tuple(input_shape), num_classes=num_classes)

@@ -1,0 +1,65 @@
+"""Split a model's units into K contiguous blocks of balanced cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgebll.errors import ExportError
+
+
+def unit_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...]) -> tuple[list[float], list[tuple[int, ...]]]:
+    """Forward multiply-accumulates of each unit per sample (conv and linear layers), and its output shape."""
+    macs: list[float] = []
+    shapes: list[tuple[int, ...]] = []
+    count = [0.0]
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            count[0] += float(output[0].numel() * k)
+        elif isinstance(module, nn.Linear):
+            count[0] += float(module.in_features * module.out_features)
+
+    x = torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        for unit in units:
+            handles = [m.register_forward_hook(hook) for m in unit.modules()]
+            was_training = unit.training
+            unit.eval()  # eval: a batch of one must not touch BatchNorm statistics
+            count[0] = 0.0
+            x = unit(x)
+            unit.train(was_training)
+            for h in handles:
+                h.remove()
+            macs.append(count[0])
+            shapes.append(tuple(x.shape[1:]))
+    return macs, shapes
+
+
+def balanced_split(costs: Sequence[float], num_blocks: int) -> list[int]:
+    """Boundaries ``[0, b1, ..., len(costs)]`` of ``num_blocks`` contiguous groups minimising the largest group cost.
+
+    Exact dynamic programme over prefix sums; ties go to the earliest split so results are stable.
+    """
+    n = len(costs)
+    if not 1 <= num_blocks <= n:
+        raise ExportError(f"cannot split a model of {n} units into {num_blocks} blocks; choose --blocks between 1 and {n}")
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    # best[k][i]: smallest max-cost splitting the first i units into k groups
+    best = np.full((num_blocks + 1, n + 1), np.inf)
+    arg = np.zeros((num_blocks + 1, n + 1), dtype=int)
+    best[0][0] = 0.0
+    for k in range(1, num_blocks + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i] - 1e-9:
+                    best[k][i], arg[k][i] = cost, j
+    bounds = [n]
+    for k in range(num_blocks, 0, -1):
+        bounds.append(int(arg[k][bounds[-1]]))
+    return bounds[::-1]

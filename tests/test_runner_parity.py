@@ -1,0 +1,116 @@
+"""ORT train steps of an exported block equal the same steps in torch (the method's reference)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgebll.export import OptimizerConfig, build_blocks, export_block
+from edgebll.export.models import ModelSpec, conv_bn_relu
+from edgebll.runner import BlockRunner
+
+BATCH, STEPS = 8, 4
+
+
+def tiny_spec() -> ModelSpec:
+    torch.manual_seed(0)
+    units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, stride=2), *conv_bn_relu(8, 8))]
+    return ModelSpec(name="tiny", units=units, input_shape=(1, 8, 8), num_classes=10)
+
+
+def export_one(tmp_path: Path, optimizer: OptimizerConfig, index: int = 0, head: str = "conv"):
+    blocks, shapes, groups = build_blocks(tiny_spec(), "bwbpf", 2, head=head)
+    block = blocks[index]
+    reference = copy.deepcopy(block)
+    export_block(block, shapes[index], tmp_path / "b", index=index, num_blocks=2, method="bwbpf", model_name="tiny",
+                 unit_names=["u"], batch_size=BATCH, optimizer=optimizer)
+    return reference, shapes[index], BlockRunner(tmp_path / "b")
+
+
+def torch_optimizer(module: nn.Module, config: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(module.parameters(), lr=lr)
+    return torch.optim.AdamW(module.parameters(), lr=lr, betas=config.betas, eps=config.eps,
+                             weight_decay=config.weight_decay)
+
+
+def batches(shape: tuple[int, ...], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [(rng.standard_normal((BATCH, *shape)).astype(np.float32), rng.integers(0, 10, BATCH).astype(np.int64))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("config", [OptimizerConfig(name="sgd"), OptimizerConfig(name="adamw", weight_decay=0.01)],
+                         ids=["sgd", "adamw"])
+def test_train_steps_match_torch(tmp_path: Path, config: OptimizerConfig) -> None:
+    lr = 0.05 if config.name == "sgd" else 0.01
+    reference, shape, runner = export_one(tmp_path, config)
+    opt = torch_optimizer(reference, config, lr)
+    reference.train()
+    for step, (x, y) in enumerate(batches(shape, STEPS)):
+        result = runner.train_step(x, y, lr)
+        opt.zero_grad()
+        loss, logits, message = reference(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        assert abs(result.loss - loss.item()) < 1e-5, f"step {step}"
+        np.testing.assert_allclose(result.logits, logits.detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(result.message, message.detach().numpy(), atol=1e-5)
+    ours = runner.parameters()
+    for name, value in reference.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        # weights after STEPS updates, and BatchNorm running statistics written back by the runner
+        np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-5, err_msg=name)
+
+
+def test_eval_after_training_matches_torch(tmp_path: Path) -> None:
+    config = OptimizerConfig(name="sgd")
+    reference, shape, runner = export_one(tmp_path, config)
+    opt = torch_optimizer(reference, config, 0.1)
+    data = batches(shape, STEPS + 1)
+    for x, y in data[:STEPS]:
+        runner.train_step(x, y, 0.1)
+        opt.zero_grad()
+        reference(torch.from_numpy(x), torch.from_numpy(y))[0].backward()
+        opt.step()
+    x, y = data[-1]
+    reference.eval()
+    with torch.no_grad():
+        loss, logits, message = reference(torch.from_numpy(x), torch.from_numpy(y))
+    result = runner.eval_step(x, y)
+    # eval mode uses the running statistics: equal only if the runner kept them updating
+    np.testing.assert_allclose(result.logits, logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(result.message, message.numpy(), atol=1e-5)
+    assert abs(result.loss - loss.item()) < 1e-5
+
+
+def test_no_gradient_reaches_the_input(tmp_path: Path) -> None:
+    """The message is a graph input: ORT computes no gradient for it, so nothing crosses the boundary."""
+    _, _, runner = export_one(tmp_path, OptimizerConfig(name="sgd"))
+    names = runner.module.input_names()
+    assert names == ["x", "labels"]
+    trainable = {name for name, p in runner.state.parameters if p.requires_grad}
+    assert "x" not in trainable and all(n.startswith(("body.", "head.")) for n in trainable)
+
+
+def test_saved_checkpoint_resumes_with_same_weights(tmp_path: Path) -> None:
+    _, shape, runner = export_one(tmp_path, OptimizerConfig(name="adamw"))
+    for x, y in batches(shape, 2):
+        runner.train_step(x, y, 0.01)
+    runner.save(epoch=1)
+    again = BlockRunner(tmp_path / "b")
+    assert again.progress == {"epoch": 1, "step": 2}
+    before, after = runner.parameters(), again.parameters()
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    x, y = batches(shape, 3)[2]
+    # the optimizer state travelled too: the next step is identical
+    np.testing.assert_array_equal(runner.train_step(x, y, 0.01).logits, again.train_step(x, y, 0.01).logits)
+    np.testing.assert_allclose(runner.parameters()["head.conv.weight"], again.parameters()["head.conv.weight"], atol=0)
