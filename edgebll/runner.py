@@ -94,13 +94,14 @@ class BlockRunner:
         self.module.train()
         outputs = self.module(x, labels)
         loss = float(outputs[self._loss_at])
-        self.module.lazy_reset_grad()  # the gradients are consumed by this step's update (or discarded)
         if not np.isfinite(loss):
+            self.module.lazy_reset_grad()  # discard this step's gradients
             raise TrainingError(f"block {self.index}: local loss is {loss} at step {self.progress['step']} "
                                 f"(epoch {self.progress['epoch']}); stopped before the optimizer step; "
                                 "hint: lower the learning rate (--lr)")
         self.optimizer.set_learning_rate(lr)
         self.optimizer.step()
+        self.module.lazy_reset_grad()  # the next backward overwrites instead of accumulating
         self._write_back_batchnorm(outputs, batch=x.shape[0])
         self.progress["step"] += 1
         return self._result(outputs)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,20 +181,39 @@ def use_torch_adamw(path: Path, config: OptimizerConfig) -> None:
     onnx.save(model, str(path))
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log(log: Path) -> Iterator[None]:
+    """Send file descriptor 2 to ``log`` while ORT builds the gradient graph.
+
+    Its graph optimiser logs every pass at INFO level from C++, ignoring the Python-side logger
+    severity; the log stays next to the artifacts for when something goes wrong.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def generate_block_artifacts(model: onnx.ModelProto, graph: BlockGraph, trainable: list[str], out_dir: Path,
                              optimizer: OptimizerConfig) -> None:
     """Write training, eval and optimizer graphs and the checkpoint into ``out_dir`` (which exists)."""
-    onnxruntime.set_default_logger_severity(3)  # generate_artifacts logs every graph pass at INFO
+    onnxruntime.set_default_logger_severity(3)
     if optimizer.name not in ("adamw", "sgd"):
         raise ExportError(f"unknown optimizer {optimizer.name!r}; choose adamw or sgd")
-    ort_artifacts.generate_artifacts(
-        model,
-        requires_grad=trainable,
-        frozen_params=[s.parameter for s in graph.bn_stats],
-        loss=None,  # the graph's first output is the loss; the others come back from every step
-        optimizer=ort_artifacts.OptimType.AdamW if optimizer.name == "adamw" else ort_artifacts.OptimType.SGD,
-        artifact_directory=str(out_dir),
-    )
+    with _native_stderr_to_log(out_dir / "export.log"):
+        ort_artifacts.generate_artifacts(
+            model,
+            requires_grad=trainable,
+            frozen_params=[s.parameter for s in graph.bn_stats],
+            loss=None,  # the graph's first output is the loss; the others come back from every step
+            optimizer=ort_artifacts.OptimType.AdamW if optimizer.name == "adamw" else ort_artifacts.OptimType.SGD,
+            artifact_directory=str(out_dir),
+        )
     fix_eval_batchnorm(out_dir / "eval_model.onnx")
     if optimizer.name == "adamw":
         use_torch_adamw(out_dir / "optimizer_model.onnx", optimizer)

@@ -25,3 +25,27 @@ def require_real_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-block run of a tiny conv net on 1x28x28 inputs, exported once per session (read-only: copy it to modify)."""
+    import torch
+    from torch import nn
+
+    from edgebll.export import export_model
+    from edgebll.export.models import conv_bn_relu
+
+    torch.manual_seed(0)
+    units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)), nn.Sequential(*conv_bn_relu(8, 8, 2))]
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    export_model(units, out=out, blocks=3, batch_size=16, lr=0.01, progress=False)
+    return out
+
+
+@pytest.fixture
+def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of ``tiny_run`` that a test may modify."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))

@@ -1,0 +1,96 @@
+"""Models, partition and export options (host side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgebll.errors import ExportError
+from edgebll.export import build_blocks, build_model, export_model
+from edgebll.export.partition import balanced_split, unit_costs
+
+
+def test_zoo_models_have_the_documented_size() -> None:
+    small = build_model("cnn-small")
+    resnet = build_model("resnet18")
+    count = lambda spec: sum(p.numel() for u in spec.units for p in u.parameters())  # noqa: E731
+    assert 0.5e6 <= count(small) <= 2e6
+    assert 11.0e6 <= count(resnet) <= 11.3e6  # ResNet-18 without its classifier
+    assert len(small.units) == 4 and len(resnet.units) == 9
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "resnet18"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_blocks_chain_and_reproduce_the_model(name: str, k: int) -> None:
+    """Blocks cover every unit once, in order, and chained they compute the unpartitioned model."""
+    torch.manual_seed(0)
+    spec = build_model(name)
+    blocks, shapes, groups = build_blocks(spec, "bwbpf", k)
+    assert [u for g in groups for u in g] == list(range(len(spec.units)))
+    assert shapes[0] == (1, 28, 28)
+    x = torch.randn(2, 1, 28, 28)
+    labels = torch.zeros(2, dtype=torch.int64)
+    whole = nn.Sequential(*spec.units).eval()
+    h = x
+    for b, block in enumerate(blocks):
+        block.eval()
+        assert tuple(h.shape[1:]) == shapes[b]
+        out = block(h, labels)
+        assert out[1].shape == (2, 10)
+        if b < k - 1:
+            h = out[2]
+    with torch.no_grad():
+        torch.testing.assert_close(blocks[-1].body(h), whole(x))
+
+
+def test_balanced_split_minimises_the_largest_block() -> None:
+    assert balanced_split([1, 1, 1, 1], 2) == [0, 2, 4]
+    assert balanced_split([8, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [0, 1, 9]
+    assert balanced_split([1, 2, 3, 4, 5], 3) == [0, 3, 4, 5]
+    assert balanced_split([5, 5], 1) == [0, 2]
+
+
+def test_unit_costs_count_conv_macs() -> None:
+    conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+    macs, shapes = unit_costs([conv, nn.Conv2d(4, 2, 1, stride=2)], (1, 8, 8))
+    assert macs == [4 * 8 * 8 * 9, 2 * 4 * 4 * 4]
+    assert shapes == [(4, 8, 8), (2, 4, 4)]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(blocks=5), r"cannot split a model of 4 units into 5 blocks; choose --blocks between 1 and 4"),
+    (dict(blocks=0), r"choose --blocks between 1 and 4"),
+    (dict(method="bp", blocks=2), r"--method bp trains the whole model end to end as one block.*--blocks 1"),
+    (dict(method="magic"), r"unknown method 'magic'"),
+    (dict(head="mlp"), r"unknown head 'mlp'"),
+    (dict(batch_size=1), r"--batch-size must be at least 2"),
+    (dict(optimizer="lion"), r"unknown optimizer 'lion'; choose adamw or sgd"),
+])
+def test_bad_export_options(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ExportError, match=match):
+        export_model("cnn-small", out=tmp_path / "r", progress=False, **kwargs)
+
+
+def test_unknown_model_and_bad_custom_units(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18'\]"):
+        export_model("vgg99", out=tmp_path / "r", progress=False)
+    with pytest.raises(ExportError, match=r"custom model: item 1 is a str, not an nn.Module"):
+        export_model([nn.ReLU(), "conv"], out=tmp_path / "r", blocks=1, progress=False)
+
+
+def test_existing_output_is_not_overwritten_silently(tiny_run: Path) -> None:
+    with pytest.raises(ExportError, match=r"already exists and is not empty; hint: .*--overwrite"):
+        export_model("cnn-small", out=tiny_run, progress=False)
+
+
+def test_bp_is_one_block_with_the_classifier(tmp_path: Path) -> None:
+    from edgebll.manifest import load_block_manifest
+
+    torch.manual_seed(0)
+    units = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.ReLU())]
+    run = export_model(units, out=tmp_path / "bp", method="bp", blocks=1, progress=False)
+    m = load_block_manifest(run / "block-0")
+    assert (m.method, m.num_blocks, m.units, m.output("message")) == ("bp", 1, ["unit0", "unit1"], None)

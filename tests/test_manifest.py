@@ -1,0 +1,106 @@
+"""The artifact contract: every way a block folder can be wrong is refused with a message that says what and where."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
+from edgebll.manifest import FORMAT_VERSION, load_block_manifest, load_run_config
+from edgebll.runner import BlockRunner
+from edgebll.runtime import Runtime
+
+
+def edit_manifest(block_dir: Path, **changes: object) -> None:
+    path = block_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_manifest_describes_the_block(tiny_run: Path) -> None:
+    m = load_block_manifest(tiny_run / "block-1")
+    assert (m.index, m.num_blocks, m.method, m.format_version) == (1, 3, "bwbpf", FORMAT_VERSION)
+    assert [(t.name, t.shape, t.dtype, t.role) for t in m.inputs] == [
+        ("x", ["batch", 4, 28, 28], "float32", "message"), ("labels", ["batch"], "int64", "labels")]
+    assert m.output("message").shape == ["batch", 8, 14, 14]
+    assert m.output("logits").shape == ["batch", 10]
+    assert {s.kind for s in m.bn_stats} == {"mean", "var"} and all(s.spatial == 14 * 14 for s in m.bn_stats)
+    assert set(m.files) == {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
+    assert m.optimizer["type"] == "adamw" and m.batch_size == 16 and m.estimated_peak_bytes > 0
+    assert load_block_manifest(tiny_run / "block-2").output("message") is None  # the last block sends nothing
+    run = load_run_config(tiny_run)
+    assert run["blocks"] == 3 and run["lr"] == 0.01 and run["model"] == "custom"
+
+
+def test_modified_file_is_refused(run_copy: Path) -> None:
+    with open(run_copy / "block-1" / "eval_model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match=r"block 1 .*eval_model.onnx has sha256 .* modified or corrupted"):
+        BlockRunner(run_copy / "block-1")
+
+
+def test_missing_file_is_refused(run_copy: Path) -> None:
+    (run_copy / "block-0" / "optimizer_model.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"block 0 .*'optimizer_model.onnx' is missing"):
+        Runtime.from_run(run_copy)
+
+
+def test_missing_manifest_is_refused(run_copy: Path) -> None:
+    (run_copy / "block-2" / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match=r"block-2/manifest.json: missing"):
+        Runtime.from_run(run_copy)
+
+
+def test_newer_format_is_refused(run_copy: Path) -> None:
+    edit_manifest(run_copy / "block-0", format_version=FORMAT_VERSION + 1)
+    with pytest.raises(ManifestError, match=rf"format version {FORMAT_VERSION + 1} is newer .* upgrade edgebll"):
+        BlockRunner(run_copy / "block-0")
+
+
+def test_unknown_key_is_refused(run_copy: Path) -> None:
+    edit_manifest(run_copy / "block-0", colour="blue")
+    with pytest.raises(ManifestError, match=r"malformed manifest .*colour"):
+        BlockRunner(run_copy / "block-0")
+
+
+def test_chain_mismatch_is_refused(run_copy: Path) -> None:
+    path = run_copy / "block-2" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["inputs"][0]["shape"] = ["batch", 16, 14, 14]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"block 2 .*input 'x' has shape \[16, 14, 14\] .* previous block sends "
+                                            r"\[8, 14, 14\].*re-export both blocks"):
+        Runtime.from_run(run_copy)
+
+
+def test_not_a_run_folder(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"run.json: missing; .* is not an exported run"):
+        Runtime.from_run(tmp_path)
+
+
+@pytest.mark.parametrize("x, labels, match", [
+    (np.zeros((4, 4, 28, 28), np.float32), np.zeros(4, np.int64), r"input 'x' has shape \[4, 4, 28, 28\] but the "
+                                                                   r"block takes \[batch, 1, 28, 28\]"),
+    (np.zeros((4, 1, 28, 28), np.float64), np.zeros(4, np.int64), r"dtype float64, expected float32"),
+    (np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int32), r"labels must be int64 of shape \[4\]"),
+    (np.zeros((4, 1, 28, 28), np.float32), np.zeros(3, np.int64), r"labels must be int64 of shape \[4\]"),
+])
+def test_bad_inputs_are_refused(tiny_run: Path, x: np.ndarray, labels: np.ndarray, match: str) -> None:
+    runner = BlockRunner(tiny_run / "block-0", load_trained=False)
+    with pytest.raises(TrainingError, match=match):
+        runner.train_step(x, labels, 0.01)
+    assert issubclass(TrainingError, EdgeBLLError)
+
+
+def test_non_finite_loss_stops_before_the_update(tiny_run: Path) -> None:
+    runner = BlockRunner(tiny_run / "block-0", load_trained=False)
+    before = runner.parameters()
+    x = np.full((4, 1, 28, 28), np.inf, np.float32)
+    with pytest.raises(TrainingError, match=r"block 0: local loss is nan at step 0 .*before the optimizer step"):
+        runner.train_step(x, np.zeros(4, np.int64), 0.01)
+    after = runner.parameters()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
