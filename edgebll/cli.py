@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bwbpf: a local head and loss per block; bp: the whole model as one block (default: bwbpf)")
     p.add_argument("--blocks", type=int, default=4, help="number of blocks K (default: 4; bp needs 1)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
-    p.add_argument("--head", choices=("linear", "conv"), default="linear",
-                   help="local head of all but the last block (default: linear = pool + linear)")
+    p.add_argument("--head", choices=("conv", "linear"), default="conv",
+                   help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
+                        "linear = pool + linear (default: conv; +4.5 points on cnn-small, see README)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: adamw, torch's formula)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     p.add_argument("--lr", type=float, default=None, help="default learning rate stored for train "
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn-small", help="(default: cnn-small)")
     p.add_argument("--blocks", type=int, default=4, help="(default: 4)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--head", choices=("linear", "conv"), default="linear", help="(default: linear)")
+    p.add_argument("--head", choices=("conv", "linear"), default="conv", help="(default: conv)")
     _add_train_options(p)
     _add_common(p)
     return parser

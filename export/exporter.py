@@ -34,7 +34,7 @@ class ExportedBlock:
     manifest: BlockManifest
 
 
-def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "linear") -> tuple[list[LocalBlock], list[tuple[int, ...]], list[list[int]]]:
+def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv") -> tuple[list[LocalBlock], list[tuple[int, ...]], list[list[int]]]:
     """Partition ``spec`` into torch ``LocalBlock``s; returns blocks, their input shapes and unit indices."""
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -84,7 +84,7 @@ def export_model(
     method: str = "bwbpf",
     blocks: int = 4,
     batch_size: int = 64,
-    head: str = "linear",
+    head: str = "conv",
     optimizer: str | OptimizerConfig = "adamw",
     lr: float = 1e-3,
     seed: int = 0,
@@ -96,8 +96,9 @@ def export_model(
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
     ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``) or your own list of modules (each one a
-    unit the partitioner will not split). ``lr`` is stored in ``run.json`` as the default for
-    ``edgebll train``.
+    unit the partitioner will not split). ``head`` is the local head of every block but the last
+    ("conv": stride-2 conv + pool + linear, "linear": pool + linear). ``lr`` is stored in
+    ``run.json`` as the default for ``edgebll train``.
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")

@@ -47,8 +47,7 @@ def make_head(kind: str, activation_shape: tuple[int, ...], num_classes: int) ->
     if kind not in HEADS:
         raise ExportError(f"unknown head {kind!r}; choose one of {list(HEADS)}")
     channels = activation_shape[0]
-    if kind == "conv":
-        if len(activation_shape) != 3:
-            raise ExportError(f"the conv head needs a (C, H, W) activation, got shape {activation_shape}; use --head linear")
+    # A conv head needs a spatial (C, H, W) activation; a vector activation (an MLP block) gets the linear head.
+    if kind == "conv" and len(activation_shape) == 3:
         return ConvHead(channels, num_classes)
     return LinearHead(channels, num_classes)

@@ -94,3 +94,14 @@ def test_bp_is_one_block_with_the_classifier(tmp_path: Path) -> None:
     run = export_model(units, out=tmp_path / "bp", method="bp", blocks=1, progress=False)
     m = load_block_manifest(run / "block-0")
     assert (m.method, m.num_blocks, m.units, m.output("message")) == ("bp", 1, ["unit0", "unit1"], None)
+
+
+def test_heads_follow_the_activation() -> None:
+    from edgebll.export.heads import ConvHead, LinearHead, make_head
+
+    assert isinstance(make_head("conv", (32, 28, 28), 10), ConvHead)
+    assert isinstance(make_head("conv", (64,), 10), LinearHead)  # an MLP block has no spatial axes
+    assert isinstance(make_head("linear", (32, 28, 28), 10), LinearHead)
+    spec = build_model("cnn-small")
+    blocks, _, _ = build_blocks(spec, "bwbpf", 4, head="conv")
+    assert [type(b.head).__name__ for b in blocks] == ["ConvHead", "ConvHead", "ConvHead", "LinearHead"]

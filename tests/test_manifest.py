@@ -28,7 +28,10 @@ def test_manifest_describes_the_block(tiny_run: Path) -> None:
         ("x", ["batch", 4, 28, 28], "float32", "message"), ("labels", ["batch"], "int64", "labels")]
     assert m.output("message").shape == ["batch", 8, 14, 14]
     assert m.output("logits").shape == ["batch", 10]
-    assert {s.kind for s in m.bn_stats} == {"mean", "var"} and all(s.spatial == 14 * 14 for s in m.bn_stats)
+    # BatchNorm statistics to write back: the body's (14x14) and the conv head's (stride 2: 7x7)
+    assert sorted((s.parameter, s.kind, s.spatial) for s in m.bn_stats) == [
+        ("body.0.1.running_mean", "mean", 14 * 14), ("body.0.1.running_var", "var", 14 * 14),
+        ("head.bn.running_mean", "mean", 7 * 7), ("head.bn.running_var", "var", 7 * 7)]
     assert set(m.files) == {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
     assert m.optimizer["type"] == "adamw" and m.batch_size == 16 and m.estimated_peak_bytes > 0
     assert load_block_manifest(tiny_run / "block-2").output("message") is None  # the last block sends nothing

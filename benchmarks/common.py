@@ -1,0 +1,181 @@
+"""What every benchmark script shares: a description of the machine, and writing its results.
+
+Each script writes ``benchmarks/results/<name>.json`` (everything measured, with the machine and
+the settings) and ``benchmarks/results/<name>.md`` (the table the README quotes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Modules whose versions machine_info() records, read from the installed distributions' metadata
+# so that recording torch's version neither imports torch nor fails where it is absent (device venv).
+PACKAGES = ("numpy", "torch", "onnx", "onnxruntime")
+
+
+def _cpu_model() -> str | None:
+    """The "model name" line of /proc/cpuinfo (Linux); None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _memory_bytes() -> int | None:
+    """MemTotal from /proc/meminfo (Linux); None where there is none."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _usable_cores() -> int | None:
+    """Cores this process may run on (a container's CPU set can be smaller than os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+
+
+def package_version(module: str) -> str | None:
+    """Installed version of the distribution that provides ``module``; None if absent.
+
+    Reads package metadata, so it imports nothing: ``onnxruntime`` finds onnxruntime-training(-cpu).
+    """
+    distributions = importlib.metadata.packages_distributions().get(module, [module])
+    for dist in distributions:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def _system_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot, summed over cores (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user and nice]
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class OtherProcessesCpu:
+    """CPU that other processes used while a ``with other_processes_cpu()`` block ran."""
+
+    cores: float | None = None
+    """Average number of cores busy with other processes (0 on an idle machine); None where unknown."""
+
+
+@contextlib.contextmanager
+def other_processes_cpu() -> Iterator[OtherProcessesCpu]:
+    """Measure how many cores other processes kept busy during the block: timings are clean only near 0.
+
+    Everything busy on the machine (/proc/stat) minus this process's own CPU time, over the wall time.
+    Resolution is one clock tick (10 ms) per core, so blocks shorter than a second read coarsely.
+    """
+    result = OtherProcessesCpu()
+    busy, own, wall = _system_busy_seconds(), time.process_time(), time.perf_counter()
+    yield result
+    busy_end = _system_busy_seconds()
+    elapsed = time.perf_counter() - wall
+    if busy is not None and busy_end is not None and elapsed > 0:
+        others = (busy_end - busy) - (time.process_time() - own)
+        result.cores = round(max(others, 0.0) / elapsed, 2)
+
+
+def machine_info(packages: Sequence[str] = PACKAGES) -> dict[str, Any]:
+    """Where a benchmark ran: CPU, cores, memory, OS, Python and the versions of ``packages``."""
+    return {
+        "cpu_model": _cpu_model(),
+        "processor": platform.processor() or None,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": _usable_cores(),
+        "memory_bytes": _memory_bytes(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": {name: package_version(name) for name in packages},
+        "git_commit": _git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One Markdown line naming the machine of ``machine_info()``, for the header of a results table."""
+    cores = info.get("usable_cores") or info.get("cpu_count")
+    memory = info.get("memory_bytes")
+    versions = ", ".join(f"{name} {version}" for name, version in info.get("packages", {}).items() if version)
+    parts = [
+        info.get("cpu_model") or info.get("processor") or info.get("machine") or "unknown CPU",
+        f"{cores} cores" if cores else None,
+        f"{memory / 2**30:.0f} GiB RAM" if memory else None,
+        f"Python {info.get('python')}",
+        versions or None,
+    ]
+    return "; ".join(p for p in parts if p)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` is one character per column, "l" or "r" (default: all "l")."""
+    align = align or "l" * len(headers)
+    if len(align) != len(headers) or any(len(row) != len(headers) for row in rows):
+        raise ValueError(f"markdown_table: {len(headers)} headers, align {align!r}, row lengths "
+                         f"{sorted({len(r) for r in rows})}; all must match")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Write ``<results_dir>/<name>.json`` and ``<name>.md``; returns both paths."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = results_dir / f"{name}.json", results_dir / f"{name}.md"
+    _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
+    _write_atomic(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
+    return json_path, md_path

@@ -1,0 +1,365 @@
+"""Time one training step per block: ONNX Runtime (``BlockRunner.train_step``) vs torch eager.
+
+For every block of each model (exported with ``--blocks`` blocks, method bwbpf), both runtimes
+take the same step: forward, local cross-entropy, backward and an AdamW update, at the same batch
+size and the same number of threads, on a random batch of the block's real input shape. After
+``--warmup`` untimed steps, ``--repeats`` steps are timed one by one; the median and the
+inter-quartile range are reported. The torch blocks are built with the export's seed, so both
+runtimes train the same weights.
+
+Timings mean something only on an otherwise idle CPU. Each row records how many cores other
+processes kept busy while it was timed; a contended row is timed again after a wait for an idle
+CPU (``--retries``, ``--retry-budget``), and one that stays contended is marked in the table.
+
+    python benchmarks/step_speed.py                       # the defaults (what `make bench` runs)
+    python benchmarks/step_speed.py --models cnn-small --threads 1 2 4 --repeats 20
+
+Writes benchmarks/results/step_speed.json and step_speed.md (``--name`` changes the file names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import describe_machine, machine_info, markdown_table, other_processes_cpu, write_results
+from edgebll.export import MODELS, build_blocks, build_model, export_model
+from edgebll.manifest import block_dir_name
+from edgebll.runner import BlockRunner
+
+# resnet18 at batch 64 takes seconds per step on a small CPU: fewer timed steps keep the default
+# run within minutes. --repeats overrides these for every model.
+DEFAULT_REPEATS = {"cnn-small": 10, "resnet18": 7}
+FALLBACK_REPEATS = 10
+METHOD = "bwbpf"
+BUSY_CORES = 0.2
+"""Cores kept busy by other processes above which a measurement is retried, and flagged if it stays so."""
+IDLE_WAIT_S = 20.0
+"""Longest wait for an idle CPU before a retry."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Timing:
+    """Seconds of the timed steps of one runtime."""
+
+    median_s: float
+    q25_s: float
+    q75_s: float
+    steps_s: list[float]
+    cpu_median_s: float
+    """Median CPU time of the process per step: about threads x wall time when nothing else competes."""
+    others_cores: float | None
+    """Cores other processes kept busy meanwhile (0 on an idle machine)."""
+
+    @property
+    def iqr_s(self) -> float:
+        return self.q75_s - self.q25_s
+
+
+@dataclass(kw_only=True, slots=True)
+class Row:
+    """One model / block / thread count."""
+
+    model: str
+    block: int
+    units: list[str]
+    params: int
+    input_shape: list[int]
+    threads: int
+    batch_size: int
+    repeats: int
+    attempts: int
+    """How many times the row was timed: a contended attempt is retried (--retries), the least contended kept."""
+    ort_ms: float
+    ort_iqr_ms: float
+    torch_ms: float
+    torch_iqr_ms: float
+    ort_over_torch: float
+    ort_cpu_ms: float
+    torch_cpu_ms: float
+    ort_others_cores: float | None
+    torch_others_cores: float | None
+    ort_steps_ms: list[float]
+    torch_steps_ms: list[float]
+
+
+def time_steps(step: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
+    """Run ``step`` ``warmup`` times untimed, then time ``repeats`` calls one by one."""
+    for _ in range(warmup):
+        step()
+    times, cpu_times = [], []
+    with other_processes_cpu() as others:
+        for _ in range(repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return Timing(median_s=statistics.median(times), q25_s=q25, q75_s=q75, steps_s=times,
+                  cpu_median_s=statistics.median(cpu_times), others_cores=others.cores)
+
+
+def time_ort(block_dir: Path, x: np.ndarray, labels: np.ndarray, *, threads: int, lr: float, warmup: int,
+             repeats: int) -> Timing:
+    """Time ``BlockRunner.train_step`` with ``threads`` intra-op threads (a fresh session per call)."""
+    runner = BlockRunner(block_dir, threads=threads, load_trained=False)
+    timing = time_steps(lambda: runner.train_step(x, labels, lr), warmup=warmup, repeats=repeats)
+    # drop the session now: its thread pool must not spin while torch is being timed
+    del runner
+    gc.collect()
+    return timing
+
+
+def time_torch(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, threads: int, lr: float, warmup: int,
+               repeats: int) -> Timing:
+    """Time the same step in torch eager: forward, loss, backward, AdamW (the export's settings).
+
+    The block is trained in place; a deep copy per call would cost memory and change nothing
+    about the speed.
+    """
+    torch.set_num_threads(threads)
+    block.train()
+    # OptimizerConfig's defaults: torch's AdamW formula, eps 1e-8, no weight decay
+    optimizer = torch.optim.AdamW(block.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(labels)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = block(inputs, targets)[0]
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # the ORT step also hands its loss back as a Python float
+
+    return time_steps(step, warmup=warmup, repeats=repeats)
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[None]:
+    """Hold back what native code writes to file descriptor 2 (shown only if the block raises).
+
+    ORT's gradient-graph builder logs every graph pass at INFO during export, whatever
+    onnxruntime.set_default_logger_severity says; that would bury the progress bar.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _milliseconds(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+@dataclass(slots=True)
+class RetryBudget:
+    """Seconds the whole run may spend re-timing contended rows (waits included)."""
+
+    seconds: float
+
+    def spend(self, seconds: float) -> None:
+        self.seconds -= seconds
+
+
+def _wait_for_idle_cpu(max_seconds: float) -> None:
+    """Return once other processes use at most BUSY_CORES over one second, or after ``max_seconds``."""
+    deadline = time.perf_counter() + max_seconds
+    while time.perf_counter() < deadline:
+        with other_processes_cpu() as others:
+            time.sleep(1)
+        if others.cores is None or others.cores <= BUSY_CORES:
+            return
+
+
+def time_row(block_dir: Path, block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, threads: int,
+             args: argparse.Namespace, repeats: int, budget: RetryBudget, label: str,
+             progress: tqdm) -> tuple[Timing, Timing, int]:
+    """Time ORT, then torch; while other processes compete, wait for an idle CPU and time both again.
+
+    Returns the least contended (ORT, torch) pair and how many attempts were timed.
+    """
+    best: tuple[float, Timing, Timing] | None = None
+    attempts = 0
+    while True:
+        retrying = attempts > 0
+        started = time.perf_counter()
+        if retrying:
+            progress.set_postfix_str(f"{label}: waiting for an idle CPU")
+            _wait_for_idle_cpu(min(IDLE_WAIT_S, budget.seconds))
+        suffix = f" retry {attempts}" if retrying else ""
+        progress.set_postfix_str(f"{label}{suffix} ORT")
+        ort = time_ort(block_dir, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats)
+        progress.set_postfix_str(f"{label}{suffix} torch")
+        eager = time_torch(block, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats)
+        attempts += 1
+        if retrying:
+            budget.spend(time.perf_counter() - started)
+        contention = max(ort.others_cores or 0.0, eager.others_cores or 0.0)
+        if best is None or contention < best[0]:
+            best = (contention, ort, eager)
+        if contention <= BUSY_CORES or attempts > args.retries or budget.seconds <= 0:
+            return best[1], best[2], attempts
+
+
+def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: Path, budget: RetryBudget,
+                    progress: tqdm) -> list[Row]:
+    """Export ``name``, rebuild its torch blocks with the same seed, and time every block at every thread count."""
+    progress.set_postfix_str(f"exporting {name}")
+    with _native_stderr_captured():
+        run_dir = export_model(name, out=workdir / name, method=METHOD, blocks=args.blocks,
+                               batch_size=args.batch_size, seed=args.seed, lr=args.lr, progress=False)
+    torch.manual_seed(args.seed)  # export_model seeds the same way: these blocks hold the exported weights
+    spec = build_model(name)
+    blocks, input_shapes, groups = build_blocks(spec, METHOD, args.blocks)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for k, (block, input_shape, group) in enumerate(zip(blocks, input_shapes, groups)):
+        x = rng.standard_normal((args.batch_size, *input_shape), dtype=np.float32)
+        labels = rng.integers(0, spec.num_classes, size=args.batch_size, dtype=np.int64)
+        for threads in args.threads:
+            ort, eager, attempts = time_row(run_dir / block_dir_name(k), block, x, labels, threads=threads, args=args,
+                                            repeats=repeats, budget=budget,
+                                            label=f"{name} block {k} threads {threads}", progress=progress)
+            progress.update()
+            rows.append(Row(
+                model=name, block=k, units=[spec.unit_names[u] for u in group],
+                params=sum(p.numel() for p in block.parameters()), input_shape=list(input_shape), threads=threads,
+                batch_size=args.batch_size, repeats=repeats, attempts=attempts,
+                ort_ms=_milliseconds(ort.median_s), ort_iqr_ms=_milliseconds(ort.iqr_s),
+                torch_ms=_milliseconds(eager.median_s), torch_iqr_ms=_milliseconds(eager.iqr_s),
+                ort_over_torch=round(ort.median_s / eager.median_s, 3),
+                ort_cpu_ms=_milliseconds(ort.cpu_median_s), torch_cpu_ms=_milliseconds(eager.cpu_median_s),
+                ort_others_cores=ort.others_cores, torch_others_cores=eager.others_cores,
+                ort_steps_ms=[_milliseconds(t) for t in ort.steps_s],
+                torch_steps_ms=[_milliseconds(t) for t in eager.steps_s],
+            ))
+    return rows
+
+
+def _contended(row: Row) -> bool:
+    return any(c is not None and c > BUSY_CORES for c in (row.ort_others_cores, row.torch_others_cores))
+
+
+def render_markdown(rows: list[Row], machine: dict, settings: dict) -> str:
+    """The results table, headed by the command and the machine that produced it."""
+    table = markdown_table(
+        ["model", "block", "params", "input shape", "threads", "ORT ms", "torch ms", "ORT/torch"],
+        [[r.model, r.block, f"{r.params:,}", "×".join(map(str, r.input_shape)), r.threads,
+          f"{r.ort_ms:.1f} ± {r.ort_iqr_ms:.1f}", f"{r.torch_ms:.1f} ± {r.torch_iqr_ms:.1f}",
+          f"{r.ort_over_torch:.2f}" + (" †" if _contended(r) else "")]
+         for r in rows],
+        align="lrrlrrrr",
+    )
+    repeats = ", ".join(f"{model} {n}" for model, n in settings["repeats"].items())
+    during = settings["other_processes_cores"]["during"]
+    contended = sum(map(_contended, rows))
+    note = (f"\n† {contended} of {len(rows)} rows: other processes kept more than {BUSY_CORES} cores busy while they "
+            f"were timed, even after up to {settings['retries']} retries (`*_others_cores` in the JSON); treat them "
+            "with care.\n" if contended else "")
+    return (
+        "# Training step time per block: ONNX Runtime vs torch eager\n\n"
+        f"`{machine['command']}` on {describe_machine(machine)}.\n\n"
+        f"One training step (forward, local loss, backward, AdamW) of each block of a {settings['blocks']}-block "
+        f"`{settings['method']}` split, batch {settings['batch_size']}; median ± inter-quartile range of the timed "
+        f"steps ({repeats}) after {settings['warmup']} warm-up steps. ORT/torch < 1: ONNX Runtime is faster. "
+        f"Other processes kept {'an unknown number of' if during is None else f'{during:.2f}'} cores busy on "
+        f"average during the run ({settings['total_seconds']:.0f} s).\n\n"
+        + table + note
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Median wall time of one training step per block, ONNX Runtime (BlockRunner.train_step) vs "
+                    "torch eager, at the same batch size and thread count. Writes benchmarks/results/<name>.json "
+                    "and <name>.md.",
+    )
+    default = " (default: %(default)s)"
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn-small", "resnet18"],
+                        help="zoo models to export and time" + default)
+    parser.add_argument("--blocks", type=int, default=4, help="number of blocks each model is split into" + default)
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per training step, both runtimes" + default)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="thread counts to time: torch.set_num_threads(n) and BlockRunner(threads=n)" + default)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones" + default)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per measurement, for every model (default: "
+                             + ", ".join(f"{m} {n}" for m, n in DEFAULT_REPEATS.items())
+                             + f", other models {FALLBACK_REPEATS})")
+    parser.add_argument("--retries", type=int, default=2,
+                        help=f"times to re-time a row while other processes keep more than {BUSY_CORES} cores busy, "
+                             f"after waiting up to {IDLE_WAIT_S:.0f} s for an idle CPU; the least contended attempt "
+                             "is kept, and rows that stay contended are marked" + default)
+    parser.add_argument("--retry-budget", type=float, default=180.0, metavar="SECONDS",
+                        help="total seconds the run may spend on retries (waits included), to bound its time" + default)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both runtimes" + default)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the random batches" + default)
+    parser.add_argument("--name", default="step_speed",
+                        help="results file stem: writes benchmarks/results/<name>.json and <name>.md" + default)
+    args = parser.parse_args(argv)
+    for option, least in (("blocks", 1), ("warmup", 0), ("repeats", 1), ("retries", 0)):
+        value = getattr(args, option)
+        if value is not None and value < least:
+            parser.error(f"--{option} must be at least {least}, got {value}")
+    if args.retry_budget < 0:
+        parser.error(f"--retry-budget must be at least 0, got {args.retry_budget}")
+    if args.batch_size < 2:
+        parser.error(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {args.batch_size}")
+    if any(t < 1 for t in args.threads):
+        parser.error(f"--threads must be positive, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    repeats = {m: args.repeats or DEFAULT_REPEATS.get(m, FALLBACK_REPEATS) for m in args.models}
+    machine = machine_info()
+    with other_processes_cpu() as before:
+        time.sleep(1)
+    if before.cores and before.cores > BUSY_CORES:
+        print(f"warning: other processes keep {before.cores:.1f} cores busy: these timings will be noisy (the "
+              "contended rows are marked); rerun on an idle machine", file=sys.stderr)
+    started = time.perf_counter()
+    total_rows = args.blocks * len(args.threads) * len(args.models)
+    budget = RetryBudget(args.retry_budget)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="edgebll-step-speed-") as tmp, other_processes_cpu() as during, \
+            tqdm(total=total_rows, desc="step speed", unit="row") as progress:
+        for name in args.models:
+            rows += benchmark_model(name, args, repeats[name], Path(tmp), budget, progress)
+    settings = {"method": METHOD, "blocks": args.blocks, "batch_size": args.batch_size, "threads": args.threads,
+                "warmup": args.warmup, "repeats": repeats, "retries": args.retries,
+                "retry_budget_s": args.retry_budget, "lr": args.lr, "seed": args.seed,
+                "total_seconds": round(time.perf_counter() - started, 1),
+                "other_processes_cores": {"before": before.cores, "during": during.cores},
+                "contended_above_cores": BUSY_CORES}
+    data = {"benchmark": "step_speed", "machine": machine, "settings": settings, "rows": [asdict(r) for r in rows]}
+    json_path, md_path = write_results(args.name, data, render_markdown(rows, machine, settings))
+    print(f"wrote {json_path} and {md_path} in {settings['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
