@@ -20,14 +20,13 @@ Writes benchmarks/results/step_speed.json and step_speed.md (``--name`` changes 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import gc
-import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,8 +115,8 @@ def time_ort(block_dir: Path, x: np.ndarray, labels: np.ndarray, *, threads: int
              repeats: int) -> Timing:
     """Time ``BlockRunner.train_step`` with ``threads`` intra-op threads (a fresh session per call)."""
     runner = BlockRunner(block_dir, threads=threads, load_trained=False)
-    timing = time_steps(lambda: runner.train_step(x, labels, lr), warmup=warmup, repeats=repeats)
-    # drop the session now: its thread pool must not spin while torch is being timed
+    timing = time_steps(functools.partial(runner.train_step, x, labels, lr), warmup=warmup, repeats=repeats)
+    # drop the session now: its thread pool must not compete while torch is being timed
     del runner
     gc.collect()
     return timing
@@ -144,30 +143,6 @@ def time_torch(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, thr
         return loss.item()  # the ORT step also hands its loss back as a Python float
 
     return time_steps(step, warmup=warmup, repeats=repeats)
-
-
-@contextlib.contextmanager
-def _native_stderr_captured() -> Iterator[None]:
-    """Hold back what native code writes to file descriptor 2 (shown only if the block raises).
-
-    ORT's gradient-graph builder logs every graph pass at INFO during export, whatever
-    onnxruntime.set_default_logger_severity says; that would bury the progress bar.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _milliseconds(seconds: float) -> float:
@@ -228,9 +203,8 @@ def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: 
                     progress: tqdm) -> list[Row]:
     """Export ``name``, rebuild its torch blocks with the same seed, and time every block at every thread count."""
     progress.set_postfix_str(f"exporting {name}")
-    with _native_stderr_captured():
-        run_dir = export_model(name, out=workdir / name, method=METHOD, blocks=args.blocks,
-                               batch_size=args.batch_size, seed=args.seed, lr=args.lr, progress=False)
+    run_dir = export_model(name, out=workdir / name, method=METHOD, blocks=args.blocks,
+                           batch_size=args.batch_size, seed=args.seed, lr=args.lr, progress=False)
     torch.manual_seed(args.seed)  # export_model seeds the same way: these blocks hold the exported weights
     spec = build_model(name)
     blocks, input_shapes, groups = build_blocks(spec, METHOD, args.blocks)

@@ -134,6 +134,7 @@ class Dataset:
         seed: int = 0,
         epoch: int = 0,
         drop_last: bool = False,
+        start_batch: int = 0,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(images [B, 1, 28, 28] float32, labels [B] int64)``, both C-contiguous.
 
@@ -141,18 +142,20 @@ class Dataset:
         into them). With ``shuffle`` the order is
         ``np.random.default_rng((seed, epoch)).permutation(len(self))``: it depends on nothing
         else, so a run resumed at ``epoch`` sees the same batches as one that never stopped.
-        The last batch is smaller unless ``drop_last``.
+        The last batch is smaller unless ``drop_last``. ``start_batch`` skips the first batches of
+        that order without building them (a run resumed in the middle of an epoch).
         """
         _check_batch_size(batch_size)
         count = self.num_batches(batch_size, drop_last) * batch_size
+        first = start_batch * batch_size
         if shuffle:
             order = np.random.default_rng((seed, epoch)).permutation(len(self))
-            for start in range(0, count, batch_size):
+            for start in range(first, count, batch_size):
                 picked = order[start : start + batch_size]
                 # Fancy indexing copies into a fresh C-contiguous array.
                 yield self.images[picked], self.labels[picked]
         else:
-            for start in range(0, count, batch_size):
+            for start in range(first, count, batch_size):
                 # Slices along the first axis of a C-contiguous array are C-contiguous views;
                 # ascontiguousarray only copies if a caller built the Dataset from strided data.
                 yield (

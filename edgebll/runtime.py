@@ -125,11 +125,9 @@ class Runtime:
         for epoch in range(start // steps_per_epoch, config.epochs):
             sums = np.zeros((2, self.num_blocks))  # loss, correct
             seen, epoch_began = 0, time.perf_counter()
-            skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-            for i, (x, labels) in enumerate(data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch,
-                                                         drop_last=True)):
-                if i < skip:
-                    continue
+            done = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
+            for x, labels in data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch, drop_last=True,
+                                          start_batch=done):
                 lr = learning_rate(config.schedule, base_lr, step, total, config.warmup_steps)
                 h = x
                 for k, runner in enumerate(self.runners):

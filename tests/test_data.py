@@ -507,3 +507,16 @@ def test_real_fashion_mnist() -> None:
     assert raw_train.mean() == pytest.approx(72.94, abs=0.01)
     assert raw_train.mean() / 255 == pytest.approx(MEAN, abs=1e-4)
     assert (raw_train / 255).std() == pytest.approx(STD, abs=1e-4)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_start_batch_resumes_the_same_order(shuffle: bool) -> None:
+    """A run resumed at batch k of an epoch sees exactly the batches it had not seen yet."""
+    dataset = dataset_of(23)
+    options = dict(shuffle=shuffle, seed=3, epoch=1, drop_last=True)
+    full = list(dataset.batches(4, **options))
+    resumed = list(dataset.batches(4, start_batch=2, **options))
+    assert len(resumed) == len(full) - 2 == 3
+    for (x, y), (x_full, y_full) in zip(resumed, full[2:]):
+        np.testing.assert_array_equal(x, x_full)
+        np.testing.assert_array_equal(y, y_full)

@@ -1,0 +1,109 @@
+"""Message codec throughput, C kernel vs numpy reference, and the extra memory each path allocates.
+
+For message sizes from 4 KiB to 16 MiB (float32 activations shaped like [64, C, H, W]) it times
+``edgebll.codec.encode`` and ``decode`` with ``backend="c"`` and ``backend="numpy"`` (median of
+``--repeats`` calls after warmup) and records, with tracemalloc, the peak bytes allocated beyond
+the frame (encode) or the output array (decode). Writes benchmarks/results/codec_speed.{json,md}.
+
+    python benchmarks/codec_speed.py [--repeats 15] [--codecs int8 fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_machine, machine_info, markdown_table, write_results  # noqa: E402
+
+from edgebll import codec  # noqa: E402
+
+# [batch, channels, side, side] float32 messages: 4 KiB ... 16 MiB
+SHAPES = [(64, 1, 4, 4), (64, 4, 8, 8), (64, 16, 16, 16), (64, 64, 16, 16), (64, 64, 32, 32)]
+
+
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(call: Callable[[], object], result_bytes: int) -> int:
+    """Peak traced allocation during ``call`` minus the bytes of what it returns (frame or array)."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    call()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return max(peak - result_bytes, 0)
+
+
+def measure(shape: tuple[int, ...], name: str, granularity: str, backend: str, repeats: int) -> dict:
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    frame = codec.encode(x, name, granularity=granularity, backend=backend)
+    out = np.empty_like(x)
+    encode = lambda: codec.encode(x, name, granularity=granularity, backend=backend)  # noqa: E731
+    decode = lambda: codec.decode(frame, out, backend=backend)  # noqa: E731
+    encode_s, decode_s = median_seconds(encode, repeats), median_seconds(decode, repeats)
+    return {
+        "shape": list(shape), "message_bytes": x.nbytes, "frame_bytes": len(frame), "codec": name,
+        "granularity": granularity, "backend": backend,
+        "encode_ms": encode_s * 1e3, "decode_ms": decode_s * 1e3,
+        "encode_gb_s": x.nbytes / encode_s / 1e9, "decode_gb_s": x.nbytes / decode_s / 1e9,
+        # bytes() of the finished frame is one copy by contract; count everything beyond the returned frame
+        "encode_extra_bytes": peak_extra_bytes(encode, len(frame)),
+        "decode_extra_bytes": peak_extra_bytes(decode, 0),
+    }
+
+
+def render(rows: list[dict], machine: dict) -> str:
+    by_key = {(r["shape"][1:] and tuple(r["shape"]), r["codec"], r["granularity"], r["backend"]): r for r in rows}
+    table = []
+    for (shape, name, granularity, backend), row in by_key.items():
+        if backend != "c":
+            continue
+        ref = by_key[(shape, name, granularity, "numpy")]
+        table.append([f"{row['message_bytes'] / 1024:,.0f} KiB", name, granularity,
+                      f"{row['encode_ms']:.3f}", f"{ref['encode_ms']:.3f}", f"{ref['encode_ms'] / row['encode_ms']:.2f}",
+                      f"{row['decode_ms']:.3f}", f"{ref['decode_ms']:.3f}", f"{ref['decode_ms'] / row['decode_ms']:.2f}",
+                      f"{row['encode_extra_bytes'] / 1024:,.0f}", f"{ref['encode_extra_bytes'] / 1024:,.0f}"])
+    headers = ["message", "codec", "scales", "C encode ms", "numpy encode ms", "speed-up", "C decode ms",
+               "numpy decode ms", "speed-up", "C encode extra KiB", "numpy encode extra KiB"]
+    return (f"# Codec throughput, C vs numpy\n\nMachine: {describe_machine(machine)}.\n"
+            f"Command: `python benchmarks/codec_speed.py` · median of repeated calls, one run, side by side.\n\n"
+            + markdown_table(headers, table, "lllrrrrrrrr"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (default: 15)")
+    parser.add_argument("--codecs", nargs="+", default=["int8", "fp16"], choices=codec.CODECS,
+                        help="codecs to measure (default: int8 fp16)")
+    args = parser.parse_args(argv)
+    if not codec.native_available():
+        parser.error("the native codec library is not built; run `make setup` (or pip install -e .) first")
+    jobs = [(s, c, g, b) for s in SHAPES for c in args.codecs for g in (("tensor", "channel") if c == "int8" else
+                                                                         ("tensor",)) for b in ("c", "numpy")]
+    rows = [measure(*job, args.repeats) for job in tqdm(jobs, desc="codec", unit="case")]
+    machine = machine_info(("numpy",))
+    json_path, md_path = write_results("codec_speed", {"machine": machine, "repeats": args.repeats, "rows": rows},
+                                       render(rows, machine))
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

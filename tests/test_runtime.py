@@ -1,0 +1,110 @@
+"""The in-process runtime: messages through the codec, crash-safe checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgebll.data import Dataset
+from edgebll.errors import EdgeBLLError, TrainingError
+from edgebll.runner import BlockRunner
+from edgebll.runtime import Runtime
+
+
+def synthetic(n: int = 64) -> Dataset:
+    rng = np.random.default_rng(0)
+    return Dataset(rng.standard_normal((n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n).astype(np.int64))
+
+
+def weights(run: Path) -> dict[str, np.ndarray]:
+    return {f"{k}/{name}": value for k in range(3)
+            for name, value in BlockRunner(run / f"block-{k}").parameters().items()}
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tiny_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    data = synthetic()
+    straight = Path(shutil.copytree(tiny_run, tmp_path / "straight"))
+    Runtime.from_run(straight, threads=1).train(data=data, epochs=2, progress=False)
+
+    crashed = Path(shutil.copytree(tiny_run, tmp_path / "crashed"))
+    runtime = Runtime.from_run(crashed, threads=1)
+    calls = {"n": 0}
+    original = runtime.runners[2].train_step
+
+    def dies_at_sixth_step(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # the board lost power in epoch 2, step 2
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.runners[2], "train_step", dies_at_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.train(data=data, epochs=2, checkpoint_every=1, progress=False)
+    resumed = Runtime.from_run(crashed, threads=1)
+    assert {r.progress["step"] for r in resumed.runners} == {5}  # blocks 0-1 ran step 6, but never saved it
+    summary = resumed.train(data=data, epochs=2, resume=True, progress=False)
+    assert summary["steps"] == 8 and summary["samples"] == 3 * 16  # exactly the 3 batches not yet trained
+    a, b = weights(straight), weights(crashed)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+
+
+def test_messages_are_counted_as_encoded_frames(run_copy: Path) -> None:
+    from edgebll.codec import frame_nbytes
+
+    runtime = Runtime.from_run(run_copy)
+    summary = runtime.train(data=synthetic(32), epochs=1, codec="int8", progress=False)
+    expected = [frame_nbytes((16, 4, 28, 28), "int8"), frame_nbytes((16, 8, 14, 14), "int8")]
+    assert summary["message_bytes_per_step"] == expected
+    assert summary["message_bytes_per_sample"] == pytest.approx(sum(expected) / 16)
+    assert json.loads((run_copy / "train.json").read_text())["codec"] == "int8"
+
+
+def test_codec_choice_changes_what_the_next_block_sees(run_copy: Path) -> None:
+    """fp32 messages are exact; int8 ones differ from them by at most half a quantisation step."""
+    runtime = Runtime.from_run(run_copy, load_trained=False)
+    x = synthetic(16).images
+    labels = np.zeros(16, np.int64)
+    message = runtime.runners[0].eval_step(x, labels).message
+    exact, _ = runtime._send(message, 0, 0, "fp32", "tensor")
+    rough, nbytes = runtime._send(message, 0, 0, "int8", "tensor")
+    np.testing.assert_array_equal(exact, message)
+    scale = np.abs(message).max() / 127
+    assert 0 < np.abs(rough - message).max() <= scale / 2 + 1e-7
+    assert nbytes < message.nbytes / 3.9
+
+
+def test_non_finite_message_names_block_and_step(run_copy: Path) -> None:
+    runtime = Runtime.from_run(run_copy)
+    bad = np.full((2, 4, 28, 28), np.nan, np.float32)
+    with pytest.raises(TrainingError, match=r"block 1, step 7: cannot send its activation: .*non-finite"):
+        runtime._send(bad, 1, 7, "int8", "tensor")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(epochs=0), r"--epochs must be at least 1"), (dict(codec="int3"), r"unknown codec 'int3'"),
+    (dict(lr=-1.0), r"--lr must be positive"), (dict(schedule="wavy"), r"unknown schedule 'wavy'"),
+])
+def test_bad_train_options(tiny_run: Path, overrides: dict, match: str) -> None:
+    with pytest.raises(EdgeBLLError, match=match):
+        Runtime.from_run(tiny_run, load_trained=False).train(data=synthetic(32), progress=False, **overrides)
+
+
+def test_learning_rate_schedules() -> None:
+    from edgebll.schedule import learning_rate
+
+    assert learning_rate("cosine", 1.0, 0, 100) == 1.0
+    assert learning_rate("cosine", 1.0, 50, 100) == pytest.approx(0.5)
+    assert learning_rate("cosine", 1.0, 100, 100) == pytest.approx(0.0)
+    assert [learning_rate("step", 1.0, s, 100) for s in (0, 49, 50, 75)] == pytest.approx([1, 1, 0.1, 0.01])
+    assert learning_rate("constant", 0.3, 99, 100) == 0.3
+    assert [learning_rate("cosine", 1.0, s, 100, warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(EdgeBLLError, match="unknown learning-rate schedule 'wavy'"):
+        learning_rate("wavy", 1.0, 0, 1)
