@@ -21,8 +21,11 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RUN_NAME = "run.json"
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-METHODS = ("bp", "bwbpf")
-ROLES = ("message", "labels", "loss", "logits", "bn_stat")
+METHODS = ("bp", "bwbpf", "bll")
+KINDS = ("forward", "feedback")
+ROLES = ("message", "labels", "target", "prior", "loss", "logits", "metric", "bn_stat")
+FEEDBACK_DIR = "feedback"
+"""Sub-folder of a BLL block folder holding its feedback block (both train on the same device)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,7 +38,9 @@ class TensorSpec:
     dtype: str
     """numpy dtype name: "float32" or "int64"."""
     role: str
-    """message | labels | loss | logits | bn_stat."""
+    """message (activation in/out, or BLL's beta), labels (int64 classes), target (one-hot float),
+    prior (BLL's mixing weight times the feedback natural parameters), loss, logits (natural
+    parameters / class scores), metric (reported, not differentiated), bn_stat."""
 
     def per_sample_shape(self) -> list[int | str]:
         """The shape without the leading batch dimension."""
@@ -71,6 +76,8 @@ class BlockManifest:
     index: int
     num_blocks: int
     method: str
+    kind: str = "forward"
+    """"forward", or "feedback" for a BLL feedback block (in ``block-k/feedback``)."""
     model: str
     units: list[str]
     inputs: list[TensorSpec]
@@ -116,6 +123,11 @@ class BlockManifest:
             raise ManifestError(f"{where}: malformed manifest ({exc}); expected keys {known}") from exc
         if manifest.method not in METHODS:
             raise ManifestError(f"{where}: unknown method {manifest.method!r}; this runtime knows {list(METHODS)}")
+        if manifest.kind not in KINDS:
+            raise ManifestError(f"{where}: unknown block kind {manifest.kind!r}; expected one of {list(KINDS)}")
+        roles = {t.role for t in manifest.inputs + manifest.outputs}
+        if not roles <= set(ROLES):
+            raise ManifestError(f"{where}: unknown tensor roles {sorted(roles - set(ROLES))}; this runtime knows {list(ROLES)}")
         return manifest
 
 

@@ -30,7 +30,9 @@ class StepResult:
     logits: np.ndarray
     """[B, classes] scores of the block's local head (the classifier for the last block)."""
     message: np.ndarray | None
-    """[B, ...] activation for the next block; None for the last block."""
+    """[B, ...] activation for the next block (for a feedback block: beta for the one below); None for the last."""
+    metric: float | None = None
+    """A reported, undifferentiated quantity (BLL: the KL between posterior and forward distribution)."""
 
 
 class BlockRunner:
@@ -67,39 +69,51 @@ class BlockRunner:
         if names != expected:
             raise ManifestError(f"block {self.index} ({self.block_dir}): training graph outputs {names}, manifest says "
                                 f"{expected}; hint: re-export the run")
-        self._loss_at = names.index("loss")
-        self._logits_at = names.index("logits")
-        self._message_at = names.index("y") if "y" in names else None
+        roles = [t.role for t in self.manifest.outputs]
+        self._loss_at = roles.index("loss")
+        self._logits_at = roles.index("logits")
+        self._message_at = roles.index("message") if "message" in roles else None
+        self._metric_at = roles.index("metric") if "metric" in roles else None
         self._stats = [(names.index(s.output), s) for s in self.manifest.bn_stats]
-        spec = self.manifest.input("message")
-        assert spec is not None, "every block takes a message input"
-        self._input_shape = tuple(spec.per_sample_shape())
+        self._inputs = self.manifest.inputs
+        if len(self._inputs) != 2:
+            raise ManifestError(f"block {self.index} ({self.block_dir}): expected 2 inputs (message and side input), "
+                                f"the manifest lists {[t.name for t in self._inputs]}")
 
     @property
     def index(self) -> int:
         return self.manifest.index
 
-    def _check_inputs(self, x: np.ndarray, labels: np.ndarray) -> None:
-        where = f"block {self.index} ({self.block_dir})"
-        if x.dtype != np.float32:
-            raise TrainingError(f"{where}: input 'x' has dtype {x.dtype}, expected float32")
-        if tuple(x.shape[1:]) != self._input_shape:
-            raise TrainingError(f"{where}: input 'x' has shape {list(x.shape)} but the block takes "
-                                f"[batch, {', '.join(map(str, self._input_shape))}]; hint: the previous block and "
-                                "this one come from different exports; re-export both with the same --blocks")
-        if labels.dtype != np.int64 or labels.shape != (x.shape[0],):
-            raise TrainingError(f"{where}: labels must be int64 of shape [{x.shape[0]}], got {labels.dtype} "
-                                f"{list(labels.shape)}")
+    @property
+    def name(self) -> str:
+        """"block k" or "feedback block k", for messages."""
+        return f"{'feedback ' if self.manifest.kind == 'feedback' else ''}block {self.index}"
 
-    def train_step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
-        """One local step: forward, local loss, backward, optimizer update at learning rate ``lr``."""
-        self._check_inputs(x, labels)
+    def _check_inputs(self, *arrays: np.ndarray) -> None:
+        where = f"{self.name} ({self.block_dir})"
+        batch = arrays[0].shape[0] if arrays[0].ndim else None
+        for spec, array in zip(self._inputs, arrays):
+            if array.dtype != np.dtype(spec.dtype):
+                raise TrainingError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
+            want = spec.per_sample_shape()
+            if array.ndim != len(want) + 1 or list(array.shape[1:]) != want or array.shape[0] != batch:
+                raise TrainingError(f"{where}: input {spec.name!r} has shape {list(array.shape)} but the block takes "
+                                    f"[{', '.join(map(str, [batch, *want]))}]; hint: the previous block and this one "
+                                    "come from different exports; re-export both with the same --blocks")
+
+    def train_step(self, x: np.ndarray, side: np.ndarray, lr: float) -> StepResult:
+        """One local step: forward, local loss, backward, optimizer update at learning rate ``lr``.
+
+        ``x`` is the message in; ``side`` the block's second input: the labels (bwbpf, bp), the
+        prior m * b_k (a BLL forward block) or the one-hot target (a BLL feedback block).
+        """
+        self._check_inputs(x, side)
         self.module.train()
-        outputs = self.module(x, labels)
+        outputs = self.module(x, side)
         loss = float(outputs[self._loss_at])
         if not np.isfinite(loss):
             self.module.lazy_reset_grad()  # discard this step's gradients
-            raise TrainingError(f"block {self.index}: local loss is {loss} at step {self.progress['step']} "
+            raise TrainingError(f"{self.name}: local loss is {loss} at step {self.progress['step']} "
                                 f"(epoch {self.progress['epoch']}); stopped before the optimizer step; "
                                 "hint: lower the learning rate (--lr)")
         self.optimizer.set_learning_rate(lr)
@@ -109,15 +123,16 @@ class BlockRunner:
         self.progress["step"] += 1
         return self._result(outputs)
 
-    def eval_step(self, x: np.ndarray, labels: np.ndarray) -> StepResult:
+    def eval_step(self, x: np.ndarray, side: np.ndarray) -> StepResult:
         """Forward in eval mode (BatchNorm uses running statistics); no update."""
-        self._check_inputs(x, labels)
+        self._check_inputs(x, side)
         self.module.eval()
-        return self._result(self.module(x, labels))
+        return self._result(self.module(x, side))
 
     def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
         message = outputs[self._message_at] if self._message_at is not None else None
-        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message)
+        metric = float(outputs[self._metric_at]) if self._metric_at is not None else None
+        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message, metric)
 
     def _write_back_batchnorm(self, outputs: tuple[np.ndarray, ...], batch: int) -> None:
         """Copy the updated running statistics into the state (ORT would keep the old ones forever).
@@ -155,7 +170,9 @@ class BlockRunner:
 
     def export_for_inference(self, path: str | os.PathLike) -> Path:
         """A plain ONNX inference model (input ``x``; outputs ``logits`` and, but for the last block, ``y``)."""
-        self.module.export_model_for_inferencing(str(path), ["logits"] + (["y"] if self._message_at is not None else []))
+        names = [t.name for t in self.manifest.outputs]
+        wanted = ["logits"] + ([names[self._message_at]] if self._message_at is not None else [])
+        self.module.export_model_for_inferencing(str(path), wanted)
         return Path(path)
 
 

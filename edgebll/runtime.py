@@ -20,7 +20,7 @@ from tqdm import tqdm
 from edgebll import codec as message_codec
 from edgebll.data import Dataset, load_fashion_mnist
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
-from edgebll.manifest import block_dir_name, check_chain, load_run_config, write_json_atomic
+from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.schedule import SCHEDULES, learning_rate
 
@@ -51,6 +51,13 @@ class TrainConfig:
     """Continue from the blocks' trained checkpoints instead of the exported weights."""
     checkpoint_every: int = 0
     """Also save every N steps (0: at the end of every epoch only)."""
+    mix_start: float = 2.0
+    """BLL: mixing weight m of the feedback message in the posterior sigmoid(a + m b), at step 0."""
+    mix_end: float = 0.5
+    """BLL: m at the last step (linear in between): the forward latent is trusted more as it learns."""
+    feedback_lr_scale: float = 10.0
+    """BLL: feedback blocks learn at this multiple of the learning rate: they are tiny, and until they
+    carry the label the forward blocks' posterior targets are uninformative."""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -63,14 +70,19 @@ class TrainConfig:
             raise EdgeBLLError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.lr is not None and not self.lr > 0:
             raise EdgeBLLError(f"--lr must be positive, got {self.lr}")
+        if self.mix_start < 0 or self.mix_end < 0:
+            raise EdgeBLLError(f"BLL mixing weights must be >= 0, got --mix-start {self.mix_start} --mix-end {self.mix_end}")
 
 
 class Runtime:
     """All blocks of one run, trained in this process."""
 
-    def __init__(self, run_dir: str | os.PathLike, runners: list[BlockRunner], config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: str | os.PathLike, runners: list[BlockRunner], config: dict[str, Any],
+                 feedback: list[BlockRunner] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.runners = runners
+        self.feedback = feedback or []
+        """BLL: feedback block k (on the same device as forward block k), k < K-1."""
         self.config = config
 
     @classmethod
@@ -78,21 +90,36 @@ class Runtime:
                  verify_files: bool = True) -> Runtime:
         """Load and validate every block of ``run_dir`` (an ``edgebll export`` output folder)."""
         config = load_run_config(run_dir)
-        runners = [BlockRunner(Path(run_dir) / block_dir_name(k), threads=threads, load_trained=load_trained,
-                               verify_files=verify_files) for k in range(int(config["blocks"]))]
+        blocks = int(config["blocks"])
+        load = dict(threads=threads, load_trained=load_trained, verify_files=verify_files)
+        runners = [BlockRunner(Path(run_dir) / block_dir_name(k), **load) for k in range(blocks)]
         check_chain([r.manifest for r in runners], run_dir)
-        return cls(run_dir, runners, config)
+        feedback = []
+        if config["method"] == "bll":
+            feedback = [BlockRunner(Path(run_dir) / block_dir_name(k) / FEEDBACK_DIR, **load) for k in range(blocks - 1)]
+        return cls(run_dir, runners, config, feedback)
+
+    @property
+    def is_bll(self) -> bool:
+        return bool(self.feedback)
+
+    @property
+    def all_runners(self) -> list[BlockRunner]:
+        return self.runners + self.feedback
 
     @property
     def num_blocks(self) -> int:
         return len(self.runners)
 
-    def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str) -> tuple[np.ndarray, int]:
-        """Encode ``message`` as block ``block`` sends it, decode it as block ``block + 1`` receives it."""
+    def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str, *,
+              feedback: bool = False) -> tuple[np.ndarray, int]:
+        """Encode ``message`` as (feedback) block ``block`` sends it, decode it as its neighbour receives it."""
         try:
             frame = message_codec.encode(message, codec, granularity=granularity)
         except CodecError as exc:
-            raise TrainingError(f"block {block}, step {step}: cannot send its activation: {exc}") from exc
+            what = "feedback block {block}, step {step}: cannot send its beta message" if feedback else \
+                "block {block}, step {step}: cannot send its activation"
+            raise TrainingError(f"{what.format(block=block, step=step)}: {exc}") from exc
         return message_codec.decode(frame), len(frame)
 
     def train(self, config: TrainConfig | None = None, *, data: Dataset | None = None, data_dir: str | None = None,
@@ -118,25 +145,32 @@ class Runtime:
         base_lr = float(config.lr if config.lr is not None else self.config["lr"])
         start = self._start_step(config.resume)
         history = self._load_history() if config.resume and start > 0 else []
-        link_bytes = np.zeros(max(self.num_blocks - 1, 1), dtype=np.int64)
+        up_bytes = np.zeros(max(self.num_blocks - 1, 1), dtype=np.int64)
+        down_bytes = np.zeros(max(self.num_blocks - 2, 1), dtype=np.int64)
         samples, began = 0, time.perf_counter()
         step = start
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
         for epoch in range(start // steps_per_epoch, config.epochs):
-            sums = np.zeros((2, self.num_blocks))  # loss, correct
+            # per block: loss, correct; BLL adds the KL of each forward block and the feedback losses
+            sums = np.zeros((4, self.num_blocks))
             seen, epoch_began = 0, time.perf_counter()
             done = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
             for x, labels in data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch, drop_last=True,
                                           start_batch=done):
                 lr = learning_rate(config.schedule, base_lr, step, total, config.warmup_steps)
+                priors = self._feedback_step(labels, lr, step, config, sums, down_bytes) if self.is_bll else None
+                mix = config.mix_start + (config.mix_end - config.mix_start) * step / max(total - 1, 1)
                 h = x
                 for k, runner in enumerate(self.runners):
-                    result = runner.train_step(h, labels, lr)
+                    side = labels if priors is None or k == self.num_blocks - 1 else (mix * priors[k]).astype(np.float32)
+                    result = runner.train_step(h, side, lr)
                     sums[0, k] += result.loss * len(labels)
                     sums[1, k] += int((result.logits.argmax(1) == labels).sum())
+                    if result.metric is not None:
+                        sums[2, k] += result.metric * len(labels)
                     if result.message is not None:
                         h, nbytes = self._send(result.message, k, step, config.codec, config.granularity)
-                        link_bytes[k] += nbytes
+                        up_bytes[k] += nbytes
                 seen += len(labels)
                 samples += len(labels)
                 step += 1
@@ -145,31 +179,58 @@ class Runtime:
                 bar.update()
                 bar.set_postfix(loss=f"{sums[0, -1] / seen:.3f}", acc=f"{sums[1, -1] / seen:.3f}")
             self.save(epoch=epoch + 1)
-            history.append({
+            record = {
                 "epoch": epoch + 1,
                 "loss": (sums[0] / max(seen, 1)).round(5).tolist(),
                 "accuracy": (sums[1] / max(seen, 1)).round(5).tolist(),
                 "samples": seen,
                 "seconds": round(time.perf_counter() - epoch_began, 3),
-            })
+            }
+            if self.is_bll:
+                record["kl"] = (sums[2, :-1] / max(seen, 1)).round(5).tolist()
+                record["feedback_loss"] = (sums[3, :-1] / max(seen, 1)).round(5).tolist()
+            history.append(record)
         bar.close()
         elapsed = time.perf_counter() - began
         steps_done = max(step - start, 1)
+        down = down_bytes if self.num_blocks > 2 else np.zeros(0)
         summary = {
             "model": self.config["model"], "method": self.config["method"], "blocks": self.num_blocks,
             "codec": config.codec, "granularity": config.granularity, "transport": "inprocess", "ranks": 1,
             "config": asdict(config) | {"lr": base_lr}, "batch_size": batch, "steps": step,
             "samples": samples, "seconds": round(elapsed, 3), "samples_per_s": round(samples / max(elapsed, 1e-9), 2),
-            "message_bytes_per_step": (link_bytes / steps_done).round(1).tolist() if self.num_blocks > 1 else [],
-            "message_bytes_per_sample": round(float(link_bytes.sum()) / max(samples, 1), 1),
+            "message_bytes_per_step": (up_bytes / steps_done).round(1).tolist() if self.num_blocks > 1 else [],
+            "feedback_bytes_per_step": (down / steps_done).round(1).tolist() if self.is_bll else [],
+            "message_bytes_per_sample": round(float(up_bytes.sum() + down.sum()) / max(samples, 1), 1),
             "epochs": history,
         }
         write_json_atomic(self.run_dir / TRAIN_NAME, json.dumps(summary, indent=1))
         return summary
 
+    def _feedback_step(self, labels: np.ndarray, lr: float, step: int, config: TrainConfig, sums: np.ndarray,
+                       down_bytes: np.ndarray) -> list[np.ndarray]:
+        """BLL's backward pass: train every feedback block top-down; returns b_k for every forward block k < K-1.
+
+        It needs only the labels, never the forward blocks: forward and feedback passes do not wait
+        for each other. beta_{K-1} is the one-hot target; beta_k = sigmoid(b_k) travels down to
+        device k-1 through the codec, like an activation travels up.
+        """
+        target = np.eye(int(self.config["num_classes"]), dtype=np.float32)[labels]
+        beta = target
+        priors: list[np.ndarray] = [np.empty(0)] * len(self.feedback)
+        for k in range(len(self.feedback) - 1, -1, -1):
+            result = self.feedback[k].train_step(beta, target, lr * config.feedback_lr_scale)
+            priors[k] = result.logits
+            sums[3, k] += result.loss * len(labels)
+            if k > 0:
+                assert result.message is not None, "feedback blocks send beta down"
+                beta, nbytes = self._send(result.message, k, step, config.codec, config.granularity, feedback=True)
+                down_bytes[k - 1] += nbytes
+        return priors
+
     def _start_step(self, resume: bool) -> int:
         """The global step to start from: 0, or (resuming) the step every block has reached."""
-        steps = {r.progress["step"] for r in self.runners}
+        steps = {r.progress["step"] for r in self.all_runners}
         if not resume:
             if any(s > 0 for s in steps):
                 raise EdgeBLLError(f"{self.run_dir}: blocks already hold trained weights ({TRAINED_DIR}/); hint: pass "
@@ -185,7 +246,7 @@ class Runtime:
 
     def save(self, *, epoch: int) -> None:
         """Checkpoint every block (each atomically)."""
-        for runner in self.runners:
+        for runner in self.all_runners:
             runner.save(epoch=epoch)
 
     def evaluate(self, *, data: Dataset | None = None, data_dir: str | None = None, limit: int | None = None,
@@ -194,6 +255,8 @@ class Runtime:
         """Test accuracy of every block's head through the eval graphs; writes and returns ``eval.json``.
 
         The messages go through the codec the run was trained with (from train.json), unless given.
+        BLL evaluates the forward chain alone: the feedback blocks are not needed at test time (the
+        prior input of a forward block only feeds its loss, so it is zero here).
         """
         trained = self._load_train_summary()
         codec = codec or trained.get("codec", "fp32")
@@ -208,8 +271,10 @@ class Runtime:
         for x, labels in tqdm(data.batches(batch_size), total=data.num_batches(batch_size), desc="eval", unit="batch",
                               disable=not progress):
             h = x
+            no_prior = np.zeros((len(labels), int(self.config["num_classes"])), np.float32)
             for k, runner in enumerate(self.runners):
-                result = runner.eval_step(h, labels)
+                side = no_prior if runner.manifest.input("prior") is not None else labels
+                result = runner.eval_step(h, side)
                 correct[k] += int((result.logits.argmax(1) == labels).sum())
                 if result.message is not None:
                     h, _ = self._send(result.message, k, -1, codec, granularity)

@@ -4,7 +4,8 @@
 """
 
 from .artifacts import OptimizerConfig
-from .exporter import build_blocks, export_block, export_model
+from .exporter import BlockPlan, build_blocks, export_block, export_model, plan_blocks
 from .models import MODELS, ModelSpec, build_model
 
-__all__ = ["MODELS", "ModelSpec", "OptimizerConfig", "build_blocks", "build_model", "export_block", "export_model"]
+__all__ = ["MODELS", "BlockPlan", "ModelSpec", "OptimizerConfig", "build_blocks", "build_model", "export_block",
+           "export_model", "plan_blocks"]

@@ -53,45 +53,69 @@ class BlockGraph:
     bn_stats: list[BatchNormStat]
 
 
-def _bn_spatial_sizes(module: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
+@dataclass(frozen=True)
+class GraphInput:
+    """One input of a block's training graph (per-sample shape; the batch axis is added)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    """"float32" or "int64"."""
+    role: str
+
+
+def _example(spec: GraphInput, batch_size: int) -> torch.Tensor:
+    if spec.dtype == "int64":
+        return torch.zeros(batch_size, *spec.shape, dtype=torch.int64)
+    return torch.randn(batch_size, *spec.shape)
+
+
+def _bn_spatial_sizes(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """H*W seen by every BatchNorm (keyed by its running_mean buffer name), from one eval forward."""
     sizes: dict[str, int] = {}
     handles = []
     for name, sub in module.named_modules():
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            def hook(_m: nn.Module, inputs: tuple, _out: Any, key: str = f"{name}.running_mean") -> None:
-                sizes[key] = int(inputs[0][0, 0].numel())
+            def hook(_m: nn.Module, args: tuple, _out: Any, key: str = f"{name}.running_mean") -> None:
+                sizes[key] = int(args[0][0, 0].numel())
             handles.append(sub.register_forward_hook(hook))
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        module(x, labels)
+        module(*inputs)
     module.train(was_training)
     for h in handles:
         h.remove()
     return sizes
 
 
-def export_training_onnx(module: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> tuple[onnx.ModelProto, BlockGraph]:
-    """Export ``module(x, labels)`` in training mode; append BatchNorm running statistics as outputs."""
-    x = torch.randn(batch_size, *input_shape)
-    labels = torch.zeros(batch_size, dtype=torch.int64)
-    spatial = _bn_spatial_sizes(module, x, labels)
+def export_training_onnx(module: nn.Module, inputs: list[GraphInput], outputs: list[tuple[str, str]],
+                         batch_size: int) -> tuple[onnx.ModelProto, BlockGraph]:
+    """Export ``module(*inputs) -> outputs`` in training mode; append BatchNorm running statistics as outputs.
+
+    ``outputs`` are (name, role) pairs in the module's return order; the first must be the loss.
+    """
+    examples = tuple(_example(spec, batch_size) for spec in inputs)
+    spatial = _bn_spatial_sizes(module, examples)
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     # The exporter runs one train-mode forward, which moves BatchNorm statistics: export a copy.
     copy_ = copy.deepcopy(module).train()
     with torch.no_grad():
-        outputs = copy_(x, labels)
-    output_names = ["loss", "logits", "y"][: len(outputs)]
-    dynamic = {"x": {0: "batch"}, "labels": {0: "batch"}, "logits": {0: "batch"}, "y": {0: "batch"}}
+        values = copy_(*examples)
+    if len(values) != len(outputs) or outputs[0][1] != "loss":
+        raise ExportError(f"{type(module).__name__} returns {len(values)} outputs, expected {[n for n, _ in outputs]} "
+                          "with the loss first")
+    names = [n for n, _ in outputs]
+    dynamic = {spec.name: {0: "batch"} for spec in inputs}
+    dynamic |= {name: {0: "batch"} for name, value in zip(names, values) if value.dim() > 0}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # the TorchScript exporter is deprecated but is the one that exports training graphs ORT can differentiate
         warnings.simplefilter("ignore")
         path = Path(tmp) / "block.onnx"
         torch.onnx.export(
-            copy_, (x, labels), str(path), input_names=["x", "labels"], output_names=output_names,
-            dynamic_axes={k: v for k, v in dynamic.items() if k in ["x", "labels", *output_names]},
-            training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False, opset_version=OPSET,
+            copy_, examples, str(path), input_names=[spec.name for spec in inputs], output_names=names,
+            dynamic_axes=dynamic, training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False,
+            opset_version=OPSET,
         )
         model = onnx.load(str(path))
     for init in model.graph.initializer:  # restore the statistics the export forward moved
@@ -114,17 +138,11 @@ def export_training_onnx(module: nn.Module, input_shape: tuple[int, ...], batch_
             bn_stats.append(BatchNormStat(output=node.output[k], parameter=param, kind=kind, momentum=momentum,
                                           spatial=spatial.get(key, 1)))
 
-    y_shape = list(outputs[2].shape[1:]) if len(outputs) == 3 else None
     graph = BlockGraph(
-        inputs=[
-            TensorSpec(name="x", shape=["batch", *input_shape], dtype="float32", role="message"),
-            TensorSpec(name="labels", shape=["batch"], dtype="int64", role="labels"),
-        ],
-        outputs=[
-            TensorSpec(name="loss", shape=[], dtype="float32", role="loss"),
-            TensorSpec(name="logits", shape=["batch", int(outputs[1].shape[1])], dtype="float32", role="logits"),
-        ]
-        + ([TensorSpec(name="y", shape=["batch", *y_shape], dtype="float32", role="message")] if y_shape else [])
+        inputs=[TensorSpec(name=spec.name, shape=["batch", *spec.shape], dtype=spec.dtype, role=spec.role)
+                for spec in inputs],
+        outputs=[TensorSpec(name=name, shape=(["batch", *value.shape[1:]] if value.dim() > 0 else []),
+                            dtype="float32", role=role) for (name, role), value in zip(outputs, values)]
         + [TensorSpec(name=s.output, shape=list(initializers[s.parameter].dims), dtype="float32", role="bn_stat")
            for s in bn_stats],
         bn_stats=bn_stats,

@@ -1,4 +1,11 @@
-"""``export_model``: partition a model, attach local-loss heads, and write one artifact folder per block."""
+"""``export_model``: partition a model, attach local-loss graphs, and write one artifact folder per block.
+
+Per method, each block k becomes (see ``plan_blocks``):
+- bwbpf / bp: ``LocalBlock(x, labels) -> (loss, logits[, y])`` (bp: one block, the whole model);
+- bll: ``BLLForwardBlock(x, prior) -> (loss, logits, y, kl)`` for k < K-1 and a ``LocalBlock`` for the
+  last (its posterior given the one-hot target is the target itself: cross-entropy), plus a
+  ``FeedbackBlock(beta, target) -> (loss, logits, beta)`` in ``block-k/feedback`` for k < K-1.
+"""
 
 from __future__ import annotations
 
@@ -15,49 +22,91 @@ from tqdm import tqdm
 
 from edgebll.errors import ExportError
 from edgebll.manifest import (
-    ARTIFACT_FILES, MANIFEST_NAME, METHODS, RUN_NAME, BlockManifest, block_dir_name, sha256_file, write_json_atomic,
+    ARTIFACT_FILES, FEEDBACK_DIR, MANIFEST_NAME, METHODS, RUN_NAME, BlockManifest, block_dir_name, sha256_file,
+    write_json_atomic,
 )
 
-from .artifacts import OptimizerConfig, export_training_onnx, generate_block_artifacts
+from .artifacts import GraphInput, OptimizerConfig, _example, export_training_onnx, generate_block_artifacts
 from .heads import make_head
-from .local_block import LocalBlock
+from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
 from .partition import balanced_split, unit_costs
 
 
 @dataclass
-class ExportedBlock:
-    """A block as built in torch (kept for parity tests and the torch reference path)."""
+class BlockPlan:
+    """One trainable graph to export: the torch module (also the reference for parity tests) and its I/O."""
 
-    module: LocalBlock
-    input_shape: tuple[int, ...]
-    manifest: BlockManifest
+    module: nn.Module
+    inputs: list[GraphInput]
+    outputs: list[tuple[str, str]]
+    """(name, role) in the module's return order, loss first."""
+    index: int
+    kind: str
+    """"forward" or "feedback"."""
+    units: list[str]
 
 
-def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv") -> tuple[list[LocalBlock], list[tuple[int, ...]], list[list[int]]]:
-    """Partition ``spec`` into torch ``LocalBlock``s; returns blocks, their input shapes and unit indices."""
+def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv",
+                 latent: str = "categorical") -> tuple[list[nn.Module], list[tuple[int, ...]], list[list[int]]]:
+    """Partition ``spec`` into forward blocks; returns the torch blocks, their input shapes and unit indices."""
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if method == "bp" and num_blocks != 1:
         raise ExportError(f"--method bp trains the whole model end to end as one block; got --blocks {num_blocks}, use --blocks 1")
+    if method == "bll" and num_blocks < 2:
+        raise ExportError("--method bll needs at least 2 blocks (a single block is plain backprop: --method bp)")
+    if latent not in LATENTS:
+        raise ExportError(f"unknown latent distribution {latent!r}; choose one of {list(LATENTS)}")
     costs, shapes = unit_costs(spec.units, spec.input_shape)
     bounds = balanced_split(costs, num_blocks)
-    blocks, in_shapes, groups = [], [], []
+    blocks: list[nn.Module] = []
+    in_shapes, groups = [], []
     for k in range(num_blocks):
         lo, hi = bounds[k], bounds[k + 1]
-        in_shape = spec.input_shape if lo == 0 else shapes[lo - 1]
         last = k == num_blocks - 1
         # The last block's head is the classifier, always pool + linear; earlier blocks may use a conv head.
         head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes)
-        blocks.append(LocalBlock(spec.units[lo:hi], head_module, emits_message=not last))
-        in_shapes.append(tuple(in_shape))
+        if method == "bll" and not last:
+            blocks.append(BLLForwardBlock(spec.units[lo:hi], head_module, latent))
+        else:
+            blocks.append(LocalBlock(spec.units[lo:hi], head_module, emits_message=not last))
+        in_shapes.append(tuple(spec.input_shape if lo == 0 else shapes[lo - 1]))
         groups.append(list(range(lo, hi)))
     return blocks, in_shapes, groups
 
 
-def _estimate_peak_bytes(block: LocalBlock, input_shape: tuple[int, ...], batch_size: int, optimizer: str) -> int:
+def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv",
+                latent: str = "categorical") -> list[BlockPlan]:
+    """Every graph to export for ``method``, forward blocks first, then BLL's feedback blocks."""
+    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent)
+    classes = spec.num_classes
+    plans = []
+    for k, (block, shape, group) in enumerate(zip(blocks, in_shapes, groups)):
+        names = [spec.unit_names[u] for u in group]
+        message_in = GraphInput("x", shape, "float32", "message")
+        if isinstance(block, BLLForwardBlock):
+            plans.append(BlockPlan(block, [message_in, GraphInput("prior", (classes,), "float32", "prior")],
+                                   [("loss", "loss"), ("logits", "logits"), ("y", "message"), ("kl", "metric")],
+                                   k, "forward", names))
+        else:
+            outputs = [("loss", "loss"), ("logits", "logits")] + ([("y", "message")] if k < num_blocks - 1 else [])
+            plans.append(BlockPlan(block, [message_in, GraphInput("labels", (), "int64", "labels")], outputs, k,
+                                   "forward", names))
+    if method == "bll":
+        for k in range(num_blocks - 1):
+            # beta_{k+1} is the one-hot target above the top feedback block, else sigmoid(b_{k+1}): both one unit per class
+            plans.append(BlockPlan(FeedbackBlock(classes, classes, latent),
+                                   [GraphInput("beta", (classes,), "float32", "message"),
+                                    GraphInput("target", (classes,), "float32", "target")],
+                                   [("loss", "loss"), ("logits", "logits"), ("beta_out", "message")], k, "feedback",
+                                   [f"feedback{k}"]))
+    return plans
+
+
+def _estimate_peak_bytes(plan: BlockPlan, batch_size: int, optimizer: str) -> int:
     """Weights + gradients + optimizer state + every layer output kept for backward (float32)."""
-    params = sum(p.numel() for p in block.parameters())
+    params = sum(p.numel() for p in plan.module.parameters())
     state = params * (4 if optimizer == "adamw" else 2)  # weight, grad (+ 2 moments)
     activations = [0]
 
@@ -65,16 +114,16 @@ def _estimate_peak_bytes(block: LocalBlock, input_shape: tuple[int, ...], batch_
         if isinstance(out, torch.Tensor):
             activations[0] += out.numel()
 
-    leaves = [m for m in block.modules() if not list(m.children())]
+    leaves = [m for m in plan.module.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    block.eval()
+    plan.module.eval()
     with torch.no_grad():
-        block(torch.zeros(1, *input_shape), torch.zeros(1, dtype=torch.int64))
-    block.train()
+        plan.module(*(_example(spec, 1) for spec in plan.inputs))
+    plan.module.train()
     for h in handles:
         h.remove()
-    message = 2 * int(torch.tensor(input_shape).prod())  # decoded input + its gradient-free copy
-    return 4 * (state + batch_size * (activations[0] + message))
+    inputs = sum(int(torch.tensor(spec.shape).prod()) for spec in plan.inputs)
+    return 4 * (state + batch_size * (activations[0] + 2 * inputs))  # inputs: the decoded message and its frame
 
 
 def export_model(
@@ -90,15 +139,17 @@ def export_model(
     seed: int = 0,
     input_shape: tuple[int, ...] = (1, 28, 28),
     num_classes: int = 10,
+    latent: str = "categorical",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
     ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``) or your own list of modules (each one a
-    unit the partitioner will not split). ``head`` is the local head of every block but the last
-    ("conv": stride-2 conv + pool + linear, "linear": pool + linear). ``lr`` is stored in
-    ``run.json`` as the default for ``edgebll train``.
+    unit the partitioner will not split). ``method``: "bwbpf", "bll" or "bp". ``head`` is the local
+    head of every block but the last ("conv": stride-2 conv + pool + linear, "linear": pool +
+    linear). ``latent`` (bll): the distribution of each block's latent, "categorical" or "bernoulli".
+    ``lr`` is stored in ``run.json`` as the default for ``edgebll train``.
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")
@@ -110,35 +161,34 @@ def export_model(
     config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
     torch.manual_seed(seed)
     spec = build_model(model, input_shape=input_shape, num_classes=num_classes)
-    torch_blocks, in_shapes, groups = build_blocks(spec, method, blocks, head)
+    plans = plan_blocks(spec, method, blocks, head, latent)
     out.mkdir(parents=True, exist_ok=True)
-    for k in tqdm(range(blocks), desc="export", unit="block", disable=not progress):
-        export_block(torch_blocks[k], in_shapes[k], out / block_dir_name(k), index=k, num_blocks=blocks, method=method,
-                     model_name=spec.name, unit_names=[spec.unit_names[u] for u in groups[k]], batch_size=batch_size,
-                     optimizer=config)
+    for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
+        folder = out / block_dir_name(plan.index)
+        export_block(plan, folder / FEEDBACK_DIR if plan.kind == "feedback" else folder, num_blocks=blocks,
+                     method=method, model_name=spec.name, batch_size=batch_size, optimizer=config)
     run = {
         "format_version": 1, "model": spec.name, "method": method, "blocks": blocks, "batch_size": batch_size,
-        "head": head, "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(input_shape),
+        "head": head, "latent": latent if method == "bll" else None, "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(input_shape),
         "num_classes": num_classes, "data": {"dataset": "fashion-mnist"},
-        "units": [[spec.unit_names[u] for u in g] for g in groups],
+        "units": [p.units for p in plans if p.kind == "forward"],
     }
     write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
     return out
 
 
-def export_block(block: LocalBlock, input_shape: tuple[int, ...], block_dir: Path, *, index: int, num_blocks: int,
-                 method: str, model_name: str, unit_names: list[str], batch_size: int,
-                 optimizer: OptimizerConfig) -> BlockManifest:
-    """Write one block's artifacts and manifest into ``block_dir``."""
+def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: str, model_name: str,
+                 batch_size: int, optimizer: OptimizerConfig) -> BlockManifest:
+    """Write one graph's artifacts and manifest into ``block_dir``."""
     block_dir.mkdir(parents=True, exist_ok=True)
-    onnx_model, graph = export_training_onnx(block, input_shape, batch_size)
-    trainable = [name for name, p in block.named_parameters() if p.requires_grad]
+    onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, batch_size)
+    trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
     generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
     manifest = BlockManifest(
-        index=index, num_blocks=num_blocks, method=method, model=model_name, units=unit_names,
+        index=plan.index, num_blocks=num_blocks, method=method, kind=plan.kind, model=model_name, units=plan.units,
         inputs=graph.inputs, outputs=graph.outputs, bn_stats=graph.bn_stats, optimizer=optimizer.to_dict(),
-        batch_size=batch_size, num_parameters=sum(p.numel() for p in block.parameters()),
-        estimated_peak_bytes=_estimate_peak_bytes(block, input_shape, batch_size, optimizer.name),
+        batch_size=batch_size, num_parameters=sum(p.numel() for p in plan.module.parameters()),
+        estimated_peak_bytes=_estimate_peak_bytes(plan, batch_size, optimizer.name),
         files={name: sha256_file(block_dir / name) for name in ARTIFACT_FILES},
     )
     write_json_atomic(block_dir / MANIFEST_NAME, manifest.to_json())

@@ -105,3 +105,16 @@ def test_heads_follow_the_activation() -> None:
     spec = build_model("cnn-small")
     blocks, _, _ = build_blocks(spec, "bwbpf", 4, head="conv")
     assert [type(b.head).__name__ for b in blocks] == ["ConvHead", "ConvHead", "ConvHead", "LinearHead"]
+
+
+def test_bll_losses_stay_finite_for_saturated_logits() -> None:
+    """softplus and the Bernoulli KL are written without Log(Sigmoid): no inf/NaN, also in their gradients."""
+    from edgebll.export.local_block import bernoulli_kl, softplus
+
+    z = torch.tensor([-1000.0, -90.0, -1.0, 0.0, 1.0, 90.0, 1000.0], requires_grad=True)
+    torch.testing.assert_close(softplus(z), torch.nn.functional.softplus(z))
+    softplus(z).sum().backward()
+    torch.testing.assert_close(z.grad, torch.sigmoid(z.detach()))
+    p, q = torch.tensor([[200.0, -200.0, 3.0]]), torch.tensor([[-200.0, 200.0, 3.0]])
+    kl = bernoulli_kl(p, q)
+    assert torch.isfinite(kl) and kl.item() == pytest.approx(400.0, rel=1e-4)  # -log sigmoid(-200) = 200 per saturated unit

@@ -86,11 +86,12 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("x, labels, match", [
-    (np.zeros((4, 4, 28, 28), np.float32), np.zeros(4, np.int64), r"input 'x' has shape \[4, 4, 28, 28\] but the "
-                                                                   r"block takes \[batch, 1, 28, 28\]"),
-    (np.zeros((4, 1, 28, 28), np.float64), np.zeros(4, np.int64), r"dtype float64, expected float32"),
-    (np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int32), r"labels must be int64 of shape \[4\]"),
-    (np.zeros((4, 1, 28, 28), np.float32), np.zeros(3, np.int64), r"labels must be int64 of shape \[4\]"),
+    (np.zeros((4, 4, 28, 28), np.float32), np.zeros(4, np.int64), r"block 0 .*input 'x' has shape \[4, 4, 28, 28\] "
+                                                                   r"but the block takes \[4, 1, 28, 28\]"),
+    (np.zeros((4, 1, 28, 28), np.float64), np.zeros(4, np.int64), r"input 'x' has dtype float64, expected float32"),
+    (np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int32), r"input 'labels' has dtype int32, expected int64"),
+    (np.zeros((4, 1, 28, 28), np.float32), np.zeros(3, np.int64), r"input 'labels' has shape \[3\] but the block "
+                                                                   r"takes \[4\]"),
 ])
 def test_bad_inputs_are_refused(tiny_run: Path, x: np.ndarray, labels: np.ndarray, match: str) -> None:
     runner = BlockRunner(tiny_run / "block-0", load_trained=False)

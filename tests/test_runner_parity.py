@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgebll.export import OptimizerConfig, build_blocks, export_block
+from edgebll.export import OptimizerConfig, export_block
+from edgebll.export.exporter import plan_blocks
 from edgebll.export.models import ModelSpec, conv_bn_relu
 from edgebll.runner import BlockRunner
 
@@ -23,13 +24,14 @@ def tiny_spec() -> ModelSpec:
     return ModelSpec(name="tiny", units=units, input_shape=(1, 8, 8), num_classes=10)
 
 
-def export_one(tmp_path: Path, optimizer: OptimizerConfig, index: int = 0, head: str = "conv"):
-    blocks, shapes, groups = build_blocks(tiny_spec(), "bwbpf", 2, head=head)
-    block = blocks[index]
-    reference = copy.deepcopy(block)
-    export_block(block, shapes[index], tmp_path / "b", index=index, num_blocks=2, method="bwbpf", model_name="tiny",
-                 unit_names=["u"], batch_size=BATCH, optimizer=optimizer)
-    return reference, shapes[index], BlockRunner(tmp_path / "b")
+def export_one(tmp_path: Path, optimizer: OptimizerConfig, index: int = 0, method: str = "bwbpf",
+               latent: str = "categorical"):
+    """Export graph ``index`` of the tiny model's plan; returns its torch twin, input shape and runner."""
+    plan = plan_blocks(tiny_spec(), method, 2, head="conv", latent=latent)[index]
+    reference = copy.deepcopy(plan.module)
+    export_block(plan, tmp_path / "b", num_blocks=2, method=method, model_name="tiny", batch_size=BATCH,
+                 optimizer=optimizer)
+    return reference, plan.inputs[0].shape, BlockRunner(tmp_path / "b")
 
 
 def torch_optimizer(module: nn.Module, config: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
@@ -114,3 +116,61 @@ def test_saved_checkpoint_resumes_with_same_weights(tmp_path: Path) -> None:
     # the optimizer state travelled too: the next step is identical
     np.testing.assert_array_equal(runner.train_step(x, y, 0.01).logits, again.train_step(x, y, 0.01).logits)
     np.testing.assert_allclose(runner.parameters()["head.conv.weight"], again.parameters()["head.conv.weight"], atol=0)
+
+
+@pytest.mark.parametrize("latent", ["categorical", "bernoulli"])
+def test_bll_forward_step_is_the_kl_gradient_with_a_fixed_posterior(tmp_path: Path, latent: str) -> None:
+    """ORT trains a BLL forward block with the surrogate loss; torch with the method written out:
+    KL(rho || alpha), rho the posterior with natural parameters a + m b, detached. One step must
+    give the same weights."""
+    from edgebll.export.local_block import bernoulli_kl, categorical_kl
+
+    kl_of = {"categorical": categorical_kl, "bernoulli": bernoulli_kl}[latent]
+    config = OptimizerConfig(name="adamw")
+    reference, shape, runner = export_one(tmp_path, config, index=0, method="bll", latent=latent)
+    assert runner.manifest.kind == "forward" and [t.role for t in runner.manifest.inputs] == ["message", "prior"]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((BATCH, *shape)).astype(np.float32)
+    prior = (1.5 * rng.standard_normal((BATCH, 10))).astype(np.float32)
+    result = runner.train_step(x, prior, 0.01)
+    opt = torch_optimizer(reference, config, 0.01)
+    reference.train()
+    features = reference.body(torch.from_numpy(x))
+    a = reference.head(features)
+    rho_logits = (a + torch.from_numpy(prior)).detach()  # the posterior is a target: no gradient through it
+    kl = kl_of(rho_logits, a)
+    kl.backward()
+    opt.step()
+    assert result.metric == pytest.approx(kl.item(), abs=1e-5)  # the reported KL is the method's loss
+    np.testing.assert_allclose(result.logits, a.detach().numpy(), atol=1e-5)
+    ours = runner.parameters()
+    for name, value in reference.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("latent", ["categorical", "bernoulli"])
+def test_bll_feedback_step_matches_torch(tmp_path: Path, latent: str) -> None:
+    config = OptimizerConfig(name="adamw")
+    # the plan lists the 2 forward blocks, then feedback block 0
+    reference, _, runner = export_one(tmp_path, config, index=2, method="bll", latent=latent)
+    assert runner.manifest.kind == "feedback" and [t.role for t in runner.manifest.inputs] == ["message", "target"]
+    rng = np.random.default_rng(3)
+    target = np.eye(10, dtype=np.float32)[rng.integers(0, 10, BATCH)]
+    result = runner.train_step(target, target, 0.01)
+    opt = torch_optimizer(reference, config, 0.01)
+    loss, b, beta = reference(torch.from_numpy(target), torch.from_numpy(target))
+    # the read-out loss is the cross-entropy of the feedback distribution against the one-hot target
+    if latent == "categorical":
+        expected = torch.nn.functional.cross_entropy(b, torch.from_numpy(target.argmax(1)))
+    else:
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(b, torch.from_numpy(target),
+                                                                         reduction="sum") / BATCH
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    opt.step()
+    assert result.loss == pytest.approx(loss.item(), abs=1e-5)
+    np.testing.assert_allclose(result.message, beta.detach().numpy(), atol=1e-6)
+    ours = runner.parameters()
+    for name, value in reference.state_dict().items():
+        np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-5, err_msg=name)

@@ -108,3 +108,64 @@ def test_learning_rate_schedules() -> None:
     assert [learning_rate("cosine", 1.0, s, 100, warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     with pytest.raises(EdgeBLLError, match="unknown learning-rate schedule 'wavy'"):
         learning_rate("wavy", 1.0, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def bll_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from torch import nn
+
+    from edgebll.export import export_model
+    from edgebll.export.models import conv_bn_relu
+
+    torch.manual_seed(0)
+    units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)), nn.Sequential(*conv_bn_relu(8, 8, 2))]
+    return export_model(units, method="bll", out=tmp_path_factory.mktemp("bll") / "run", blocks=3, batch_size=16,
+                        lr=0.01, progress=False)
+
+
+def test_bll_run_layout(bll_run: Path) -> None:
+    from edgebll.manifest import load_block_manifest, load_run_config
+
+    assert load_run_config(bll_run)["latent"] == "categorical"
+    for k in range(2):
+        forward, feedback = load_block_manifest(bll_run / f"block-{k}"), load_block_manifest(bll_run / f"block-{k}/feedback")
+        assert (forward.kind, feedback.kind, feedback.index) == ("forward", "feedback", k)
+        assert [t.role for t in forward.inputs] == ["message", "prior"] and forward.output("metric").name == "kl"
+        assert [t.role for t in feedback.inputs] == ["message", "target"]
+    last = load_block_manifest(bll_run / "block-2")
+    assert [t.role for t in last.inputs] == ["message", "labels"]  # the top block's posterior is the target itself
+    assert not (bll_run / "block-2" / "feedback").exists()
+
+
+def test_bll_trains_both_networks_and_sends_beta_down(bll_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from edgebll.codec import frame_nbytes
+
+    run = Path(shutil.copytree(bll_run, tmp_path / "run"))
+    runtime = Runtime.from_run(run, threads=1)
+    before = {r.name: r.parameters() for r in runtime.all_runners}
+    summary = runtime.train(data=synthetic(64), epochs=3, codec="int8", progress=False)
+    assert len(runtime.feedback) == 2 and summary["steps"] == 12
+    for r in runtime.all_runners:  # every forward and feedback block took its own local steps
+        after = r.parameters()
+        assert any(not np.array_equal(before[r.name][n], after[n]) for n in after), r.name
+    # beta travels down once per step, from feedback block 1 to device 0: an int8 frame of [16, 10]
+    assert summary["feedback_bytes_per_step"] == [frame_nbytes((16, 10), "int8")]
+    epochs = summary["epochs"]
+    assert len(epochs[-1]["kl"]) == 2 and all(np.isfinite(epochs[-1]["kl"]))
+    # the feedback read-out learns the target: its cross-entropy falls
+    assert all(late < early for late, early in zip(epochs[-1]["feedback_loss"], epochs[0]["feedback_loss"]))
+    evaluation = runtime.evaluate(data=synthetic(32), progress=False)  # the forward chain alone
+    assert len(evaluation["per_block_accuracy"]) == 3
+    resumed = Runtime.from_run(run)
+    assert {r.progress["step"] for r in resumed.all_runners} == {12}
+
+
+def test_bll_needs_two_blocks(tmp_path: Path) -> None:
+    from edgebll.errors import ExportError
+    from edgebll.export import export_model
+
+    with pytest.raises(ExportError, match=r"--method bll needs at least 2 blocks"):
+        export_model("cnn-small", method="bll", blocks=1, out=tmp_path / "r", progress=False)

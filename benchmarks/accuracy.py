@@ -1,0 +1,88 @@
+"""Test accuracy of bp, bwbpf and bll on Fashion-MNIST under one recipe (model, data, optimizer, epochs, batch).
+
+Each method is exported with the same seed and trained by the edgebll runtime (ONNX Runtime, in
+process, messages through the codec), then evaluated on the test set. Writes
+benchmarks/results/accuracy.{json,md}.
+
+    python benchmarks/accuracy.py --model cnn-small --blocks 4 --epochs 1 --codec int8
+    python benchmarks/accuracy.py --limit 8192 --test-limit 2000      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_machine, machine_info, markdown_table, write_results  # noqa: E402
+
+from edgebll import Runtime  # noqa: E402
+from edgebll.export import export_model  # noqa: E402
+
+METHODS = ("bp", "bwbpf", "bll")
+
+
+def run_one(method: str, args: argparse.Namespace, seed: int, workdir: Path) -> dict:
+    """Export, train and evaluate one method with one seed; returns the row for the table."""
+    out = export_model(args.model, out=workdir / f"{method}-{seed}", method=method,
+                       blocks=1 if method == "bp" else args.blocks, batch_size=args.batch_size, lr=args.lr,
+                       seed=seed, progress=False)
+    runtime = Runtime.from_run(out, threads=args.threads)
+    train = runtime.train(epochs=args.epochs, codec=args.codec, limit=args.limit, seed=seed, progress=False)
+    evaluation = runtime.evaluate(limit=args.test_limit, progress=False)
+    return {"method": method, "seed": seed, "test_accuracy": evaluation["test_accuracy"],
+            "per_block_accuracy": evaluation["per_block_accuracy"], "samples_per_s": train["samples_per_s"],
+            "message_bytes_per_step": sum(train["message_bytes_per_step"]) + sum(train["feedback_bytes_per_step"]),
+            "train_seconds": train["seconds"]}
+
+
+def render(rows: list[dict], args: argparse.Namespace, machine: dict) -> str:
+    table = []
+    for method in args.methods:
+        mine = [r for r in rows if r["method"] == method]
+        accs = [100 * r["test_accuracy"] for r in mine]
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        table.append([method, 1 if method == "bp" else args.blocks, f"{statistics.mean(accs):.2f}{spread}",
+                      " / ".join(f"{100 * a:.1f}" for a in mine[0]["per_block_accuracy"]),
+                      f"{statistics.mean(r['samples_per_s'] for r in mine):.0f}",
+                      f"{statistics.mean(r['message_bytes_per_step'] for r in mine):,.0f}", len(mine)])
+    data = f"{args.limit or 60000} training images, {args.test_limit or 10000} test images"
+    return (f"# Accuracy: bp vs bwbpf vs bll\n\n{args.model}, {args.epochs} epoch(s), batch {args.batch_size}, AdamW "
+            f"lr {args.lr} cosine, {args.codec} messages, {data}; machine: {describe_machine(machine)}.\n"
+            f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n"
+            + markdown_table(["method", "blocks", "test acc. %", "per-block acc. % (first seed)", "samples/s",
+                              "message bytes/step", "seeds"], table, "lrrlrrr"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="cnn-small", help="zoo model (default: cnn-small)")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks K for bwbpf and bll (default: 4)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="(default: all)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per method (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
+    parser.add_argument("--codec", default="int8", help="message codec (default: int8)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    parser.add_argument("--limit", type=int, default=None, help="training images (default: all 60,000)")
+    parser.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
+    parser.add_argument("--threads", type=int, default=0, help="ORT threads per block (default: ORT decides)")
+    parser.add_argument("--name", default="accuracy", help="results file name (default: accuracy)")
+    args = parser.parse_args(argv)
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_one(m, args, s, Path(tmp)) for m, s in tqdm(jobs, desc="accuracy", unit="run")]
+    machine = machine_info()
+    json_path, md_path = write_results(args.name, {"machine": machine, "settings": vars(args), "rows": rows},
+                                       render(rows, args, machine))
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
