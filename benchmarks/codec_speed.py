@@ -2,10 +2,13 @@
 
 For message sizes from 4 KiB to 16 MiB (float32 activations shaped like [64, C, H, W]) it times
 ``edgebll.codec.encode`` and ``decode`` with ``backend="c"`` and ``backend="numpy"`` (median of
-``--repeats`` calls after warmup) and records, with tracemalloc, the peak bytes allocated beyond
-the frame (encode) or the output array (decode). Writes benchmarks/results/codec_speed.{json,md}.
+``--repeats`` calls after warmup) for every codec and scale granularity asked for (int codecs per
+tensor, per channel and per group of 64; fp16 per tensor) and records, with tracemalloc, the peak
+bytes allocated beyond the frame (encode) or the output array (decode). Both paths also pay the
+frame's CRC32 (zlib), timed on its own as "CRC ms": the floor under any speed-up of the kernels.
+Writes benchmarks/results/codec_speed.{json,md}.
 
-    python benchmarks/codec_speed.py [--repeats 15] [--codecs int8 fp16]
+    python benchmarks/codec_speed.py [--repeats 15] [--codecs int8 int4 int2 fp16]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, machine_info, markdown_table, write_results  # noqa: E402
 
 from edgebll import codec  # noqa: E402
+from edgebll.codec.frame import FrameHeader  # noqa: E402
 
 # [batch, channels, side, side] float32 messages: 4 KiB ... 16 MiB
 SHAPES = [(64, 1, 4, 4), (64, 4, 8, 8), (64, 16, 16, 16), (64, 64, 16, 16), (64, 64, 32, 32)]
@@ -51,52 +56,65 @@ def peak_extra_bytes(call: Callable[[], object], result_bytes: int) -> int:
     return max(peak - result_bytes, 0)
 
 
+GROUP_SIZE = 64
+
+
 def measure(shape: tuple[int, ...], name: str, granularity: str, backend: str, repeats: int) -> dict:
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    frame = codec.encode(x, name, granularity=granularity, backend=backend)
+    options = {"granularity": granularity, "group_size": GROUP_SIZE}
+    frame = codec.encode(x, name, backend=backend, **options)
     out = np.empty_like(x)
-    encode = lambda: codec.encode(x, name, granularity=granularity, backend=backend)  # noqa: E731
+    body = memoryview(frame)[FrameHeader.from_bytes(frame).nbytes :]
+    encode = lambda: codec.encode(x, name, backend=backend, **options)  # noqa: E731
     decode = lambda: codec.decode(frame, out, backend=backend)  # noqa: E731
     encode_s, decode_s = median_seconds(encode, repeats), median_seconds(decode, repeats)
     return {
         "shape": list(shape), "message_bytes": x.nbytes, "frame_bytes": len(frame), "codec": name,
-        "granularity": granularity, "backend": backend,
+        "granularity": granularity, "group_size": GROUP_SIZE if granularity == "group" else None, "backend": backend,
         "encode_ms": encode_s * 1e3, "decode_ms": decode_s * 1e3,
         "encode_gb_s": x.nbytes / encode_s / 1e9, "decode_gb_s": x.nbytes / decode_s / 1e9,
-        # bytes() of the finished frame is one copy by contract; count everything beyond the returned frame
+        "crc_ms": median_seconds(lambda: zlib.crc32(body), repeats) * 1e3,
+        # the returned frame is the one allocation encode needs; count everything beyond it (and beyond `out`)
         "encode_extra_bytes": peak_extra_bytes(encode, len(frame)),
         "decode_extra_bytes": peak_extra_bytes(decode, 0),
     }
 
 
 def render(rows: list[dict], machine: dict) -> str:
-    by_key = {(r["shape"][1:] and tuple(r["shape"]), r["codec"], r["granularity"], r["backend"]): r for r in rows}
+    by_key = {(tuple(r["shape"]), r["codec"], r["granularity"], r["backend"]): r for r in rows}
     table = []
     for (shape, name, granularity, backend), row in by_key.items():
         if backend != "c":
             continue
         ref = by_key[(shape, name, granularity, "numpy")]
-        table.append([f"{row['message_bytes'] / 1024:,.0f} KiB", name, granularity,
+        scales = f"group {GROUP_SIZE}" if granularity == "group" else granularity
+        table.append([f"{row['message_bytes'] / 1024:,.0f} KiB", name, scales, f"{row['frame_bytes'] / 1024:,.1f}",
                       f"{row['encode_ms']:.3f}", f"{ref['encode_ms']:.3f}", f"{ref['encode_ms'] / row['encode_ms']:.2f}",
                       f"{row['decode_ms']:.3f}", f"{ref['decode_ms']:.3f}", f"{ref['decode_ms'] / row['decode_ms']:.2f}",
-                      f"{row['encode_extra_bytes'] / 1024:,.0f}", f"{ref['encode_extra_bytes'] / 1024:,.0f}"])
-    headers = ["message", "codec", "scales", "C encode ms", "numpy encode ms", "speed-up", "C decode ms",
-               "numpy decode ms", "speed-up", "C encode extra KiB", "numpy encode extra KiB"]
+                      f"{row['crc_ms']:.3f}",
+                      f"{row['encode_extra_bytes'] / 1024:,.1f}", f"{row['decode_extra_bytes'] / 1024:,.1f}",
+                      f"{ref['encode_extra_bytes'] / 1024:,.0f}", f"{ref['decode_extra_bytes'] / 1024:,.0f}"])
+    headers = ["message", "codec", "scales", "frame KiB", "C encode ms", "numpy encode ms", "speed-up", "C decode ms",
+               "numpy decode ms", "speed-up", "CRC ms", "C encode extra KiB", "C decode extra KiB",
+               "numpy encode extra KiB", "numpy decode extra KiB"]
     return (f"# Codec throughput, C vs numpy\n\nMachine: {describe_machine(machine)}.\n"
-            f"Command: `python benchmarks/codec_speed.py` · median of repeated calls, one run, side by side.\n\n"
-            + markdown_table(headers, table, "lllrrrrrrrr"))
+            f"Command: `python benchmarks/codec_speed.py` · median of repeated calls, one run, side by side. "
+            f"Times are whole `encode` / `decode` calls, CRC32 included (its own time in \"CRC ms\"); "
+            f"\"extra\" is the peak traced allocation beyond the returned frame (encode) or `out` (decode).\n\n"
+            + markdown_table(headers, table, "lllrrrrrrrrrrrr"))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (default: 15)")
-    parser.add_argument("--codecs", nargs="+", default=["int8", "fp16"], choices=codec.CODECS,
-                        help="codecs to measure (default: int8 fp16)")
+    parser.add_argument("--codecs", nargs="+", default=["int8", "int4", "int2", "fp16"], choices=codec.CODECS,
+                        help="codecs to measure (default: int8 int4 int2 fp16)")
     args = parser.parse_args(argv)
     if not codec.native_available():
         parser.error("the native codec library is not built; run `make setup` (or pip install -e .) first")
-    jobs = [(s, c, g, b) for s in SHAPES for c in args.codecs for g in (("tensor", "channel") if c == "int8" else
-                                                                         ("tensor",)) for b in ("c", "numpy")]
+    int_codecs = {"int8", "int4", "int2"}
+    jobs = [(s, c, g, b) for s in SHAPES for c in args.codecs
+            for g in (("tensor", "channel", "group") if c in int_codecs else ("tensor",)) for b in ("c", "numpy")]
     rows = [measure(*job, args.repeats) for job in tqdm(jobs, desc="codec", unit="case")]
     machine = machine_info(("numpy",))
     json_path, md_path = write_results("codec_speed", {"machine": machine, "repeats": args.repeats, "rows": rows},

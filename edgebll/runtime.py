@@ -37,7 +37,10 @@ class TrainConfig:
     codec: str = "int8"
     """Message codec between blocks: one of edgebll.codec.CODECS."""
     granularity: str = "tensor"
-    """int8 scales: "tensor" or "channel"."""
+    """Scales of the int codecs: "tensor", "channel" or "group" (of ``group_size`` consecutive values)."""
+    group_size: int = 64
+    rounding: str = "nearest"
+    """"nearest" or "stochastic" (seeded per step and block, so a resumed run sends the same bytes)."""
     lr: float | None = None
     """Base learning rate (None: the one stored at export)."""
     schedule: str = "cosine"
@@ -64,8 +67,12 @@ class TrainConfig:
             raise EdgeBLLError(f"--epochs must be at least 1, got {self.epochs}")
         if self.codec not in message_codec.CODECS:
             raise EdgeBLLError(f"unknown codec {self.codec!r}; choose one of {list(message_codec.CODECS)}")
-        if self.granularity not in ("tensor", "channel"):
-            raise EdgeBLLError(f"unknown granularity {self.granularity!r}; choose tensor or channel")
+        if self.granularity not in message_codec.GRANULARITIES:
+            raise EdgeBLLError(f"unknown granularity {self.granularity!r}; choose one of {list(message_codec.GRANULARITIES)}")
+        if self.rounding not in message_codec.ROUNDINGS:
+            raise EdgeBLLError(f"unknown rounding {self.rounding!r}; choose one of {list(message_codec.ROUNDINGS)}")
+        if self.group_size < 1:
+            raise EdgeBLLError(f"--group-size must be at least 1, got {self.group_size}")
         if self.schedule not in SCHEDULES:
             raise EdgeBLLError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.lr is not None and not self.lr > 0:
@@ -112,15 +119,23 @@ class Runtime:
         return len(self.runners)
 
     def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str, *,
+              group_size: int = 64, rounding: str = "nearest", seed: int = 0,
               feedback: bool = False) -> tuple[np.ndarray, int]:
         """Encode ``message`` as (feedback) block ``block`` sends it, decode it as its neighbour receives it."""
         try:
-            frame = message_codec.encode(message, codec, granularity=granularity)
+            frame = message_codec.encode(message, codec, granularity=granularity, group_size=group_size,
+                                         rounding=rounding, seed=seed)
         except CodecError as exc:
             what = "feedback block {block}, step {step}: cannot send its beta message" if feedback else \
                 "block {block}, step {step}: cannot send its activation"
             raise TrainingError(f"{what.format(block=block, step=step)}: {exc}") from exc
         return message_codec.decode(frame), len(frame)
+
+    @staticmethod
+    def _codec_options(config: TrainConfig, step: int, block: int, feedback: bool = False) -> dict[str, Any]:
+        # stochastic rounding needs a seed that differs per step and link, and repeats on resume
+        seed = ((config.seed * 2**32 + step) * 2**16 + 2 * block + int(feedback)) % 2**64
+        return {"group_size": config.group_size, "rounding": config.rounding, "seed": seed, "feedback": feedback}
 
     def train(self, config: TrainConfig | None = None, *, data: Dataset | None = None, data_dir: str | None = None,
               progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -169,7 +184,8 @@ class Runtime:
                     if result.metric is not None:
                         sums[2, k] += result.metric * len(labels)
                     if result.message is not None:
-                        h, nbytes = self._send(result.message, k, step, config.codec, config.granularity)
+                        h, nbytes = self._send(result.message, k, step, config.codec, config.granularity,
+                                               **self._codec_options(config, step, k))
                         up_bytes[k] += nbytes
                 seen += len(labels)
                 samples += len(labels)
@@ -196,7 +212,8 @@ class Runtime:
         down = down_bytes if self.num_blocks > 2 else np.zeros(0)
         summary = {
             "model": self.config["model"], "method": self.config["method"], "blocks": self.num_blocks,
-            "codec": config.codec, "granularity": config.granularity, "transport": "inprocess", "ranks": 1,
+            "codec": config.codec, "granularity": config.granularity, "group_size": config.group_size,
+            "rounding": config.rounding, "transport": "inprocess", "ranks": 1,
             "config": asdict(config) | {"lr": base_lr}, "batch_size": batch, "steps": step,
             "samples": samples, "seconds": round(elapsed, 3), "samples_per_s": round(samples / max(elapsed, 1e-9), 2),
             "message_bytes_per_step": (up_bytes / steps_done).round(1).tolist() if self.num_blocks > 1 else [],
@@ -224,7 +241,8 @@ class Runtime:
             sums[3, k] += result.loss * len(labels)
             if k > 0:
                 assert result.message is not None, "feedback blocks send beta down"
-                beta, nbytes = self._send(result.message, k, step, config.codec, config.granularity, feedback=True)
+                beta, nbytes = self._send(result.message, k, step, config.codec, config.granularity,
+                                          **self._codec_options(config, step, k, feedback=True))
                 down_bytes[k - 1] += nbytes
         return priors
 
@@ -277,7 +295,8 @@ class Runtime:
                 result = runner.eval_step(h, side)
                 correct[k] += int((result.logits.argmax(1) == labels).sum())
                 if result.message is not None:
-                    h, _ = self._send(result.message, k, -1, codec, granularity)
+                    h, _ = self._send(result.message, k, -1, codec, granularity,
+                                      group_size=int(trained.get("group_size", 64)))
             loss += result.loss * len(labels)
         per_block = (correct / len(data)).round(5).tolist()
         summary = {

@@ -3,13 +3,16 @@
 A message (float32, NCHW or [B, C]) is encoded once by the block that sends it and decoded once
 by the block that receives it::
 
-    frame = encode(activation, "int8", granularity="channel")   # bytes
-    x = decode(frame)                                            # float32, same shape
+    frame = encode(activation, "int4", granularity="group", group_size=64)   # bytes
+    x = decode(frame)                                                         # float32, same shape
 
 Codecs: ``fp32`` (a copy), ``fp16`` (round to nearest even; values beyond the fp16 range are
-refused rather than sent as Inf), ``int8`` (symmetric, scale = amax / 127, per tensor or per
-channel = per index of axis 1). The frame layout is in :mod:`edgebll.codec.frame`, the numerical
-rules in :mod:`edgebll.codec.reference`.
+refused rather than sent as Inf), and the symmetric integer codecs ``int8`` (127 levels each side,
+one byte per value), ``int4`` (7 levels, two values per byte) and ``int2`` (ternary: -1, 0, 1 times
+the scale, four values per byte), with ``scale = amax / levels`` per tensor, per channel (index of
+axis 1) or per group of ``group_size`` consecutive values (C order), rounded to nearest or
+stochastically. The frame layout is in :mod:`edgebll.codec.frame`, the numerical rules in
+:mod:`edgebll.codec.reference`.
 
 Decisions:
 
@@ -18,17 +21,30 @@ Decisions:
   contiguous. NaN/Inf are refused with their count and first index.
 - ``granularity="channel"`` needs ``ndim >= 2`` and is refused otherwise (whatever the codec):
   quietly sending a per-tensor frame would not be what was asked for. fp32/fp16 frames carry no
-  scales, so for them the granularity is only recorded.
-- An all-zero int8 channel gets scale ``FLT_MIN`` (the same floor that protects tiny channels),
+  scales, so for them the granularity (and group size) is only recorded. ``group_size`` is
+  checked always but recorded only with ``granularity="group"``.
+- Groups run over the flattened message, not within a channel: the frame needs only the group
+  size, the kernels see one contiguous run per scale, and a [B, C, H, W] activation with
+  ``H*W`` a multiple of the group size gets groups inside one channel map anyway.
+- ``rounding="stochastic"`` (``floor(x / scale + u)``, u uniform in [0, 1) from a counter-based
+  generator keyed by ``seed`` and the value's index) is for the integer codecs only; asking for it
+  with fp32/fp16 is refused. The same ``(message, seed)`` gives the same frame on every backend
+  and machine; pass a different seed per step (and per block), or the same values get the same
+  noise every time. The seed is not in the frame: decoding does not need it.
+- An all-zero channel or group gets scale ``FLT_MIN`` (the same floor that protects tiny ones),
   so it decodes to exact zeros.
 - Backends: ``"c"`` (libedgebll_codec, raises NativeLibraryError if it is not built), ``"numpy"``
   (the reference), ``"auto"`` (C when available, else numpy). Both give the same frame, byte for
   byte, and the same decoded bits.
+- The frame is allocated once, as the ``bytes`` object that is returned, and the kernels write
+  into it (:mod:`edgebll.codec.buffer`); decoding writes into the output array. Version-1 frames
+  (before int4) still decode.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import zlib
 from dataclasses import replace
 from types import ModuleType
@@ -37,24 +53,35 @@ from typing import Sequence
 import numpy as np
 
 from edgebll.codec import native, reference
+from edgebll.codec.buffer import finish_frame, new_frame
 from edgebll.codec.frame import (
     CODEC_IDS,
     GRANULARITY_IDS,
+    INT_CODECS,
+    MAX_GROUP_SIZE,
     FrameHeader,
     byte_view,
     check_frame,
 )
-from edgebll.codec.reference import Layout
+from edgebll.codec.reference import ROUNDINGS, Layout
 from edgebll.errors import CodecError
 
-CODECS: tuple[str, ...] = ("fp32", "fp16", "int8")
-GRANULARITIES: tuple[str, ...] = ("tensor", "channel")
+CODECS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "int2")
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
 BACKENDS: tuple[str, ...] = ("auto", "c", "numpy")
+DEFAULT_GROUP_SIZE = 64
+MAX_SEED = 2**64 - 1
 assert CODECS == tuple(CODEC_IDS) and GRANULARITIES == tuple(GRANULARITY_IDS)
 
-_PAYLOAD_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+_PAYLOAD_DTYPES = {
+    "fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8),
+    "int4": np.dtype(np.uint8), "int2": np.dtype(np.uint8),
+}
 
-__all__ = ["BACKENDS", "CODECS", "GRANULARITIES", "decode", "encode", "frame_nbytes", "native_available"]
+__all__ = [
+    "BACKENDS", "CODECS", "DEFAULT_GROUP_SIZE", "GRANULARITIES", "ROUNDINGS", "decode", "encode",
+    "frame_nbytes", "native_available",
+]
 
 
 def native_available() -> bool:
@@ -63,44 +90,65 @@ def native_available() -> bool:
 
 
 def frame_nbytes(
-    shape: Sequence[int], codec: str = "int8", granularity: str = "tensor"
+    shape: Sequence[int], codec: str = "int8", granularity: str = "tensor",
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> int:
     """Exact size in bytes of the frame :func:`encode` returns for a message of `shape`."""
     shape = tuple(int(dim) for dim in shape)
     _check_choice("codec", codec, CODECS)
     _check_choice("granularity", granularity, GRANULARITIES)
+    group_size = _check_group_size(group_size)
     _check_granularity_fits(granularity, shape)
-    return FrameHeader.for_message(codec, granularity, shape).frame_nbytes
+    return FrameHeader.for_message(codec, granularity, shape, group_size=group_size).frame_nbytes
 
 
 def encode(
-    array: np.ndarray, codec: str = "int8", *, granularity: str = "tensor", backend: str = "auto"
+    array: np.ndarray,
+    codec: str = "int8",
+    *,
+    granularity: str = "tensor",
+    group_size: int = DEFAULT_GROUP_SIZE,
+    rounding: str = "nearest",
+    seed: int = 0,
+    backend: str = "auto",
 ) -> bytes:
-    """Encode a float32 message into a frame; raises CodecError on NaN/Inf or bad arguments."""
+    """Encode a float32 message into a frame; raises CodecError on NaN/Inf or bad arguments.
+
+    `granularity`: one scale per "tensor", per "channel" (axis 1) or per "group" of `group_size`
+    consecutive values. `rounding` "stochastic" (int codecs only) draws its noise from `seed`.
+    """
     kernels = _kernels(backend)
     _check_choice("codec", codec, CODECS)
     _check_choice("granularity", granularity, GRANULARITIES)
+    _check_choice("rounding", rounding, ROUNDINGS)
+    group_size = _check_group_size(group_size)
+    seed = _check_seed(seed)
+    if rounding == "stochastic" and codec not in INT_CODECS:
+        raise CodecError(
+            f"rounding 'stochastic': expected one of the int codecs {INT_CODECS}, got codec {codec!r} "
+            "(fp16 rounds to nearest even, fp32 is exact); hint: use rounding='nearest'"
+        )
     x = _as_message(array)
     _check_granularity_fits(granularity, x.shape)
-    header = FrameHeader.for_message(codec, granularity, x.shape)
+    header = FrameHeader.for_message(codec, granularity, x.shape, group_size=group_size)
     header.to_bytes()  # refuse an unrepresentable shape before allocating the frame
 
-    # One allocation: the kernels write scales and payload straight into the frame.
-    frame = bytearray(header.frame_nbytes)
-    scales = np.frombuffer(frame, np.float32, header.num_scales, header.scales_offset)
-    payload = np.frombuffer(frame, _PAYLOAD_DTYPES[codec], x.size, header.payload_offset)
-    if codec == "int8":
-        kernels.encode_int8(x, _layout(granularity, x.shape), scales, payload)
+    # One allocation, the returned bytes: the kernels write scales and payload straight into it.
+    frame, writable = new_frame(header.frame_nbytes)
+    scales = np.frombuffer(writable, np.float32, header.num_scales, header.scales_offset)
+    payload = np.frombuffer(writable, _PAYLOAD_DTYPES[codec], header.payload_nbytes // _PAYLOAD_DTYPES[codec].itemsize,
+                            header.payload_offset)
+    if codec in INT_CODECS:
+        encode_int = getattr(kernels, f"encode_{codec}")
+        encode_int(x, _layout(granularity, x.shape, group_size), scales, payload, rounding, seed)
     elif codec == "fp16":
         kernels.encode_fp16(x, payload)
     else:
         kernels.encode_fp32(x, payload)
 
-    crc = zlib.crc32(memoryview(frame)[header.nbytes :])
-    frame[: header.nbytes] = replace(header, crc32=crc).to_bytes()
-    # `bytes` is the contract (hashable, immutable); this one copy is of the frame (a quarter of
-    # the input for int8), not of the input.
-    return bytes(frame)
+    crc = zlib.crc32(writable[header.nbytes :])
+    writable[: header.nbytes] = np.frombuffer(replace(header, crc32=crc).to_bytes(), np.uint8)
+    return finish_frame(frame, writable)
 
 
 def decode(
@@ -108,23 +156,26 @@ def decode(
 ) -> np.ndarray:
     """Decode a frame into a float32 array (into `out` when given, which is also returned).
 
-    The whole frame is checked (header, length, CRC, scales, `out`) before any data is read.
+    The whole frame is checked (header, length, CRC, scales, padding, `out`) before any data is
+    read. Frames of format version 1 decode too.
     """
     kernels = _kernels(backend)
     view = byte_view(frame)
     header = FrameHeader.from_bytes(view)
     check_frame(header, view)
-    size = math.prod(header.shape)
+    dtype = _PAYLOAD_DTYPES[header.codec]
     scales = np.frombuffer(view, np.float32, header.num_scales, header.scales_offset)
-    payload = np.frombuffer(view, _PAYLOAD_DTYPES[header.codec], size, header.payload_offset)
-    _check_scales(scales)
+    payload = np.frombuffer(view, dtype, header.payload_nbytes // dtype.itemsize, header.payload_offset)
+    if header.codec in INT_CODECS:
+        _check_scales(scales, header.codec)
     result = _output_array(out, header.shape, payload)
     if kernels is native and not (scales.flags.aligned and payload.flags.aligned):
         # A frame sliced out of a larger buffer at an odd offset: C needs aligned data.
         scales, payload = scales.copy(), payload.copy()
 
-    if header.codec == "int8":
-        kernels.decode_int8(payload, _layout(header.granularity, header.shape), scales, result)
+    if header.codec in INT_CODECS:
+        decode_int = getattr(kernels, f"decode_{header.codec}")
+        decode_int(payload, _layout(header.granularity, header.shape, header.group_size), scales, result)
     elif header.codec == "fp16":
         kernels.decode_fp16(payload, result)
     else:
@@ -149,6 +200,28 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise CodecError(f"{what}: expected one of {choices}, got {value!r}")
 
 
+def _check_group_size(group_size: int) -> int:
+    try:
+        value = operator.index(group_size)
+    except TypeError:
+        raise CodecError(f"group_size: expected an int, got {type(group_size).__name__}") from None
+    if not 1 <= value <= MAX_GROUP_SIZE:
+        raise CodecError(f"group_size: expected an int in [1, {MAX_GROUP_SIZE}], got {value}")
+    return value
+
+
+def _check_seed(seed: int) -> int:
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise CodecError(f"seed: expected an int, got {type(seed).__name__}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise CodecError(
+            f"seed: expected an int in [0, 2**64 - 1], got {value}; hint: reduce it modulo 2**64"
+        )
+    return value
+
+
 def _check_granularity_fits(granularity: str, shape: tuple[int, ...]) -> None:
     if granularity == "channel" and len(shape) < 2:
         raise CodecError(
@@ -171,22 +244,26 @@ def _as_message(array: np.ndarray) -> np.ndarray:
     return np.require(np.asarray(array), requirements=("C_CONTIGUOUS", "ALIGNED"))
 
 
-def _layout(granularity: str, shape: tuple[int, ...]) -> Layout:
-    """(outer, channels, inner) of the int8 kernels: one scale per channel."""
+def _layout(granularity: str, shape: tuple[int, ...], group_size: int) -> Layout:
+    """``(size, run, num_scales)`` of the int kernels (see :mod:`edgebll.codec.reference`)."""
+    size = math.prod(shape)
     if granularity == "channel":
-        return shape[0], shape[1], math.prod(shape[2:])
-    return 1, 1, math.prod(shape)
+        return size, math.prod(shape[2:]), shape[1]
+    if granularity == "group":
+        return size, group_size, -(-size // group_size)
+    return size, max(size, 1), 1
 
 
-def _check_scales(scales: np.ndarray) -> None:
+def _check_scales(scales: np.ndarray, codec: str) -> None:
     """Scales must lie where the encoder puts them, which also keeps q * scale finite."""
-    low, high = reference.SCALE_FLOOR, reference.SCALE_CEILING
-    bad = ~((scales >= low) & (scales <= high))  # also catches NaN
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise CodecError(
-            f"frame scale {first}: expected a float32 in [{low:g}, {high:g}], got {scales[first]!s}"
-        )
+    low, high = reference.SCALE_FLOOR, reference.SCALE_CEILINGS[codec]
+    # min/max propagate NaN, which fails both comparisons; no temporaries unless a scale is bad
+    if scales.size == 0 or (scales.min() >= low and scales.max() <= high):
+        return
+    first = int(np.flatnonzero(~((scales >= low) & (scales <= high)))[0])
+    raise CodecError(
+        f"frame scale {first}: expected a float32 in [{low:g}, {high:g}], got {scales[first]!s}"
+    )
 
 
 def _output_array(out: np.ndarray | None, shape: tuple[int, ...], payload: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from edgebll.codec.reference import Layout
 from edgebll.errors import CodecError, NativeLibraryError
 
 LIBRARY_FILENAMES = ("libedgebll_codec.so", "libedgebll_codec.dylib", "edgebll_codec.dll")
-ABI_VERSION = 1  # must equal EDGEBLL_CODEC_ABI_VERSION in csrc/edgebll_codec.h
+ABI_VERSION = 2  # must equal EDGEBLL_CODEC_ABI_VERSION in csrc/edgebll_codec.h
 BUILD_HINT = (
     "hint: build it with `pip install --no-build-isolation -e .` (needs a C compiler and cmake), "
     "or `make`; or use backend='numpy'"
@@ -41,11 +41,16 @@ STATUS_NAMES = {
     4: "EDGEBLL_ERR_OVERLAP",
     5: "EDGEBLL_ERR_NONFINITE",
     6: "EDGEBLL_ERR_FP16_OVERFLOW",
+    7: "EDGEBLL_ERR_ARGUMENT",
 }
+# enum edgebll_rounding
+ROUNDING_IDS = {"nearest": 0, "stochastic": 1}
 _OK, _ERR_NONFINITE, _ERR_FP16_OVERFLOW = 0, 5, 6
 
 _size = ctypes.c_size_t
 _pointer = ctypes.c_void_p
+_INT_ENCODER = ([_pointer, _size, _size, _pointer, _size, ctypes.c_int, ctypes.c_uint64, _pointer], ctypes.c_int)
+_INT_DECODER = ([_pointer, _size, _size, _pointer, _size, _pointer], ctypes.c_int)
 # name -> (argtypes, restype); the comment above each is its C prototype.
 _SIGNATURES: dict[str, tuple[list[type], type]] = {
     # int edgebll_codec_abi_version(void);
@@ -54,16 +59,24 @@ _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "edgebll_encode_fp32": ([_pointer, _size, _pointer], ctypes.c_int),
     # int edgebll_encode_fp16(const float *x, size_t n, uint16_t *payload);
     "edgebll_encode_fp16": ([_pointer, _size, _pointer], ctypes.c_int),
-    # int edgebll_encode_int8(const float *x, size_t outer, size_t channels, size_t inner,
-    #                         float *scales, size_t n_scales, int8_t *payload);
-    "edgebll_encode_int8": ([_pointer, _size, _size, _size, _pointer, _size, _pointer], ctypes.c_int),
+    # int edgebll_encode_int8(const float *x, size_t n, size_t run, float *scales, size_t n_scales,
+    #                         int rounding, uint64_t seed, int8_t *payload);
+    "edgebll_encode_int8": _INT_ENCODER,
+    # int edgebll_encode_int4(... the same ..., uint8_t *payload);
+    "edgebll_encode_int4": _INT_ENCODER,
+    # int edgebll_encode_int2(... the same ..., uint8_t *payload);
+    "edgebll_encode_int2": _INT_ENCODER,
     # int edgebll_decode_fp32(const float *payload, size_t n, float *out);
     "edgebll_decode_fp32": ([_pointer, _size, _pointer], ctypes.c_int),
     # int edgebll_decode_fp16(const uint16_t *payload, size_t n, float *out);
     "edgebll_decode_fp16": ([_pointer, _size, _pointer], ctypes.c_int),
-    # int edgebll_decode_int8(const int8_t *payload, size_t outer, size_t channels, size_t inner,
-    #                         const float *scales, size_t n_scales, float *out);
-    "edgebll_decode_int8": ([_pointer, _size, _size, _size, _pointer, _size, _pointer], ctypes.c_int),
+    # int edgebll_decode_int8(const int8_t *payload, size_t n, size_t run, const float *scales,
+    #                         size_t n_scales, float *out);
+    "edgebll_decode_int8": _INT_DECODER,
+    # int edgebll_decode_int4(const uint8_t *payload, ... the same ...);
+    "edgebll_decode_int4": _INT_DECODER,
+    # int edgebll_decode_int2(const uint8_t *payload, ... the same ...);
+    "edgebll_decode_int2": _INT_DECODER,
 }
 
 
@@ -174,13 +187,32 @@ def encode_fp16(x: np.ndarray, payload: np.ndarray) -> None:
     _check(status, "edgebll_encode_fp16", x, "fp16")
 
 
-def encode_int8(x: np.ndarray, layout: Layout, scales: np.ndarray, payload: np.ndarray) -> None:
-    """C version of :func:`edgebll.codec.reference.encode_int8`."""
-    outer, channels, inner = layout
-    status = load_library().edgebll_encode_int8(
-        _address(x), outer, channels, inner, _address(scales), scales.size, _address(payload)
+def _encode_int(codec: str, x: np.ndarray, layout: Layout, scales: np.ndarray, payload: np.ndarray,
+                rounding: str, seed: int) -> None:
+    size, run, num_scales = layout
+    name = f"edgebll_encode_{codec}"
+    status = getattr(load_library(), name)(
+        _address(x), size, run, _address(scales), num_scales, ROUNDING_IDS[rounding], seed, _address(payload)
     )
-    _check(status, "edgebll_encode_int8", x, "int8")
+    _check(status, name, x, codec)
+
+
+def encode_int8(x: np.ndarray, layout: Layout, scales: np.ndarray, payload: np.ndarray,
+                rounding: str = "nearest", seed: int = 0) -> None:
+    """C version of :func:`edgebll.codec.reference.encode_int8`."""
+    _encode_int("int8", x, layout, scales, payload, rounding, seed)
+
+
+def encode_int4(x: np.ndarray, layout: Layout, scales: np.ndarray, payload: np.ndarray,
+                rounding: str = "nearest", seed: int = 0) -> None:
+    """C version of :func:`edgebll.codec.reference.encode_int4`."""
+    _encode_int("int4", x, layout, scales, payload, rounding, seed)
+
+
+def encode_int2(x: np.ndarray, layout: Layout, scales: np.ndarray, payload: np.ndarray,
+                rounding: str = "nearest", seed: int = 0) -> None:
+    """C version of :func:`edgebll.codec.reference.encode_int2`."""
+    _encode_int("int2", x, layout, scales, payload, rounding, seed)
 
 
 def decode_fp32(payload: np.ndarray, out: np.ndarray) -> None:
@@ -195,10 +227,23 @@ def decode_fp16(payload: np.ndarray, out: np.ndarray) -> None:
     _check(status, "edgebll_decode_fp16")
 
 
+def _decode_int(codec: str, payload: np.ndarray, layout: Layout, scales: np.ndarray, out: np.ndarray) -> None:
+    size, run, num_scales = layout
+    name = f"edgebll_decode_{codec}"
+    status = getattr(load_library(), name)(_address(payload), size, run, _address(scales), num_scales, _address(out))
+    _check(status, name)
+
+
 def decode_int8(payload: np.ndarray, layout: Layout, scales: np.ndarray, out: np.ndarray) -> None:
     """C version of :func:`edgebll.codec.reference.decode_int8`."""
-    outer, channels, inner = layout
-    status = load_library().edgebll_decode_int8(
-        _address(payload), outer, channels, inner, _address(scales), scales.size, _address(out)
-    )
-    _check(status, "edgebll_decode_int8")
+    _decode_int("int8", payload, layout, scales, out)
+
+
+def decode_int4(payload: np.ndarray, layout: Layout, scales: np.ndarray, out: np.ndarray) -> None:
+    """C version of :func:`edgebll.codec.reference.decode_int4`."""
+    _decode_int("int4", payload, layout, scales, out)
+
+
+def decode_int2(payload: np.ndarray, layout: Layout, scales: np.ndarray, out: np.ndarray) -> None:
+    """C version of :func:`edgebll.codec.reference.decode_int2`."""
+    _decode_int("int2", payload, layout, scales, out)
