@@ -36,13 +36,18 @@ def _load_exporter() -> Any:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from edgebll.codec import CODECS
+    from edgebll.codec import CODECS, DEFAULT_GROUP_SIZE, GRANULARITIES, ROUNDINGS
     from edgebll.schedule import SCHEDULES
 
     p.add_argument("--epochs", type=int, default=1, help="epochs to train (default: 1)")
     p.add_argument("--codec", choices=CODECS, default="int8", help="message codec between blocks (default: int8)")
-    p.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
-                   help="int8 scale per tensor or per channel (default: tensor)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="tensor",
+                   help="scales of the int codecs: one per tensor, per channel, or per group of --group-size "
+                        "consecutive values (default: tensor)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="N",
+                   help=f"values per scale with --granularity group (default: {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                   help="rounding of the int codecs: nearest, or stochastic (unbiased; default: nearest)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the one given at export)")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
@@ -50,6 +55,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps (default: end of each epoch only)")
+    p.add_argument("--mix-start", type=float, default=2.0, metavar="M",
+                   help="bll: weight m of the feedback natural parameters b in the posterior (natural parameters "
+                        "a + m*b) at the first step (default: 2.0)")
+    p.add_argument("--mix-end", type=float, default=0.5, metavar="M", help="bll: m at the last step (default: 0.5)")
+    p.add_argument("--feedback-lr-scale", type=float, default=10.0, metavar="S",
+                   help="bll: feedback blocks learn at S times --lr (default: 10)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -71,13 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Partition a model into blocks, attach each block's local loss, and write one "
                                    "artifact folder per block plus run.json under --out.")
     p.add_argument("--model", default="cnn-small", help="model zoo name: cnn-small or resnet18 (default: cnn-small)")
-    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bp"),
-                   help="bwbpf: a local head and loss per block; bp: the whole model as one block (default: bwbpf)")
+    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp"),
+                   help="bwbpf: a local head and cross-entropy per block; bll: block-local learning with a "
+                        "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
     p.add_argument("--blocks", type=int, default=4, help="number of blocks K (default: 4; bp needs 1)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--head", choices=("conv", "linear"), default="conv",
                    help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
                         "linear = pool + linear (default: conv; +4.5 points on cnn-small, see README)")
+    p.add_argument("--latent", choices=("categorical", "bernoulli"), default="categorical",
+                   help="bll: distribution of each block's latent, one unit per class (default: categorical; "
+                        "see README)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: adamw, torch's formula)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     p.add_argument("--lr", type=float, default=None, help="default learning rate stored for train "
@@ -113,15 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=("conv", "linear"), default="conv", help="(default: conv)")
     _add_train_options(p)
     _add_common(p)
+
+    from edgebll.profiler import add_commands  # devices, profile
+
+    add_commands(sub)
     return parser
 
 
 def _train_config(args: argparse.Namespace) -> Any:
     from edgebll.runtime import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, codec=args.codec, granularity=args.granularity, lr=args.lr,
-                       schedule=args.schedule, warmup_steps=args.warmup_steps, limit=args.limit, seed=args.seed,
-                       resume=getattr(args, "resume", False), checkpoint_every=args.checkpoint_every)
+    return TrainConfig(epochs=args.epochs, codec=args.codec, granularity=args.granularity, group_size=args.group_size,
+                       rounding=args.rounding, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                       limit=args.limit, seed=args.seed, resume=getattr(args, "resume", False),
+                       checkpoint_every=args.checkpoint_every, mix_start=args.mix_start, mix_end=args.mix_end,
+                       feedback_lr_scale=args.feedback_lr_scale)
 
 
 def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
@@ -144,11 +165,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         export = _load_exporter()
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
         out = export.export_model(args.model, out=args.out, method=args.method, blocks=args.blocks,
-                                  batch_size=args.batch_size, head=args.head,
+                                  batch_size=args.batch_size, head=args.head, latent=args.latent,
                                   optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
                                   lr=lr, seed=args.seed, overwrite=args.overwrite, progress=progress)
         print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
         return 0
+    if args.command in ("devices", "profile"):
+        from edgebll.profiler import run_command
+
+        return run_command(args)
 
     from edgebll.runtime import Runtime
 

@@ -33,3 +33,11 @@ class ExportError(EdgeBLLError):
 
 class TrainingError(EdgeBLLError):
     """Training cannot go on (a non-finite loss, a message that does not fit the next block)."""
+
+
+class DeviceError(EdgeBLLError):
+    """A device profile is missing or invalid (unknown key, wrong type, a budget larger than the RAM)."""
+
+
+class MemoryCapError(DeviceError):
+    """A block ran out of memory under the cap it was given (``edgebll profile --enforce-budget``)."""

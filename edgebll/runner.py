@@ -47,13 +47,7 @@ class BlockRunner:
         self.block_dir = Path(block_dir)
         self.manifest: BlockManifest = load_block_manifest(self.block_dir, verify_files=verify_files)
         api = training_api()
-        from onnxruntime import SessionOptions  # after training_api(): it registers the torch-free package
-
-        options = SessionOptions()
-        options.intra_op_num_threads = threads
-        # Idle worker threads must not spin: on a board they would burn the cores another block (or
-        # the message codec) needs, and measured here they bought no speed.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         self.progress = {"epoch": 0, "step": 0}
         checkpoint = self.block_dir / "checkpoint"
         trained = self.block_dir / TRAINED_DIR / "checkpoint"
@@ -174,6 +168,22 @@ class BlockRunner:
         wanted = ["logits"] + ([names[self._message_at]] if self._message_at is not None else [])
         self.module.export_model_for_inferencing(str(path), wanted)
         return Path(path)
+
+
+def session_options(threads: int) -> "SessionOptions":  # noqa: F821 (onnxruntime is imported lazily)
+    """ORT session options of every block: ``threads`` intra-op threads (0: ORT decides)."""
+    training_api()  # registers the torch-free onnxruntime.training package before onnxruntime loads
+    from onnxruntime import SessionOptions
+
+    options = SessionOptions()
+    options.intra_op_num_threads = threads
+    # Idle worker threads must not spin: on a board they would burn the cores another block (or
+    # the message codec) needs, and measured here they bought no speed.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's memory pattern pre-plans a second arena for the activations: 24-43 % more peak memory
+    # for no measurable speed (benchmarks/results/memory.json). Memory is what a board lacks.
+    options.enable_mem_pattern = False
+    return options
 
 
 def _verify_trained(checkpoint: Path) -> dict[str, int]:

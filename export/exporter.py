@@ -21,12 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from edgebll.errors import ExportError
+from edgebll.memory import estimate_peak_bytes
 from edgebll.manifest import (
     ARTIFACT_FILES, FEEDBACK_DIR, MANIFEST_NAME, METHODS, RUN_NAME, BlockManifest, block_dir_name, sha256_file,
     write_json_atomic,
 )
 
-from .artifacts import GraphInput, OptimizerConfig, _example, export_training_onnx, generate_block_artifacts
+from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, generate_block_artifacts
 from .heads import make_head
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
@@ -104,28 +105,6 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
     return plans
 
 
-def _estimate_peak_bytes(plan: BlockPlan, batch_size: int, optimizer: str) -> int:
-    """Weights + gradients + optimizer state + every layer output kept for backward (float32)."""
-    params = sum(p.numel() for p in plan.module.parameters())
-    state = params * (4 if optimizer == "adamw" else 2)  # weight, grad (+ 2 moments)
-    activations = [0]
-
-    def hook(_m: nn.Module, _i: tuple, out: object) -> None:
-        if isinstance(out, torch.Tensor):
-            activations[0] += out.numel()
-
-    leaves = [m for m in plan.module.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    plan.module.eval()
-    with torch.no_grad():
-        plan.module(*(_example(spec, 1) for spec in plan.inputs))
-    plan.module.train()
-    for h in handles:
-        h.remove()
-    inputs = sum(int(torch.tensor(spec.shape).prod()) for spec in plan.inputs)
-    return 4 * (state + batch_size * (activations[0] + 2 * inputs))  # inputs: the decoded message and its frame
-
-
 def export_model(
     model: str | Sequence[nn.Module] | nn.Sequential = "cnn-small",
     *,
@@ -188,8 +167,9 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
         index=plan.index, num_blocks=num_blocks, method=method, kind=plan.kind, model=model_name, units=plan.units,
         inputs=graph.inputs, outputs=graph.outputs, bn_stats=graph.bn_stats, optimizer=optimizer.to_dict(),
         batch_size=batch_size, num_parameters=sum(p.numel() for p in plan.module.parameters()),
-        estimated_peak_bytes=_estimate_peak_bytes(plan, batch_size, optimizer.name),
-        files={name: sha256_file(block_dir / name) for name in ARTIFACT_FILES},
+        estimated_peak_bytes=0, files={name: sha256_file(block_dir / name) for name in ARTIFACT_FILES},
     )
+    # the device-side estimator, from the training graph itself (see edgebll/memory.py for its calibration)
+    manifest.estimated_peak_bytes = int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest).total)
     write_json_atomic(block_dir / MANIFEST_NAME, manifest.to_json())
     return manifest

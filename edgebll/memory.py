@@ -1,0 +1,361 @@
+"""Estimate the peak memory of training one block on a device, from its artifact folder alone.
+
+    from edgebll.memory import estimate_peak_bytes
+    estimate = estimate_peak_bytes("runs/a/block-0", batch_size=64)
+    estimate.total, estimate.parts()     # bytes, and where they go
+
+The estimate is the resident memory a training process adds on top of an idle interpreter that
+has imported ONNX Runtime (what ``edgebll profile`` measures), in seven parts:
+
+- ``parameters``: every float in the checkpoint state (weights and BatchNorm statistics);
+- ``gradients``: ORT's gradient accumulation buffer of every trainable parameter;
+- ``optimizer_state``: AdamW's two moments per trainable parameter (SGD: none);
+- ``activations``: the most bytes the training graph holds at once, from a liveness walk over its
+  nodes with every tensor's shape from ONNX shape inference at ``batch_size``: what the forward
+  keeps for the backward, the gradients flowing back, and the outputs returned to Python;
+- ``allocator``: what ONNX Runtime's CPU arena holds beyond that. Its best-fit arena serves a
+  request from a free chunk up to twice as large and never hands memory back, so a few steps
+  leave a fixed fraction more resident (:data:`ARENA_OVERHEAD`). With ORT's memory pattern on,
+  the second step also allocates one block for the whole recorded plan while the first step's
+  chunks stay in the arena: nearly one more ``activations`` (:data:`PATTERN_COPY`). When an arena
+  region left free by the first step is large enough, ORT puts that block there instead, and the
+  estimate is high (seen for resnet18 trained whole: +45 %);
+- ``messages``: the decoded input, the frame it came in, the frame sent on, and the encoder's
+  float32 scratch when the codec runs in numpy;
+- ``runtime``: ONNX Runtime's own sessions and first step (:data:`RUNTIME_BYTES`).
+
+``RUNTIME_BYTES``, ``ARENA_OVERHEAD`` and ``PATTERN_COPY`` were measured, never fitted per
+block: ``benchmarks/memory.py`` takes the first from the blocks of a tiny model and the other two
+from batch-size sweeps of one model (cnn-small) with the memory pattern on and off, and writes
+``benchmarks/results/memory.json``. Everything else comes from the graph.
+
+Needs the ``onnx`` package (imported here, when an estimate is made); it comes with
+onnxruntime-training as a dependency on the devices as on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgebll.errors import EdgeBLLError, ManifestError
+from edgebll.manifest import MANIFEST_NAME, BlockManifest, load_block_manifest
+
+RUNTIME_BYTES = int(11.8 * 2**20)
+"""ONNX Runtime's own memory for one block: three sessions (training, eval, optimizer) and the
+first steps' fixed allocations, above an idle interpreter with ORT imported. Measured on x86-64 on
+the blocks of a tiny model, which hold almost nothing else (benchmarks/results/memory.json,
+calibration.runtime_bytes); re-measure on a board with benchmarks/memory.py."""
+
+ARENA_OVERHEAD = 0.29
+"""Fraction of the activations' peak that the CPU arena holds on top of it after a few steps,
+memory pattern off: the calibration slope less one (benchmarks/results/memory.json)."""
+
+PATTERN_COPY = 0.89
+"""What ORT's memory pattern adds, as a fraction of the activations' peak: the difference of the
+calibration slopes with the pattern on and off (benchmarks/results/memory.json)."""
+
+_ACCUMULATION_SUFFIX = "_grad.accumulation.buffer"
+_ALIASING_OPS = {"InPlaceAccumulatorV2"}
+"""Ops whose output is their first input, updated in place (no new memory)."""
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class MemoryEstimate:
+    """Peak resident memory of training one block, in bytes, part by part (see the module docstring)."""
+
+    batch_size: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    allocator: int
+    messages: int
+    runtime: int
+    saved_for_backward: int = 0
+    """The part of ``activations`` that the forward keeps for the backward (for information)."""
+    guessed_shapes: tuple[str, ...] = field(default=())
+    """Tensors whose shape inference failed and that were sized like their op's first input."""
+
+    PARTS = ("parameters", "gradients", "optimizer_state", "activations", "allocator", "messages", "runtime")
+
+    @property
+    def total(self) -> int:
+        """The estimated peak: the sum of the parts."""
+        return sum(self.parts().values())
+
+    def parts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.PARTS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.parts(), "total": self.total, "batch_size": self.batch_size,
+                "saved_for_backward": self.saved_for_backward, "guessed_shapes": list(self.guessed_shapes)}
+
+
+@dataclass(slots=True)
+class _GraphMemory:
+    parameters: int = 0
+    gradients: int = 0
+    peak: int = 0
+    saved: int = 0
+    guessed: list[str] = field(default_factory=list)
+
+
+def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None, *, codec: str = "int8",
+                        codec_backend: str = "auto", memory_pattern: bool | None = None,
+                        manifest: BlockManifest | None = None) -> MemoryEstimate:
+    """Estimate the peak memory of training the block in ``block`` (its folder or its manifest.json).
+
+    ``batch_size`` defaults to the one it was exported with. ``codec`` is the message codec
+    between blocks ("fp32" counts as no quantization); ``codec_backend`` "auto" looks whether the
+    native codec is built. ``memory_pattern`` is whether ORT's memory pattern is on; None: as
+    :class:`~edgebll.runner.BlockRunner` configures its sessions. ``manifest``: the block's
+    manifest when it is not written yet (the exporter's case); only training_model.onnx is read.
+    """
+    block_dir = Path(block)
+    if block_dir.name == MANIFEST_NAME:
+        block_dir = block_dir.parent
+    if manifest is None:
+        manifest = load_block_manifest(block_dir, verify_files=False)
+    batch = manifest.batch_size if batch_size is None else int(batch_size)
+    if batch < 1:
+        raise EdgeBLLError(f"batch size must be at least 1, got {batch}")
+    if memory_pattern is None:
+        memory_pattern = runner_uses_memory_pattern()
+    graph = _graph_memory(block_dir / "training_model.onnx", manifest, batch)
+    adamw = str(manifest.optimizer.get("type", "adamw")).lower() == "adamw"
+    arena = (ARENA_OVERHEAD + (PATTERN_COPY if memory_pattern else 0.0)) * graph.peak
+    return MemoryEstimate(
+        batch_size=batch,
+        parameters=graph.parameters,
+        gradients=graph.gradients,
+        optimizer_state=2 * graph.gradients if adamw else 0,
+        activations=graph.peak,
+        allocator=int(arena),
+        messages=message_bytes(manifest, batch, codec=codec, backend=codec_backend),
+        runtime=RUNTIME_BYTES,
+        saved_for_backward=graph.saved,
+        guessed_shapes=tuple(graph.guessed),
+    )
+
+
+def runner_uses_memory_pattern() -> bool:
+    """Whether BlockRunner's sessions run with ORT's memory pattern (edgebll turns it off; ORT's default is on)."""
+    from edgebll.runner import session_options
+
+    return bool(session_options(0).enable_mem_pattern)
+
+
+def message_bytes(manifest: BlockManifest, batch_size: int, *, codec: str = "int8", backend: str = "auto") -> int:
+    """Buffers of the messages in and out of one block during a step (see the module docstring)."""
+    from edgebll import codec as message_codec
+
+    def floats(spec: Any) -> int:
+        return batch_size * math.prod(int(d) for d in spec.per_sample_shape())
+
+    numpy_backend = backend == "numpy" or (backend == "auto" and not message_codec.native_available())
+    total = 0
+    for spec in manifest.inputs:  # what the block is fed: decoded (float32) or given (labels, targets)
+        total += floats(spec) * _itemsize(spec.dtype)
+        from_data = manifest.index == 0 and getattr(manifest, "kind", "forward") == "forward"
+        if spec.role == "message" and not from_data:  # it arrived as a frame
+            total += _frame_nbytes(message_codec, [batch_size, *spec.per_sample_shape()], codec)
+    sent = manifest.output("message")
+    if sent is not None:
+        frame = _frame_nbytes(message_codec, [batch_size, *sent.per_sample_shape()], codec)
+        # the frame is built in a bytearray and returned as bytes (one copy); numpy's int encoders
+        # first compute a float32 ratio the size of the message
+        scratch = 4 * floats(sent) if numpy_backend and codec.startswith("int") else frame
+        total += frame + scratch
+    return total
+
+
+def _frame_nbytes(message_codec: Any, shape: list[int], codec: str) -> int:
+    try:
+        return int(message_codec.frame_nbytes(shape, codec))
+    except EdgeBLLError as exc:
+        raise EdgeBLLError(f"codec {codec!r}: {exc}") from exc
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise EdgeBLLError(f"estimating memory reads the training graph with the onnx package ({exc}); hint: "
+                           "pip install 'onnx>=1.16' (onnxruntime-training depends on it)") from exc
+    return onnx
+
+
+def _graph_memory(path: Path, manifest: BlockManifest, batch: int) -> _GraphMemory:
+    """Parameters, gradient buffers and the liveness peak of the training graph at ``batch``."""
+    onnx = _import_onnx()
+    if not path.is_file():
+        raise ManifestError(f"block {manifest.index}: {path} is missing; hint: re-export the run")
+    model = onnx.load(str(path), load_external_data=False)
+    shapes, guessed = _infer_shapes(onnx, model, batch)
+    graph = model.graph
+    fed = {t.name for t in manifest.inputs}
+
+    def nbytes(name: str) -> int:
+        shape, itemsize = shapes[name]
+        return math.prod(shape) * itemsize
+
+    result = _GraphMemory(guessed=guessed)
+    for tensor in graph.input:
+        if tensor.name in fed or tensor.name not in shapes:
+            continue
+        if tensor.name.endswith(_ACCUMULATION_SUFFIX):
+            result.gradients += nbytes(tensor.name)
+        elif tensor.name != "lazy_reset_grad":  # a flag input of ORT's, not a parameter
+            result.parameters += nbytes(tensor.name)
+
+    nodes = _execution_order(list(graph.node))
+    last_use: dict[str, int] = {}
+    for at, node in enumerate(nodes):
+        for name in node.input:
+            if name:
+                last_use[name] = at
+    outputs = {o.name for o in graph.output}
+    backward = next((at for at, n in enumerate(nodes) if any(name.endswith("_grad") for name in n.input)), len(nodes))
+    live: dict[str, int] = {}
+    in_use = peak = 0
+    for at, node in enumerate(nodes):
+        if at == backward:
+            result.saved = sum(size for name, size in live.items() if last_use.get(name, -1) >= backward)
+        if node.op_type not in _ALIASING_OPS:
+            for name in node.output:
+                if name and name not in live:
+                    live[name] = nbytes(name)
+                    in_use += live[name]
+        peak = max(peak, in_use)
+        for name in node.input:
+            if name in live and last_use[name] == at and name not in outputs:
+                in_use -= live.pop(name)
+    result.peak = peak
+    return result
+
+
+def _execution_order(nodes: list[Any]) -> list[Any]:
+    """The nodes as ORT runs them: each gradient accumulation right after the node producing its input.
+
+    ORT's topological order does this (seen in the optimized graph it can save), so a weight's
+    gradient never outlives its accumulation into the buffer.
+    """
+    produced = {name for n in nodes for name in n.output}
+    moved = {n.input[1]: n for n in nodes if n.op_type in _ALIASING_OPS and len(n.input) > 1 and n.input[1] in produced}
+    ordered = []
+    for node in nodes:
+        if node.op_type in _ALIASING_OPS and len(node.input) > 1 and node.input[1] in moved:
+            continue
+        ordered.append(node)
+        ordered.extend(moved[name] for name in node.output if name in moved)
+    return ordered
+
+
+def _infer_shapes(onnx: Any, model: Any, batch: int) -> tuple[dict[str, tuple[list[int], int]], list[str]]:
+    """Shape and item size of every tensor of the training graph at ``batch``.
+
+    ONNX shape inference knows the standard ops; ORT's own (com.microsoft) ops are sized by the
+    rules of :func:`_contrib_shape`, and inference runs again from them until nothing changes.
+    """
+    from onnx import helper, shape_inference
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for value in list(work.graph.input) + list(work.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_value = batch  # the only symbolic dimension of an exported block is the batch
+    shapes: dict[str, tuple[list[int], int]] = {}
+    guessed: list[str] = []
+    for _ in range(64):  # each round resolves at least one more tensor; graphs need a handful
+        try:
+            inferred = shape_inference.infer_shapes(work, strict_mode=False)
+        except Exception as exc:  # onnx raises its own InferenceError subclasses, not EdgeBLLErrors
+            raise EdgeBLLError(f"ONNX shape inference failed on the training graph: {exc}") from exc
+        for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+            tensor = value.type.tensor_type
+            if value.name in shapes or not tensor.HasField("shape"):
+                continue
+            if all(d.HasField("dim_value") for d in tensor.shape.dim):
+                shapes[value.name] = ([d.dim_value for d in tensor.shape.dim], _elem_size(helper, tensor.elem_type))
+        for init in inferred.graph.initializer:
+            shapes.setdefault(init.name, (list(init.dims), _elem_size(helper, init.data_type)))
+        # exact rules first; a guess (like the first input) only when they are exhausted, since
+        # inference from the tensors they size may still get the rest right
+        added = _apply(_contrib_shape, work.graph.node, shapes) or _apply(_guess_shape, work.graph.node, shapes)
+        if not added:
+            break
+        guessed += [name for name, guess in added if guess]
+        work.graph.value_info.extend(helper.make_tensor_value_info(name, _ELEM_TYPES_BY_SIZE.get(shapes[name][1], 1),
+                                                                   shapes[name][0]) for name, _ in added)
+    for node in work.graph.node:  # whatever is still unknown: an empty tensor, and say so
+        for name in node.output:
+            if name and name not in shapes:
+                shapes[name] = ([0], 4)
+                guessed.append(name)
+    return shapes, guessed
+
+
+_ELEM_TYPES_BY_SIZE = {1: 3, 2: 10, 4: 1, 8: 7}  # int8, float16, float32, int64: only the size matters here
+
+
+def _elem_size(helper: Any, elem_type: int) -> int:
+    try:
+        return int(helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+_Shapes = dict[str, tuple[list[int], int]]
+
+
+def _apply(rule: Any, nodes: Any, shapes: _Shapes) -> list[tuple[str, bool]]:
+    """Size every unknown output that ``rule`` can size; returns (name, guessed) of each."""
+    added = []
+    for node in nodes:
+        for at, name in enumerate(node.output):
+            if name and name not in shapes:
+                found = rule(node, at, shapes)
+                if found is not None:
+                    shapes[name] = found
+                    added.append((name, rule is _guess_shape))
+    return added
+
+
+def _input(node: Any, k: int, shapes: _Shapes) -> tuple[list[int], int] | None:
+    return shapes.get(node.input[k]) if k < len(node.input) and node.input[k] else None
+
+
+def _contrib_shape(node: Any, at: int, shapes: _Shapes) -> tuple[list[int], int] | None:
+    """(shape, item size) of output ``at`` of an ORT op that ONNX inference does not know."""
+    op = node.op_type
+    if op in _ALIASING_OPS or op == "Scale":  # Scale: x times a scalar
+        return _input(node, 0, shapes)
+    if op == "BatchNormInternal":  # y, running mean, running var, saved mean, saved inverse std
+        return _input(node, 0 if at == 0 else 1, shapes)
+    if op == "BatchNormalizationGrad":  # dX, dScale, dBias
+        return _input(node, 1 if at == 0 else 2, shapes)
+    if op == "ConvGrad":  # dX, dW, dB
+        weight = _input(node, 2, shapes)
+        if at == 2:
+            return ([weight[0][0]], weight[1]) if weight else None
+        return _input(node, 1, shapes) if at == 0 else weight
+    name = node.output[at]
+    if name.endswith("_grad"):  # ORT names the gradient of tensor t "t_grad"
+        return shapes.get(name[: -len("_grad")])
+    return None
+
+
+def _guess_shape(node: Any, at: int, shapes: _Shapes) -> tuple[list[int], int] | None:
+    """Last resort: an op ONNX cannot size is taken to be elementwise (true of most gradient ops)."""
+    return _input(node, 0, shapes)
