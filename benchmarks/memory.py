@@ -20,7 +20,7 @@ memory (VmHWM) above an idle child that imported the same runtime.
 3. Address space: the smallest RLIMIT_AS under which a block still trains (bisection to 2 MiB),
    as a multiple of its resident peak above the idle child: what ``address_space_cap`` must allow.
 
-To set the memory pattern, a child wraps ``onnxruntime.SessionOptions`` so that BlockRunner's
+To set the memory pattern, a child wraps ``edgebll.runner.session_options`` so that BlockRunner's
 sessions get ``enable_mem_pattern`` as asked; nothing else changes.
 
     python benchmarks/memory.py                  # everything (~5 minutes on 2 cores)
@@ -57,16 +57,16 @@ BLOCKS = 4
 # A block child whose BlockRunner sessions get enable_mem_pattern as asked (argv: block, batch, pattern).
 _PATTERN_CHILD = """
 import json, sys
-from edgebll.ort_training import training_api
-training_api()  # first: registers ORT's training package without torch
-import onnxruntime
+import edgebll.runner as runner
 
-class _Options(onnxruntime.SessionOptions):
-    def __init__(self):
-        super().__init__()
-        self.enable_mem_pattern = sys.argv[3] == "on"
+_session_options = runner.session_options
 
-onnxruntime.SessionOptions = _Options
+def _options(threads):
+    options = _session_options(threads)
+    options.enable_mem_pattern = sys.argv[3] == "on"
+    return options
+
+runner.session_options = _options  # BlockRunner builds every session's options through it
 from edgebll.profiler import _train_child
 batch = int(sys.argv[2]) or None
 print(json.dumps(_train_child(sys.argv[1], steps=int(sys.argv[4]), threads=int(sys.argv[5]), codec="int8",
