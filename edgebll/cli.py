@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 2e-3 for adamw, 0.05 for sgd)")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
     p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
+                   help="board(s) the blocks must fit (`edgebll devices` lists them; one per block for a mixed set): "
+                        "prints each block's estimated peak memory and refuses a block that does not fit")
+    p.add_argument("--budget", default=None, help="instead of --device: a custom board's training budget, e.g. 300MB")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -135,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_export_fit(export: Any, out: Path, args: argparse.Namespace) -> None:
+    """--device/--budget: print every block's estimate against its board; refuse (and remove the run) if one misfits."""
+    import shutil
+
+    from edgebll.devices.profiles import custom_profile, load_profile
+    from edgebll.export.fit import check_fit, fit_table, refuse_misfits
+
+    if args.device and args.budget:
+        raise EdgeBLLError("give --device or --budget, not both")
+    devices = [load_profile(name) for name in args.device.split(",")] if args.device else [custom_profile(args.budget)]
+    fits = check_fit(out, devices)
+    print(fit_table(fits))
+    try:
+        refuse_misfits(fits, args.batch_size)
+    except EdgeBLLError:
+        shutil.rmtree(out)
+        raise
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from edgebll.runtime import TrainConfig
 
@@ -169,6 +192,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                                   optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
                                   lr=lr, seed=args.seed, overwrite=args.overwrite, progress=progress)
         print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
+        if args.device or args.budget:
+            _check_export_fit(export, out, args)
         return 0
     if args.command in ("devices", "profile"):
         from edgebll.profiler import run_command

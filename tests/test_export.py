@@ -118,3 +118,34 @@ def test_bll_losses_stay_finite_for_saturated_logits() -> None:
     p, q = torch.tensor([[200.0, -200.0, 3.0]]), torch.tensor([[-200.0, 200.0, 3.0]])
     kl = bernoulli_kl(p, q)
     assert torch.isfinite(kl) and kl.item() == pytest.approx(400.0, rel=1e-4)  # -log sigmoid(-200) = 200 per saturated unit
+
+
+def test_fit_check_against_a_board(run_copy: Path) -> None:
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.export.fit import IDLE_RUNTIME_BYTES, assign_devices, check_fit, refuse_misfits
+    from edgebll.manifest import load_block_manifest
+
+    fits = check_fit(run_copy, custom_profile("2GB"))
+    assert [f.fits for f in fits] == [True] * 3
+    assert load_block_manifest(run_copy / "block-1").device["budget_bytes"] == 2 * 10**9  # the board is recorded
+    assert fits[0].estimated_bytes == load_block_manifest(run_copy / "block-0").estimated_peak_bytes
+    tight = fits[0].estimated_bytes + IDLE_RUNTIME_BYTES - 1  # one byte short for block 0
+    misfits = check_fit(run_copy, custom_profile(tight))
+    assert not misfits[0].fits
+    with pytest.raises(ExportError, match=r"block 0 needs about .* but custom allows .* \(short by 1 B\); "
+                                          r"hint: more --blocks, a smaller --batch-size than 16"):
+        refuse_misfits(misfits, 16)
+    with pytest.raises(ExportError, match=r"--device lists 2 boards for 3 blocks"):
+        assign_devices([custom_profile("1GB"), custom_profile("2GB")], 3)
+
+
+def test_export_cli_refuses_a_board_too_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgebll.cli import main
+
+    out = tmp_path / "run"
+    code = main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--budget", "60MB"])
+    captured = capsys.readouterr()
+    assert code == 2 and "NO" in captured.out
+    assert "ExportError: block 0 needs about" in captured.err and not out.exists()  # nothing half-usable is left
+    assert main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--device", "rpi4-2gb"]) == 0
+    assert capsys.readouterr().out.count(" yes") == 4

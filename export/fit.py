@@ -1,0 +1,86 @@
+"""Check, right after export, that every block's estimated peak memory fits the board it is meant for."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgebll.devices.profiles import DeviceProfile, format_bytes
+from edgebll.errors import ExportError
+from edgebll.manifest import FEEDBACK_DIR, MANIFEST_NAME, block_dir_name, load_block_manifest, write_json_atomic
+
+IDLE_RUNTIME_BYTES = 50 * 2**20
+"""Resident memory of an idle interpreter with numpy and ORT's training API imported, which the
+estimate does not include (measured: 50.2 MiB on x86-64, benchmarks/results/memory.md)."""
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """One block's estimate against its board's budget."""
+
+    index: int
+    device: DeviceProfile
+    estimated_bytes: int
+    """The forward block's estimate plus, for BLL, its feedback block's (both train on the board)."""
+
+    @property
+    def allowance_bytes(self) -> int:
+        return self.device.budget_bytes - IDLE_RUNTIME_BYTES
+
+    @property
+    def fits(self) -> bool:
+        return self.estimated_bytes <= self.allowance_bytes
+
+
+def assign_devices(devices: DeviceProfile | Sequence[DeviceProfile], num_blocks: int) -> list[DeviceProfile]:
+    """One board for every block, or one board per block (a heterogeneous list of exactly K boards)."""
+    if isinstance(devices, DeviceProfile):
+        return [devices] * num_blocks
+    devices = list(devices)
+    if len(devices) == 1:
+        return devices * num_blocks
+    if len(devices) != num_blocks:
+        raise ExportError(f"--device lists {len(devices)} boards for {num_blocks} blocks; give one board, or one "
+                          "per block")
+    return devices
+
+
+def check_fit(run_dir: str | os.PathLike, devices: DeviceProfile | Sequence[DeviceProfile]) -> list[BlockFit]:
+    """Each block's estimate (from its manifest) against its board; records the board in the manifests."""
+    run_dir = Path(run_dir)
+    num_blocks = json.loads((run_dir / "run.json").read_text())["blocks"]
+    fits = []
+    for k, device in enumerate(assign_devices(devices, num_blocks)):
+        folders = [run_dir / block_dir_name(k)]
+        if (folders[0] / FEEDBACK_DIR).is_dir():
+            folders.append(folders[0] / FEEDBACK_DIR)
+        estimate = 0
+        for folder in folders:
+            data = json.loads((folder / MANIFEST_NAME).read_text())
+            data["device"] = device.to_dict()
+            write_json_atomic(folder / MANIFEST_NAME, json.dumps(data, indent=1))
+            estimate += load_block_manifest(folder, verify_files=False).estimated_peak_bytes
+        fits.append(BlockFit(k, device, estimate))
+    return fits
+
+
+def fit_table(fits: list[BlockFit]) -> str:
+    """A table for people: block, board, estimate, allowance (budget minus the idle runtime), fits."""
+    lines = [f"{'block':>5}  {'device':<22} {'estimate':>11} {'allowance':>11}  fits"]
+    for f in fits:
+        lines.append(f"{f.index:>5}  {f.device.name:<22} {format_bytes(f.estimated_bytes):>11} "
+                     f"{format_bytes(f.allowance_bytes):>11}  {'yes' if f.fits else 'NO'}")
+    return "\n".join(lines)
+
+
+def refuse_misfits(fits: list[BlockFit], batch_size: int) -> None:
+    """Raise ExportError naming every block that does not fit, by how much, and what to do."""
+    bad = [f for f in fits if not f.fits]
+    if bad:
+        what = "; ".join(f"block {f.index} needs about {format_bytes(f.estimated_bytes)} but {f.device.name} allows "
+                         f"{format_bytes(f.allowance_bytes)} (short by {format_bytes(f.estimated_bytes - f.allowance_bytes)})"
+                         for f in bad)
+        raise ExportError(f"{what}; hint: more --blocks, a smaller --batch-size than {batch_size}, or a bigger board")
