@@ -35,6 +35,15 @@ def _load_exporter() -> Any:
     return export
 
 
+def _blocks_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {text!r}") from None
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from edgebll.codec import CODECS, DEFAULT_GROUP_SIZE, GRANULARITIES, ROUNDINGS
     from edgebll.schedule import SCHEDULES
@@ -85,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp"),
                    help="bwbpf: a local head and cross-entropy per block; bll: block-local learning with a "
                         "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
-    p.add_argument("--blocks", type=int, default=4, help="number of blocks K (default: 4; bp needs 1)")
+    p.add_argument("--blocks", type=_blocks_arg, default=4,
+                   help="number of blocks K (default: 4; bp needs 1), or auto: the fewest blocks that each fit "
+                        "--device/--budget")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--head", choices=("conv", "linear"), default="conv",
                    help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
@@ -139,20 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_export_fit(export: Any, out: Path, args: argparse.Namespace) -> None:
-    """--device/--budget: print every block's estimate against its board; refuse (and remove the run) if one misfits."""
-    import shutil
-
+def _devices(args: argparse.Namespace) -> list[Any]:
+    """The boards of --device (comma-separated names or TOML paths) or --budget; empty when neither is given."""
     from edgebll.devices.profiles import custom_profile, load_profile
-    from edgebll.export.fit import check_fit, fit_table, refuse_misfits
 
     if args.device and args.budget:
         raise EdgeBLLError("give --device or --budget, not both")
-    devices = [load_profile(name) for name in args.device.split(",")] if args.device else [custom_profile(args.budget)]
+    if args.device:
+        return [load_profile(name) for name in args.device.split(",")]
+    return [custom_profile(args.budget)] if args.budget else []
+
+
+def _check_export_fit(out: Path, devices: list[Any], batch_size: int) -> None:
+    """Print every block's estimate against its board; refuse (and remove the run) if one does not fit."""
+    import shutil
+
+    from edgebll.export.fit import check_fit, fit_table, refuse_misfits
+
     fits = check_fit(out, devices)
     print(fit_table(fits))
     try:
-        refuse_misfits(fits, args.batch_size)
+        refuse_misfits(fits, batch_size)
     except EdgeBLLError:
         shutil.rmtree(out)
         raise
@@ -187,14 +205,25 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         export = _load_exporter()
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
-        out = export.export_model(args.model, out=args.out, method=args.method, blocks=args.blocks,
-                                  batch_size=args.batch_size, head=args.head, latent=args.latent,
-                                  optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
-                                  lr=lr, seed=args.seed, overwrite=args.overwrite, progress=progress)
+        options = dict(method=args.method, batch_size=args.batch_size, head=args.head, latent=args.latent,
+                       optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay), lr=lr,
+                       seed=args.seed, overwrite=args.overwrite)
+        devices = _devices(args)
+        if args.blocks == "auto":
+            if not devices:
+                raise EdgeBLLError("--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE")
+            from edgebll.export.fit import export_to_fit, fit_table
+
+            out, fits = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
+            print(f"exported {len(fits)} block(s) of {args.model} ({args.method}) to {out}, the fewest that fit")
+            print(fit_table(fits))
+            return 0
+        out = export.export_model(args.model, out=args.out, blocks=args.blocks, progress=progress, **options)
         print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
-        if args.device or args.budget:
-            _check_export_fit(export, out, args)
+        if devices:
+            _check_export_fit(out, devices, args.batch_size)
         return 0
+
     if args.command in ("devices", "profile"):
         from edgebll.profiler import run_command
 

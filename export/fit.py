@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgebll.devices.profiles import DeviceProfile, format_bytes
 from edgebll.errors import ExportError
@@ -84,3 +86,49 @@ def refuse_misfits(fits: list[BlockFit], batch_size: int) -> None:
                          f"{format_bytes(f.allowance_bytes)} (short by {format_bytes(f.estimated_bytes - f.allowance_bytes)})"
                          for f in bad)
         raise ExportError(f"{what}; hint: more --blocks, a smaller --batch-size than {batch_size}, or a bigger board")
+
+
+def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile | Sequence[DeviceProfile],
+                  method: str = "bwbpf", progress: bool = True, **export_options: Any) -> tuple[Path, list[BlockFit]]:
+    """Export ``model`` in the fewest blocks (at unit granularity) whose every block fits its board.
+
+    The partition keeps balancing cost (MACs) so the slowest block is as fast as the split allows;
+    with one board per block (a list of K boards) K is fixed. When even one unit per block does not
+    fit, the error names each unit that is too big alone and by how much.
+    """
+    from tqdm import tqdm
+
+    from .exporter import export_model
+    from .models import build_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not export_options.pop("overwrite", False):
+        raise ExportError(f"{out} already exists and is not empty; hint: choose another --out or pass --overwrite")
+    export_options.pop("overwrite", None)
+    spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
+                       num_classes=export_options.get("num_classes", 10))
+    if method == "bp":
+        raise ExportError("--blocks auto splits a model into blocks; --method bp is one block by definition")
+    boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
+    first = 2 if method == "bll" else 1
+    candidates = [len(boards)] if len(boards) > 1 else list(range(first, len(spec.units) + 1))
+    trial = out.with_name(f".{out.name}.fitting")
+    fits: list[BlockFit] = []
+    for k in tqdm(candidates, desc="fit", unit="split", disable=not progress):
+        export_model(model, out=trial, method=method, blocks=k, overwrite=True, progress=False, **export_options)
+        fits = check_fit(trial, boards)
+        if all(f.fits for f in fits):
+            if out.exists():
+                shutil.rmtree(out)
+            trial.rename(out)
+            return out, fits
+    shutil.rmtree(trial, ignore_errors=True)
+    bad = [f for f in fits if not f.fits]
+    if len(candidates) == 1 and len(boards) > 1:
+        refuse_misfits(fits, export_options.get("batch_size", 64))
+    names = [spec.unit_names[f.index] for f in bad] if len(fits) == len(spec.units) else []
+    detail = "; ".join(f"unit {name!r} alone needs about {format_bytes(f.estimated_bytes)}, "
+                       f"{f.device.name} allows {format_bytes(f.allowance_bytes)} "
+                       f"(short by {format_bytes(f.estimated_bytes - f.allowance_bytes)})" for name, f in zip(names, bad))
+    raise ExportError(f"no split into 1..{len(spec.units)} blocks fits: {detail}; hint: a smaller --batch-size, "
+                      "or a bigger board for that unit")

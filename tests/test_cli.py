@@ -55,3 +55,11 @@ def test_train_then_resume_then_eval(run_copy: Path, tmp_path: Path, capsys: pyt
     evaluation = json.loads((run_copy / "eval.json").read_text())
     # eval uses the codec the run was trained with (the resumed epoch used the default, int8)
     assert evaluation["samples"] == 32 and evaluation["trained_epochs"] == 2 and evaluation["codec"] == "int8"
+
+
+def test_blocks_auto_needs_a_board(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "--blocks", "auto", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--blocks", "many", "--out", str(tmp_path / "r")])
+    assert "expected a number of blocks or 'auto', got 'many'" in capsys.readouterr().err

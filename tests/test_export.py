@@ -149,3 +149,28 @@ def test_export_cli_refuses_a_board_too_small(tmp_path: Path, capsys: pytest.Cap
     assert "ExportError: block 0 needs about" in captured.err and not out.exists()  # nothing half-usable is left
     assert main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--device", "rpi4-2gb"]) == 0
     assert capsys.readouterr().out.count(" yes") == 4
+
+
+def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.export.fit import IDLE_RUNTIME_BYTES, check_fit, export_to_fit
+    from edgebll.export.models import conv_bn_relu
+
+    def units() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Sequential(*conv_bn_relu(1, 8)), nn.Sequential(*conv_bn_relu(8, 8)), nn.Sequential(*conv_bn_relu(8, 8))]
+
+    roomy = custom_profile("4GB")
+    _, fits = export_to_fit(units(), out=tmp_path / "one", devices=roomy, batch_size=16, progress=False)
+    assert len(fits) == 1  # everything fits in one block: the fewest
+    export_model(units(), out=tmp_path / "three", blocks=3, batch_size=16, progress=False)
+    per_unit = [f.estimated_bytes for f in check_fit(tmp_path / "three", roomy)]
+    tight = custom_profile(IDLE_RUNTIME_BYTES + max(per_unit))  # exactly the largest single-unit block
+    out, fits = export_to_fit(units(), out=tmp_path / "tight", devices=tight, batch_size=16, progress=False)
+    assert 1 < len(fits) <= 3 and all(f.fits for f in fits) and out.is_dir()
+    assert not (tmp_path / ".tight.fitting").exists()
+    hopeless = custom_profile(IDLE_RUNTIME_BYTES + min(per_unit) // 2)
+    with pytest.raises(ExportError, match=r"no split into 1\.\.3 blocks fits: unit 'unit0' alone needs about .* "
+                                          r"\(short by .*\); hint: a smaller --batch-size"):
+        export_to_fit(units(), out=tmp_path / "none", devices=hopeless, batch_size=16, progress=False)
+    assert not (tmp_path / "none").exists() and not (tmp_path / ".none.fitting").exists()
