@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -12,7 +11,9 @@ from typing import Any
 
 from edgebll.devices.profiles import DeviceProfile, format_bytes
 from edgebll.errors import ExportError
-from edgebll.manifest import FEEDBACK_DIR, MANIFEST_NAME, block_dir_name, load_block_manifest, write_json_atomic
+from edgebll.manifest import (
+    FEEDBACK_DIR, MANIFEST_NAME, block_dir_name, load_block_manifest, load_run_config, write_json_atomic,
+)
 
 IDLE_RUNTIME_BYTES = 50 * 2**20
 """Resident memory of an idle interpreter with numpy and ORT's training API imported, which the
@@ -53,18 +54,17 @@ def assign_devices(devices: DeviceProfile | Sequence[DeviceProfile], num_blocks:
 def check_fit(run_dir: str | os.PathLike, devices: DeviceProfile | Sequence[DeviceProfile]) -> list[BlockFit]:
     """Each block's estimate (from its manifest) against its board; records the board in the manifests."""
     run_dir = Path(run_dir)
-    num_blocks = json.loads((run_dir / "run.json").read_text())["blocks"]
     fits = []
-    for k, device in enumerate(assign_devices(devices, num_blocks)):
+    for k, device in enumerate(assign_devices(devices, int(load_run_config(run_dir)["blocks"]))):
         folders = [run_dir / block_dir_name(k)]
         if (folders[0] / FEEDBACK_DIR).is_dir():
             folders.append(folders[0] / FEEDBACK_DIR)
         estimate = 0
         for folder in folders:
-            data = json.loads((folder / MANIFEST_NAME).read_text())
-            data["device"] = device.to_dict()
-            write_json_atomic(folder / MANIFEST_NAME, json.dumps(data, indent=1))
-            estimate += load_block_manifest(folder, verify_files=False).estimated_peak_bytes
+            manifest = load_block_manifest(folder, verify_files=False)
+            manifest.device = device.to_dict()
+            write_json_atomic(folder / MANIFEST_NAME, manifest.to_json())
+            estimate += manifest.estimated_peak_bytes
         fits.append(BlockFit(k, device, estimate))
     return fits
 
@@ -102,9 +102,9 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     from .models import build_model
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not export_options.pop("overwrite", False):
+    overwrite = export_options.pop("overwrite", False)
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; hint: choose another --out or pass --overwrite")
-    export_options.pop("overwrite", None)
     spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
                        num_classes=export_options.get("num_classes", 10))
     if method == "bp":

@@ -200,26 +200,23 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise CodecError(f"{what}: expected one of {choices}, got {value!r}")
 
 
-def _check_group_size(group_size: int) -> int:
+def _check_int(what: str, value: int, low: int, high: int, *, range_text: str, hint: str = "") -> int:
+    """``value`` as an int in [low, high], or a CodecError that says which argument and why."""
     try:
-        value = operator.index(group_size)
+        number = operator.index(value)
     except TypeError:
-        raise CodecError(f"group_size: expected an int, got {type(group_size).__name__}") from None
-    if not 1 <= value <= MAX_GROUP_SIZE:
-        raise CodecError(f"group_size: expected an int in [1, {MAX_GROUP_SIZE}], got {value}")
-    return value
+        raise CodecError(f"{what}: expected an int, got {type(value).__name__}") from None
+    if not low <= number <= high:
+        raise CodecError(f"{what}: expected an int in {range_text}, got {number}{hint}")
+    return number
+
+
+def _check_group_size(group_size: int) -> int:
+    return _check_int("group_size", group_size, 1, MAX_GROUP_SIZE, range_text=f"[1, {MAX_GROUP_SIZE}]")
 
 
 def _check_seed(seed: int) -> int:
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise CodecError(f"seed: expected an int, got {type(seed).__name__}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise CodecError(
-            f"seed: expected an int in [0, 2**64 - 1], got {value}; hint: reduce it modulo 2**64"
-        )
-    return value
+    return _check_int("seed", seed, 0, MAX_SEED, range_text="[0, 2**64 - 1]", hint="; hint: reduce it modulo 2**64")
 
 
 def _check_granularity_fits(granularity: str, shape: tuple[int, ...]) -> None:

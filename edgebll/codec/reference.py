@@ -59,27 +59,28 @@ _MIX_2 = np.uint64(0x94D049BB133111EB)
 Layout = tuple[int, int, int]  # (size, run, num_scales)
 
 
+def _first_offender(x: np.ndarray, mask: np.ndarray) -> tuple[int, tuple[int, ...], str]:
+    """How many elements ``mask`` flags, the index of the first, and its value as text."""
+    first = int(np.flatnonzero(mask.reshape(-1))[0])
+    index = tuple(int(i) for i in np.unravel_index(first, x.shape))
+    return int(mask.sum()), index, str(x.reshape(-1)[first])
+
+
 def nonfinite_error(x: np.ndarray) -> CodecError:
     """The error for a message holding NaN or Inf (the caller adds block/step context)."""
-    bad = ~np.isfinite(x)
-    first = int(np.flatnonzero(bad.reshape(-1))[0])
-    index = tuple(int(i) for i in np.unravel_index(first, x.shape))
+    count, index, value = _first_offender(x, ~np.isfinite(x))
     return CodecError(
-        f"message contains {int(bad.sum())} non-finite values "
-        f"(first at index {index}: {x.reshape(-1)[first]!s}) of {x.size}; "
+        f"message contains {count} non-finite values (first at index {index}: {value}) of {x.size}; "
         "hint: a NaN/Inf activation means the block diverged: lower its learning rate"
     )
 
 
 def fp16_overflow_error(x: np.ndarray) -> CodecError:
     """The error for a finite message with values that float16 would turn into Inf."""
-    too_large = np.abs(x) >= FP16_OVERFLOW
-    first = int(np.flatnonzero(too_large.reshape(-1))[0])
-    index = tuple(int(i) for i in np.unravel_index(first, x.shape))
+    count, index, value = _first_offender(x, np.abs(x) >= FP16_OVERFLOW)
     return CodecError(
-        f"message has {int(too_large.sum())} values beyond the float16 range "
-        f"(first at index {index}: {x.reshape(-1)[first]!s}; fp16 keeps |x| < {FP16_OVERFLOW:g}, "
-        "larger values would become Inf); hint: use codec='int8' or codec='fp32'"
+        f"message has {count} values beyond the float16 range (first at index {index}: {value}; fp16 keeps "
+        f"|x| < {FP16_OVERFLOW:g}, larger values would become Inf); hint: use codec='int8' or codec='fp32'"
     )
 
 
