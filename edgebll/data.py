@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -81,8 +82,79 @@ def _fail(where: str | os.PathLike, what: str) -> DataError:
     return DataError(f"{where}: {what}; {_HINT}")
 
 
+_Samples = TypeVar("_Samples", bound="InMemoryDataset")
+
+
+class InMemoryDataset:
+    """Batching shared by the in-memory datasets: inputs and labels, two arrays aligned on axis 0.
+
+    A subclass is a frozen dataclass whose first two fields are those arrays (in that order) and
+    whose constructor takes them positionally; :meth:`subset` builds one with sliced arrays.
+    """
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._arrays()[1])
+
+    def subset(self: _Samples, n: int | None) -> _Samples:
+        """The first ``n`` samples (views, no copy); ``None`` keeps all of them."""
+        if n is None:
+            return self
+        _check_subset_size(n, len(self))
+        inputs, labels = self._arrays()
+        return type(self)(inputs[:n], labels[:n])
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """How many batches :meth:`batches` yields for this batch size."""
+        _check_batch_size(batch_size)
+        if drop_last:
+            return len(self) // batch_size
+        return -(-len(self) // batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        start_batch: int = 0,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(inputs [B, ...], labels [B, ...])``, both C-contiguous (Fashion-MNIST: images
+        ``[B, 1, 28, 28]`` float32 and labels ``[B]`` int64).
+
+        Without ``shuffle`` the batches are views into the dataset in file order (do not write
+        into them). With ``shuffle`` the order is
+        ``np.random.default_rng((seed, epoch)).permutation(len(self))``: it depends on nothing
+        else, so a run resumed at ``epoch`` sees the same batches as one that never stopped.
+        The last batch is smaller unless ``drop_last``. ``start_batch`` skips the first batches of
+        that order without building them (a run resumed in the middle of an epoch).
+        """
+        _check_batch_size(batch_size)
+        inputs, labels = self._arrays()
+        count = self.num_batches(batch_size, drop_last) * batch_size
+        first = start_batch * batch_size
+        if shuffle:
+            order = np.random.default_rng((seed, epoch)).permutation(len(self))
+            for start in range(first, count, batch_size):
+                picked = order[start : start + batch_size]
+                # Fancy indexing copies into a fresh C-contiguous array.
+                yield inputs[picked], labels[picked]
+        else:
+            for start in range(first, count, batch_size):
+                # Slices along the first axis of a C-contiguous array are C-contiguous views;
+                # ascontiguousarray only copies if a caller built the Dataset from strided data.
+                yield (
+                    np.ascontiguousarray(inputs[start : start + batch_size]),
+                    np.ascontiguousarray(labels[start : start + batch_size]),
+                )
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == has no single truth value
-class Dataset:
+class Dataset(InMemoryDataset):
     """Images and labels held in memory, in file order.
 
     ``images`` is float32 ``[N, 1, 28, 28]`` normalised with :data:`MEAN` / :data:`STD`;
@@ -109,59 +181,8 @@ class Dataset:
                 f"Dataset has {len(self.images)} images but {len(self.labels)} labels"
             )
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, n: int | None) -> Dataset:
-        """The first ``n`` samples (views, no copy); ``None`` keeps all of them."""
-        if n is None:
-            return self
-        _check_subset_size(n, len(self))
-        return Dataset(self.images[:n], self.labels[:n])
-
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """How many batches :meth:`batches` yields for this batch size."""
-        _check_batch_size(batch_size)
-        if drop_last:
-            return len(self) // batch_size
-        return -(-len(self) // batch_size)
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        start_batch: int = 0,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(images [B, 1, 28, 28] float32, labels [B] int64)``, both C-contiguous.
-
-        Without ``shuffle`` the batches are views into the dataset in file order (do not write
-        into them). With ``shuffle`` the order is
-        ``np.random.default_rng((seed, epoch)).permutation(len(self))``: it depends on nothing
-        else, so a run resumed at ``epoch`` sees the same batches as one that never stopped.
-        The last batch is smaller unless ``drop_last``. ``start_batch`` skips the first batches of
-        that order without building them (a run resumed in the middle of an epoch).
-        """
-        _check_batch_size(batch_size)
-        count = self.num_batches(batch_size, drop_last) * batch_size
-        first = start_batch * batch_size
-        if shuffle:
-            order = np.random.default_rng((seed, epoch)).permutation(len(self))
-            for start in range(first, count, batch_size):
-                picked = order[start : start + batch_size]
-                # Fancy indexing copies into a fresh C-contiguous array.
-                yield self.images[picked], self.labels[picked]
-        else:
-            for start in range(first, count, batch_size):
-                # Slices along the first axis of a C-contiguous array are C-contiguous views;
-                # ascontiguousarray only copies if a caller built the Dataset from strided data.
-                yield (
-                    np.ascontiguousarray(self.images[start : start + batch_size]),
-                    np.ascontiguousarray(self.labels[start : start + batch_size]),
-                )
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.images, self.labels
 
 
 def _check_subset_size(n: int, available: int) -> None:

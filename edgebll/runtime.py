@@ -18,9 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll import codec as message_codec
-from edgebll.data import Dataset, load_fashion_mnist
+from edgebll.data import InMemoryDataset
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
+from edgebll.metrics import count_correct
+from edgebll.run_data import load_run_dataset
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.schedule import SCHEDULES, learning_rate
 
@@ -47,7 +49,7 @@ class TrainConfig:
     """Learning-rate schedule over all steps: cosine, step or constant."""
     warmup_steps: int = 0
     limit: int | None = None
-    """Train on the first ``limit`` training images only (None: all 60,000)."""
+    """Train on the first ``limit`` training samples only (None: all of them)."""
     seed: int = 0
     """Shuffling seed (the order is a function of seed and epoch, so a resumed run repeats it)."""
     resume: bool = False
@@ -137,11 +139,12 @@ class Runtime:
         seed = ((config.seed * 2**32 + step) * 2**16 + 2 * block + int(feedback)) % 2**64
         return {"group_size": config.group_size, "rounding": config.rounding, "seed": seed, "feedback": feedback}
 
-    def train(self, config: TrainConfig | None = None, *, data: Dataset | None = None, data_dir: str | None = None,
+    def train(self, config: TrainConfig | None = None, *, data: InMemoryDataset | None = None, data_dir: str | None = None,
               progress: bool = True, **overrides: Any) -> dict[str, Any]:
         """Train every block for ``config.epochs`` epochs; writes and returns ``train.json``'s content.
 
-        ``data`` defaults to the Fashion-MNIST training set from ``data_dir``. Keyword overrides
+        ``data`` defaults to the training split of run.json's dataset (Fashion-MNIST from ``data_dir``,
+        or the synthetic sequence task). Keyword overrides
         set fields of ``TrainConfig`` (``runtime.train(epochs=2, codec="fp16")``).
         """
         config = config or TrainConfig()
@@ -149,7 +152,7 @@ class Runtime:
             setattr(config, key, value)
         config.validate()
         if data is None:
-            data = load_fashion_mnist("train", data_dir, limit=config.limit)
+            data = load_run_dataset(self.config.get("data"), "train", data_dir, limit=config.limit)
         elif config.limit is not None:
             data = data.subset(config.limit)
         batch = int(self.config["batch_size"])
@@ -168,7 +171,7 @@ class Runtime:
         for epoch in range(start // steps_per_epoch, config.epochs):
             # per block: loss, correct; BLL adds the KL of each forward block and the feedback losses
             sums = np.zeros((4, self.num_blocks))
-            seen, epoch_began = 0, time.perf_counter()
+            seen, labelled, epoch_began = 0, 0, time.perf_counter()  # labelled: labels (per-token: tokens) seen
             done = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
             for x, labels in data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch, drop_last=True,
                                           start_batch=done):
@@ -180,7 +183,7 @@ class Runtime:
                     side = labels if priors is None or k == self.num_blocks - 1 else (mix * priors[k]).astype(np.float32)
                     result = runner.train_step(h, side, lr)
                     sums[0, k] += result.loss * len(labels)
-                    sums[1, k] += int((result.logits.argmax(1) == labels).sum())
+                    sums[1, k] += count_correct(result.logits, labels)
                     if result.metric is not None:
                         sums[2, k] += result.metric * len(labels)
                     if result.message is not None:
@@ -188,17 +191,18 @@ class Runtime:
                                                **self._codec_options(config, step, k))
                         up_bytes[k] += nbytes
                 seen += len(labels)
+                labelled += labels.size
                 samples += len(labels)
                 step += 1
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     self.save(epoch=epoch)
                 bar.update()
-                bar.set_postfix(loss=f"{sums[0, -1] / seen:.3f}", acc=f"{sums[1, -1] / seen:.3f}")
+                bar.set_postfix(loss=f"{sums[0, -1] / seen:.3f}", acc=f"{sums[1, -1] / labelled:.3f}")
             self.save(epoch=epoch + 1)
             record = {
                 "epoch": epoch + 1,
                 "loss": (sums[0] / max(seen, 1)).round(5).tolist(),
-                "accuracy": (sums[1] / max(seen, 1)).round(5).tolist(),
+                "accuracy": (sums[1] / max(labelled, 1)).round(5).tolist(),
                 "samples": seen,
                 "seconds": round(time.perf_counter() - epoch_began, 3),
             }
@@ -267,7 +271,7 @@ class Runtime:
         for runner in self.all_runners:
             runner.save(epoch=epoch)
 
-    def evaluate(self, *, data: Dataset | None = None, data_dir: str | None = None, limit: int | None = None,
+    def evaluate(self, *, data: InMemoryDataset | None = None, data_dir: str | None = None, limit: int | None = None,
                  codec: str | None = None, granularity: str | None = None, progress: bool = True,
                  batch_size: int = 500) -> dict[str, Any]:
         """Test accuracy of every block's head through the eval graphs; writes and returns ``eval.json``.
@@ -280,25 +284,27 @@ class Runtime:
         codec = codec or trained.get("codec", "fp32")
         granularity = granularity or trained.get("granularity", "tensor")
         if data is None:
-            data = load_fashion_mnist("test", data_dir, limit=limit)
+            data = load_run_dataset(self.config.get("data"), "test", data_dir, limit=limit)
         elif limit is not None:
             data = data.subset(limit)
         correct = np.zeros(self.num_blocks)
-        loss = 0.0
+        loss, labelled = 0.0, 0
         began = time.perf_counter()
         for x, labels in tqdm(data.batches(batch_size), total=data.num_batches(batch_size), desc="eval", unit="batch",
                               disable=not progress):
             h = x
-            no_prior = np.zeros((len(labels), int(self.config["num_classes"])), np.float32)
             for k, runner in enumerate(self.runners):
-                side = no_prior if runner.manifest.input("prior") is not None else labels
+                prior = runner.manifest.input("prior")
+                side = labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
                 result = runner.eval_step(h, side)
-                correct[k] += int((result.logits.argmax(1) == labels).sum())
+                correct[k] += count_correct(result.logits, labels)
                 if result.message is not None:
                     h, _ = self._send(result.message, k, -1, codec, granularity,
                                       group_size=int(trained.get("group_size", 64)))
             loss += result.loss * len(labels)
-        per_block = (correct / len(data)).round(5).tolist()
+            labelled += labels.size
+        # per label: per image for a classifier, per token for a sequence model
+        per_block = (correct / max(labelled, 1)).round(5).tolist()
         summary = {
             "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": round(loss / len(data), 5),
             "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],

@@ -118,6 +118,7 @@ def export_training_onnx(module: nn.Module, inputs: list[GraphInput], outputs: l
             opset_version=OPSET,
         )
         model = onnx.load(str(path))
+    name_optional_outputs(model)
     for init in model.graph.initializer:  # restore the statistics the export forward moved
         if init.name in buffers:
             init.CopyFrom(numpy_helper.from_array(buffers[init.name].numpy(), init.name))
@@ -148,6 +149,27 @@ def export_training_onnx(module: nn.Module, inputs: list[GraphInput], outputs: l
         bn_stats=bn_stats,
     )
     return model, graph
+
+
+# op -> how many outputs ORT's gradient builder reads (torch exports only the first)
+_GRADIENT_READS_OUTPUTS = {"LayerNormalization": 3, "SoftmaxCrossEntropyLoss": 2}
+
+
+def name_optional_outputs(model: onnx.ModelProto) -> int:
+    """Name the optional outputs that ORT's gradient builders read but torch's exporter leaves out.
+
+    LayerNormalization's gradient needs its Mean and InvStdDev outputs (and SoftmaxCrossEntropyLoss
+    its log-prob); without names generate_artifacts cannot build the backward graph. Returns how
+    many nodes were patched.
+    """
+    patched = 0
+    for at, node in enumerate(model.graph.node):
+        wanted = _GRADIENT_READS_OUTPUTS.get(node.op_type, 0)
+        if len(node.output) < wanted:
+            base = node.name or f"{node.op_type}_{at}"
+            node.output.extend(f"{base}_optional_output{k}" for k in range(len(node.output), wanted))
+            patched += 1
+    return patched
 
 
 def fix_eval_batchnorm(path: Path) -> int:

@@ -59,7 +59,7 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
         raise ExportError("--method bll needs at least 2 blocks (a single block is plain backprop: --method bp)")
     if latent not in LATENTS:
         raise ExportError(f"unknown latent distribution {latent!r}; choose one of {list(LATENTS)}")
-    costs, shapes = unit_costs(spec.units, spec.input_shape)
+    costs, shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)
     bounds = balanced_split(costs, num_blocks)
     blocks: list[nn.Module] = []
     in_shapes, groups = [], []
@@ -67,7 +67,8 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
         lo, hi = bounds[k], bounds[k + 1]
         last = k == num_blocks - 1
         # The last block's head is the classifier, always pool + linear; earlier blocks may use a conv head.
-        head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes)
+        head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes,
+                                per_token=bool(spec.label_shape))
         if method == "bll" and not last:
             blocks.append(BLLForwardBlock(spec.units[lo:hi], head_module, latent))
         else:
@@ -81,25 +82,27 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
                 latent: str = "categorical") -> list[BlockPlan]:
     """Every graph to export for ``method``, forward blocks first, then BLL's feedback blocks."""
     blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent)
-    classes = spec.num_classes
+    # one latent (logits, prior, beta, one-hot target) of num_classes units per label: per sample or per token
+    latent_shape = (*spec.label_shape, spec.num_classes)
     plans = []
     for k, (block, shape, group) in enumerate(zip(blocks, in_shapes, groups)):
         names = [spec.unit_names[u] for u in group]
-        message_in = GraphInput("x", shape, "float32", "message")
+        # block 0 takes the data (token ids for a sequence model), the others a decoded float32 message
+        message_in = GraphInput("x", shape, spec.input_dtype if k == 0 else "float32", "message")
         if isinstance(block, BLLForwardBlock):
-            plans.append(BlockPlan(block, [message_in, GraphInput("prior", (classes,), "float32", "prior")],
+            plans.append(BlockPlan(block, [message_in, GraphInput("prior", latent_shape, "float32", "prior")],
                                    [("loss", "loss"), ("logits", "logits"), ("y", "message"), ("kl", "metric")],
                                    k, "forward", names))
         else:
             outputs = [("loss", "loss"), ("logits", "logits")] + ([("y", "message")] if k < num_blocks - 1 else [])
-            plans.append(BlockPlan(block, [message_in, GraphInput("labels", (), "int64", "labels")], outputs, k,
+            plans.append(BlockPlan(block, [message_in, GraphInput("labels", spec.label_shape, "int64", "labels")], outputs, k,
                                    "forward", names))
     if method == "bll":
         for k in range(num_blocks - 1):
             # beta_{k+1} is the one-hot target above the top feedback block, else sigmoid(b_{k+1}): both one unit per class
-            plans.append(BlockPlan(FeedbackBlock(classes, classes, latent),
-                                   [GraphInput("beta", (classes,), "float32", "message"),
-                                    GraphInput("target", (classes,), "float32", "target")],
+            plans.append(BlockPlan(FeedbackBlock(spec.num_classes, spec.num_classes, latent),
+                                   [GraphInput("beta", latent_shape, "float32", "message"),
+                                    GraphInput("target", latent_shape, "float32", "target")],
                                    [("loss", "loss"), ("logits", "logits"), ("beta_out", "message")], k, "feedback",
                                    [f"feedback{k}"]))
     return plans
@@ -124,7 +127,8 @@ def export_model(
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
-    ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``) or your own list of modules (each one a
+    ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``, ``"transformer"``: the sequence task,
+    which brings its own input shape, classes and data) or your own list of modules (each one a
     unit the partitioner will not split). ``method``: "bwbpf", "bll" or "bp". ``head`` is the local
     head of every block but the last ("conv": stride-2 conv + pool + linear, "linear": pool +
     linear). ``latent`` (bll): the distribution of each block's latent, "categorical" or "bernoulli".
@@ -148,8 +152,8 @@ def export_model(
                      method=method, model_name=spec.name, batch_size=batch_size, optimizer=config)
     run = {
         "format_version": 1, "model": spec.name, "method": method, "blocks": blocks, "batch_size": batch_size,
-        "head": head, "latent": latent if method == "bll" else None, "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(input_shape),
-        "num_classes": num_classes, "data": {"dataset": "fashion-mnist"},
+        "head": "token" if spec.label_shape else head, "latent": latent if method == "bll" else None, "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(spec.input_shape),
+        "num_classes": spec.num_classes, "data": spec.data,
         "units": [p.units for p in plans if p.kind == "forward"],
     }
     write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))

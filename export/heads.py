@@ -3,6 +3,9 @@
 "linear": global average pool + linear (the classic auxiliary head). "conv": one stride-2 3x3
 conv + BatchNorm + ReLU before the pool; the block-wise papers found such a head necessary to
 keep early blocks (wide, high-resolution, weakly discriminative features) useful.
+
+A sequence model (one label per token, activations ``[T, d_model]``) gets a :class:`TokenHead`
+whatever the kind: there is nothing to pool, each token is read out on its own.
 """
 
 from __future__ import annotations
@@ -42,10 +45,29 @@ class ConvHead(nn.Module):
         return self.pool_fc(torch.relu(self.bn(self.conv(x))))
 
 
-def make_head(kind: str, activation_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A head for a block whose per-sample output has ``activation_shape`` (C, H, W) or (C,)."""
+class TokenHead(nn.Module):
+    """Per-token read-out ``[B, T, d] -> [B, T, classes]``: LayerNorm, then a linear layer.
+
+    The LayerNorm is the one a pre-norm transformer puts before its output layer (GPT's ``ln_f``):
+    the residual stream a block sends on is not normalised, and its scale grows with depth.
+    """
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+def make_head(kind: str, activation_shape: tuple[int, ...], num_classes: int, *, per_token: bool = False) -> nn.Module:
+    """A head for a block whose per-sample output has ``activation_shape``: (C, H, W) or (C,), or
+    with ``per_token`` (T, d) read out token by token."""
     if kind not in HEADS:
         raise ExportError(f"unknown head {kind!r}; choose one of {list(HEADS)}")
+    if per_token:
+        return TokenHead(activation_shape[-1], num_classes)
     channels = activation_shape[0]
     # A conv head needs a spatial (C, H, W) activation; a vector activation (an MLP block) gets the linear head.
     if kind == "conv" and len(activation_shape) == 3:

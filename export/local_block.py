@@ -9,12 +9,13 @@ from torch import nn
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy written as log-softmax + gather.
+    """Mean cross-entropy written as log-softmax + gather, over every label: ``logits [B, C]`` with
+    ``labels [B]``, or per token ``logits [B, T, C]`` with ``labels [B, T]`` (the classes are the last axis).
 
     torch's ``F.cross_entropy`` exports as SoftmaxCrossEntropyLoss without the optional log-prob
     output that ORT's gradient builder reads; this form exports to ops that all train as-is.
     """
-    return -torch.log_softmax(logits, dim=1).gather(1, labels.unsqueeze(1)).mean()
+    return -torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).mean()
 
 
 class LocalBlock(nn.Module):
@@ -52,7 +53,8 @@ class BLLForwardBlock(nn.Module):
     rho a fixed target. ONNX has no stop-gradient, so the graph's loss is a surrogate whose
     gradient in a is exactly that KL's with rho held fixed, mean(alpha) - rho:
     categorical: logsumexp(a) - logsumexp(a + prior); Bernoulli: sum(softplus(a) - softplus(a + prior)).
-    The KL itself is the ``kl`` output, for reporting.
+    The KL itself is the ``kl`` output, for reporting. The classes are the last axis: a sequence
+    block has one latent per token (``a [B, T, C]``) and its losses are means over the tokens.
     """
 
     def __init__(self, units: Sequence[nn.Module], head: nn.Module, latent: str = "categorical") -> None:
@@ -68,7 +70,7 @@ class BLLForwardBlock(nn.Module):
         if self.latent == "categorical":
             surrogate = (logsumexp(a) - logsumexp(posterior)).mean()
             return surrogate, a, y, categorical_kl(posterior, a)
-        surrogate = (softplus(a) - softplus(posterior)).sum(1).mean()
+        surrogate = (softplus(a) - softplus(posterior)).sum(-1).mean()
         return surrogate, a, y, bernoulli_kl(posterior, a)
 
 
@@ -80,7 +82,8 @@ class FeedbackBlock(nn.Module):
     and sends the probabilities down (softmax(b_k), or sigmoid(b_k) for Bernoulli latents). Its
     local loss is a read-out of the target: the cross-entropy of that distribution against the
     one-hot label, so its messages carry what the label says about z_k. The target enters as an
-    input; nothing from the forward blocks does.
+    input; nothing from the forward blocks does. The layers act on the last axis: with per-token
+    targets ``[B, T, C]`` the block maps each token's beta on its own.
 
     A learnable skip ``skip * beta`` (when the latent has as many units as beta) starts the block
     close to passing the label through: an untrained feedback net sends noise, and the forward
@@ -100,21 +103,21 @@ class FeedbackBlock(nn.Module):
         if self.skip is not None:
             b = b + self.skip * beta
         if self.latent == "categorical":
-            loss = -(target * torch.log_softmax(b, dim=1)).sum(1).mean()
-            return loss, b, torch.softmax(b, dim=1)
-        loss = (softplus(b) - target * b).sum(1).mean()  # BCE-with-logits, summed over units
+            loss = -(target * torch.log_softmax(b, dim=-1)).sum(-1).mean()
+            return loss, b, torch.softmax(b, dim=-1)
+        loss = (softplus(b) - target * b).sum(-1).mean()  # BCE-with-logits, summed over units
         return loss, b, torch.sigmoid(b)
 
 
 def logsumexp(z: torch.Tensor) -> torch.Tensor:
-    """log sum exp over dim 1, via log-softmax (which ORT differentiates): z_i - log_softmax(z)_i for any i."""
-    return (z - torch.log_softmax(z, dim=1)).mean(1)
+    """log sum exp over the last axis, via log-softmax (which ORT differentiates): z_i - log_softmax(z)_i for any i."""
+    return (z - torch.log_softmax(z, dim=-1)).mean(-1)
 
 
 def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of KL(softmax(p) || softmax(q))."""
-    log_p = torch.log_softmax(p_logits, dim=1)
-    return (log_p.exp() * (log_p - torch.log_softmax(q_logits, dim=1))).sum(1).mean()
+    """Mean over the batch (and tokens) of KL(softmax(p) || softmax(q)), classes on the last axis."""
+    log_p = torch.log_softmax(p_logits, dim=-1)
+    return (log_p.exp() * (log_p - torch.log_softmax(q_logits, dim=-1))).sum(-1).mean()
 
 
 def softplus(z: torch.Tensor) -> torch.Tensor:
@@ -130,11 +133,11 @@ def softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of sum over units of KL(Bernoulli(sigmoid(p)) || Bernoulli(sigmoid(q))).
+    """Mean over the batch (and tokens) of sum over units of KL(Bernoulli(sigmoid(p)) || Bernoulli(sigmoid(q))).
 
     log sigmoid(z) = -softplus(-z) and log(1 - sigmoid(z)) = -softplus(z): finite for every z.
     """
     p = torch.sigmoid(p_logits)
     log_p, log_not_p = -softplus(-p_logits), -softplus(p_logits)
     log_q, log_not_q = -softplus(-q_logits), -softplus(q_logits)
-    return (p * (log_p - log_q) + (1 - p) * (log_not_p - log_not_q)).sum(1).mean()
+    return (p * (log_p - log_q) + (1 - p) * (log_not_p - log_not_q)).sum(-1).mean()

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgebll.errors import ExportError
+from edgebll.sequence_data import ReversalTask
+
+from .transformer import TransformerConfig, transformer_units
 
 
 @dataclass(kw_only=True)
@@ -24,8 +28,14 @@ class ModelSpec:
     units: list[nn.Module]
     """Consecutive modules, activation in -> activation out."""
     input_shape: tuple[int, ...] = (1, 28, 28)
-    """Shape of one sample (C, H, W)."""
+    """Shape of one sample (C, H, W), or (T,) token ids."""
+    input_dtype: str = "float32"
+    """dtype of the first unit's input: "float32" (images) or "int64" (token ids)."""
     num_classes: int = 10
+    label_shape: tuple[int, ...] = ()
+    """Shape of one sample's labels: () one class per sample, (T,) one per token (logits [T, classes])."""
+    data: dict[str, Any] = field(default_factory=lambda: {"dataset": "fashion-mnist"})
+    """run.json's ``data`` entry: the dataset the runtime trains and evaluates on."""
     unit_names: list[str] = field(default_factory=list)
     """Readable name per unit (for messages and the manifest)."""
 
@@ -96,16 +106,37 @@ def resnet18(in_channels: int = 1, num_classes: int = 10, width: int = 64) -> Mo
     )
 
 
-MODELS: dict[str, Callable[..., ModelSpec]] = {"cnn-small": cnn_small, "resnet18": resnet18}
+def transformer(config: TransformerConfig | None = None, task: ReversalTask | None = None) -> ModelSpec:
+    """The BLL paper's sequence model and task: a token + position embedding, then ``config.layers``
+    one-head transformer layers (20 by default), reversing a permutation of 0..9 token by token."""
+    config = config or TransformerConfig()
+    task = task or ReversalTask(length=config.length)
+    if task.length != config.length:
+        raise ExportError(f"transformer: the model reads sequences of {config.length} tokens but the task has "
+                          f"{task.length}; hint: give both the same length")
+    units = transformer_units(config)
+    return ModelSpec(
+        name="transformer", units=units, input_shape=(config.length,), input_dtype="int64",
+        num_classes=config.length, label_shape=(config.length,), data=task.to_dict(),
+        unit_names=["embedding"] + [f"layer{i}" for i in range(config.layers)],
+    )
+
+
+IMAGE_MODELS: dict[str, Callable[..., ModelSpec]] = {"cnn-small": cnn_small, "resnet18": resnet18}
+SEQUENCE_MODELS: dict[str, Callable[[], ModelSpec]] = {"transformer": transformer}
+"""Models of a fixed task: they bring their own input shape, classes and data."""
+MODELS = {**IMAGE_MODELS, **SEQUENCE_MODELS}
 
 
 def build_model(model: str | Sequence[nn.Module] | nn.Sequential, *, input_shape: tuple[int, ...] = (1, 28, 28),
                 num_classes: int = 10) -> ModelSpec:
     """A zoo model by name, or a user's own list of units (an ``nn.Sequential`` counts as one)."""
     if isinstance(model, str):
-        if model not in MODELS:
+        if model in SEQUENCE_MODELS:
+            return SEQUENCE_MODELS[model]()
+        if model not in IMAGE_MODELS:
             raise ExportError(f"unknown model {model!r}; choose one of {sorted(MODELS)} or pass a list of nn.Modules")
-        return MODELS[model](in_channels=input_shape[0], num_classes=num_classes)
+        return IMAGE_MODELS[model](in_channels=input_shape[0], num_classes=num_classes)
     units = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
     bad = [i for i, u in enumerate(units) if not isinstance(u, nn.Module)]
     if bad:

@@ -11,8 +11,12 @@ from torch import nn
 from edgebll.errors import ExportError
 
 
-def unit_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...]) -> tuple[list[float], list[tuple[int, ...]]]:
-    """Forward multiply-accumulates of each unit per sample (conv and linear layers), and its output shape."""
+def unit_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...],
+               input_dtype: str = "float32") -> tuple[list[float], list[tuple[int, ...]]]:
+    """Forward multiply-accumulates of each unit per sample (conv and linear layers), and its output shape.
+
+    ``input_dtype`` "int64": the first unit takes token ids (an embedding), fed as zeros.
+    """
     macs: list[float] = []
     shapes: list[tuple[int, ...]] = []
     count = [0.0]
@@ -24,7 +28,7 @@ def unit_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...]) -> tupl
         elif isinstance(module, nn.Linear):
             count[0] += float(module.in_features * module.out_features)
 
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, dtype=getattr(torch, input_dtype))
     with torch.no_grad():
         for unit in units:
             handles = [m.register_forward_hook(hook) for m in unit.modules()]

@@ -75,7 +75,7 @@ def test_bad_export_options(tmp_path: Path, kwargs: dict, match: str) -> None:
 
 
 def test_unknown_model_and_bad_custom_units(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18'\]"):
+    with pytest.raises(ExportError, match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18', 'transformer'\]"):
         export_model("vgg99", out=tmp_path / "r", progress=False)
     with pytest.raises(ExportError, match=r"custom model: item 1 is a str, not an nn.Module"):
         export_model([nn.ReLU(), "conv"], out=tmp_path / "r", blocks=1, progress=False)
