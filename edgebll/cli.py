@@ -60,7 +60,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the one given at export)")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="train on the first N images only")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="train on the first N samples only (images, or sequences of the sequence task)")
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps (default: end of each epoch only)")
@@ -74,7 +75,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
-                   "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist)")
+                   "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist); the transformer's "
+                   "sequence task is synthetic and needs none")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -90,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model's blocks as ORT training artifacts (host, needs torch)",
                        description="Partition a model into blocks, attach each block's local loss, and write one "
                                    "artifact folder per block plus run.json under --out.")
-    p.add_argument("--model", default="cnn-small", help="model zoo name: cnn-small or resnet18 (default: cnn-small)")
+    p.add_argument("--model", default="cnn-small",
+                   help="model zoo name: cnn-small or resnet18 (Fashion-MNIST), or transformer (20 one-head layers "
+                        "on the sequence task: reverse a permutation of 0..9, per-token accuracy) "
+                        "(default: cnn-small)")
     p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp"),
                    help="bwbpf: a local head and cross-entropy per block; bll: block-local learning with a "
                         "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
@@ -127,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("eval", help="test accuracy of every block's head; writes RUN/eval.json",
-                       description="Evaluate RUN on the 10,000 Fashion-MNIST test images (eval graphs, messages "
-                                   "through the codec the run was trained with).")
+                       description="Evaluate RUN on its test set (the 10,000 Fashion-MNIST test images, or the "
+                                   "sequence task's unseen sequences, accuracy per token) through the eval graphs, "
+                                   "messages through the codec the run was trained with.")
     p.add_argument("run", help="run folder")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N test samples only")
     p.add_argument("--codec", default=None, help="message codec (default: the one used in training)")
     _add_common(p)
 

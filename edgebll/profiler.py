@@ -85,7 +85,8 @@ def _inputs(manifest: Any, batch: int, seed: int = 0) -> list[Any]:
         if spec.dtype == "int64":
             arrays.append(rng.integers(0, classes, size=shape, dtype=np.int64))
         elif spec.role == "target":
-            arrays.append(np.eye(classes, dtype=np.float32)[rng.integers(0, classes, size=batch)].reshape(shape))
+            # one one-hot row per label: [B, classes], or [B, T, classes] for a sequence model's per-token targets
+            arrays.append(np.eye(classes, dtype=np.float32)[rng.integers(0, classes, size=shape[:-1])])
         else:
             arrays.append(rng.standard_normal(shape, dtype=np.float32))
     return arrays
