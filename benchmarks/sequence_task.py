@@ -88,6 +88,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path | None:
     """Accuracy vs blocks, one panel per budget, one line per method (bp as a dashed level); None without matplotlib."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -106,8 +107,9 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path | None:
                 ax.plot(ks, means, marker="o", label=method)
         ax.set_xscale("log")
         ax.set_xticks(args.blocks, [str(k) for k in args.blocks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # log scale's minor labels read "3×10⁰"
         ax.set_xlabel("blocks K")
-        ax.set_title(f"{epochs} epoch(s), {at[0]['steps']} steps")
+        ax.set_title(f"{epochs} epoch{'s' if epochs > 1 else ''}, {at[0]['steps']} steps")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("per-token test accuracy %")
     axes[0][-1].legend(loc="lower left")

@@ -276,6 +276,9 @@ class Runtime:
                  batch_size: int = 500) -> dict[str, Any]:
         """Test accuracy of every block's head through the eval graphs; writes and returns ``eval.json``.
 
+        Accuracy is per label: per image, or per token for a sequence model (``samples`` counts
+        sequences). ``data`` defaults to the test split of run.json's dataset.
+
         The messages go through the codec the run was trained with (from train.json), unless given.
         BLL evaluates the forward chain alone: the feedback blocks are not needed at test time (the
         prior input of a forward block only feeds its loss, so it is zero here).

@@ -95,8 +95,8 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
                                    k, "forward", names))
         else:
             outputs = [("loss", "loss"), ("logits", "logits")] + ([("y", "message")] if k < num_blocks - 1 else [])
-            plans.append(BlockPlan(block, [message_in, GraphInput("labels", spec.label_shape, "int64", "labels")], outputs, k,
-                                   "forward", names))
+            labels = GraphInput("labels", spec.label_shape, "int64", "labels")
+            plans.append(BlockPlan(block, [message_in, labels], outputs, k, "forward", names))
     if method == "bll":
         for k in range(num_blocks - 1):
             # beta_{k+1} is the one-hot target above the top feedback block, else sigmoid(b_{k+1}): both one unit per class
@@ -152,7 +152,9 @@ def export_model(
                      method=method, model_name=spec.name, batch_size=batch_size, optimizer=config)
     run = {
         "format_version": 1, "model": spec.name, "method": method, "blocks": blocks, "batch_size": batch_size,
-        "head": "token" if spec.label_shape else head, "latent": latent if method == "bll" else None, "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(spec.input_shape),
+        # a sequence model's heads are per-token read-outs whatever --head says
+        "head": "token" if spec.label_shape else head, "latent": latent if method == "bll" else None,
+        "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(spec.input_shape),
         "num_classes": spec.num_classes, "data": spec.data,
         "units": [p.units for p in plans if p.kind == "forward"],
     }
