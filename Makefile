@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/edgebll_code
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q scikit-build-core cmake ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev,mpi]'
 	touch $@
 
 # A board's environment: numpy + onnxruntime-training, no torch. The tests prove the runtime

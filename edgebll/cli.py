@@ -72,6 +72,46 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="bll: feedback blocks learn at S times --lr (default: 10)")
 
 
+WORKER_EXAMPLE = """\
+examples:
+  mpiexec -n 4 edgebll worker runs/a --epochs 1       # 4 ranks on this host, rank k trains block k
+  edgebll train runs/a --transport mpi -n 4            # the same, started for you (one rank per core)
+  mpiexec -f hosts -n 4 edgebll worker runs/a          # one rank per board; hosts lists one board per line
+"""
+
+
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sync", action="store_true",
+                   help="mpi: lock-step, every rank finishes a step before any starts the next (no pipelining; "
+                        "the same weights, slower)")
+    p.add_argument("--max-in-flight", type=int, default=4, metavar="N",
+                   help="mpi: frames per link that may wait for the receiving rank before the sender waits "
+                        "(back-pressure; default: 4)")
+    p.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="mpi: how long a rank waits for a neighbour before it names it as dead and the run stops "
+                        "(default: 120)")
+
+
+def _worker_config(args: argparse.Namespace) -> Any:
+    from edgebll.worker import WorkerConfig
+
+    return WorkerConfig(sync=args.sync, max_in_flight=args.max_in_flight, peer_timeout=args.peer_timeout)
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The options of ``edgebll train --transport mpi`` as ``edgebll worker`` arguments."""
+    valued = {"--epochs": args.epochs, "--codec": args.codec, "--granularity": args.granularity,
+              "--group-size": args.group_size, "--rounding": args.rounding, "--lr": args.lr,
+              "--schedule": args.schedule, "--warmup-steps": args.warmup_steps, "--limit": args.limit,
+              "--seed": args.seed, "--checkpoint-every": args.checkpoint_every, "--mix-start": args.mix_start,
+              "--mix-end": args.mix_end, "--feedback-lr-scale": args.feedback_lr_scale,
+              "--max-in-flight": args.max_in_flight, "--peer-timeout": args.peer_timeout,
+              "--data-dir": args.data_dir, "--threads": args.threads}
+    out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
+    flags = {"--resume": args.resume, "--restart": args.restart, "--sync": args.sync, "--no-progress": args.no_progress}
+    return out + [flag for flag, on in flags.items() if on]
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
                    "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist)")
@@ -124,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.add_argument("--resume", action="store_true", help="continue from the trained checkpoints up to --epochs")
     p.add_argument("--restart", action="store_true", help="start over from the exported weights")
+    p.add_argument("--transport", choices=("inprocess", "mpi"), default="inprocess",
+                   help="inprocess: every block in this process, one after another (default); mpi: one rank per "
+                        "block on this host, pipelined (`mpiexec ... edgebll worker` for several boards)")
+    p.add_argument("-n", "--ranks", type=int, default=None, metavar="N",
+                   help="mpi: number of ranks (default and only choice: the run's number of blocks)")
+    _add_worker_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("worker", help="one rank of an MPI run: trains block RANK (start it with mpiexec)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=WORKER_EXAMPLE,
+                       description="Train block k on MPI rank k: activations go up and BLL's feedback messages go "
+                                   "down as codec frames, pipelined, with bounded messages in flight. Rank 0 reads "
+                                   "the data and writes RUN/train.json and RUN/progress.json (the last step every "
+                                   "rank has checkpointed; --resume restarts there).")
+    p.add_argument("run", help="run folder written by `edgebll export` (on every board, at the same path)")
+    _add_train_options(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last step every rank checkpointed")
+    p.add_argument("--restart", action="store_true", help="start over from the exported weights")
+    _add_worker_options(p)
     _add_common(p)
 
     p = sub.add_parser("eval", help="test accuracy of every block's head; writes RUN/eval.json",
@@ -231,9 +290,28 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     from edgebll.runtime import Runtime
 
+    if args.command in ("train", "worker") and args.resume and args.restart:
+        raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+    if args.command == "worker":
+        from edgebll.launch import run_worker
+
+        return run_worker(args.run, _train_config(args), _worker_config(args), threads=args.threads,
+                          data_dir=args.data_dir, restart=args.restart, progress=progress)
+    if args.command == "train" and args.transport == "mpi":
+        from edgebll.launch import launch
+        from edgebll.manifest import load_run_config
+
+        blocks = int(load_run_config(args.run)["blocks"])
+        ranks = args.ranks if args.ranks is not None else blocks
+        if ranks != blocks:
+            raise EdgeBLLError(f"{args.run} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "
+                               "hint: re-export with --blocks N to use N devices")
+        _worker_config(args).validate()
+        _train_config(args).validate()
+        return launch(args.run, ranks, _worker_argv(args))
     if args.command == "train":
-        if args.resume and args.restart:
-            raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+        if args.ranks is not None:
+            raise EdgeBLLError("-n/--ranks needs --transport mpi")
         runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart)
         summary = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
         last = summary["epochs"][-1]

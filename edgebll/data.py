@@ -149,7 +149,7 @@ class Dataset:
         count = self.num_batches(batch_size, drop_last) * batch_size
         first = start_batch * batch_size
         if shuffle:
-            order = np.random.default_rng((seed, epoch)).permutation(len(self))
+            order = epoch_order(len(self), seed, epoch)
             for start in range(first, count, batch_size):
                 picked = order[start : start + batch_size]
                 # Fancy indexing copies into a fresh C-contiguous array.
@@ -162,6 +162,12 @@ class Dataset:
                     np.ascontiguousarray(self.images[start : start + batch_size]),
                     np.ascontiguousarray(self.labels[start : start + batch_size]),
                 )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of ``epoch``: a function of (seed, epoch) alone, so every rank of a
+    distributed run, and a resumed run, computes the same batches without being sent them."""
+    return np.random.default_rng((seed, epoch)).permutation(n)
 
 
 def _check_subset_size(n: int, available: int) -> None:
