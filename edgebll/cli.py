@@ -87,6 +87,9 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=4, metavar="N",
                    help="mpi: frames per link that may wait for the receiving rank before the sender waits "
                         "(back-pressure; default: 4)")
+    p.add_argument("--feedback-lookahead", type=int, default=None, metavar="STEPS",
+                   help="mpi, bll: steps rank k's feedback pass may run ahead of its forward pass (default: 2k+1, "
+                        "the least with which no rank waits; beta messages are never stale either way)")
     p.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="mpi: how long a rank waits for a neighbour before it names it as dead and the run stops "
                         "(default: 120)")
@@ -95,21 +98,8 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
 def _worker_config(args: argparse.Namespace) -> Any:
     from edgebll.worker import WorkerConfig
 
-    return WorkerConfig(sync=args.sync, max_in_flight=args.max_in_flight, peer_timeout=args.peer_timeout)
-
-
-def _worker_argv(args: argparse.Namespace) -> list[str]:
-    """The options of ``edgebll train --transport mpi`` as ``edgebll worker`` arguments."""
-    valued = {"--epochs": args.epochs, "--codec": args.codec, "--granularity": args.granularity,
-              "--group-size": args.group_size, "--rounding": args.rounding, "--lr": args.lr,
-              "--schedule": args.schedule, "--warmup-steps": args.warmup_steps, "--limit": args.limit,
-              "--seed": args.seed, "--checkpoint-every": args.checkpoint_every, "--mix-start": args.mix_start,
-              "--mix-end": args.mix_end, "--feedback-lr-scale": args.feedback_lr_scale,
-              "--max-in-flight": args.max_in_flight, "--peer-timeout": args.peer_timeout,
-              "--data-dir": args.data_dir, "--threads": args.threads}
-    out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
-    flags = {"--resume": args.resume, "--restart": args.restart, "--sync": args.sync, "--no-progress": args.no_progress}
-    return out + [flag for flag, on in flags.items() if on]
+    return WorkerConfig(sync=args.sync, max_in_flight=args.max_in_flight, peer_timeout=args.peer_timeout,
+                        feedback_lookahead=args.feedback_lookahead)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -298,17 +288,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return run_worker(args.run, _train_config(args), _worker_config(args), threads=args.threads,
                           data_dir=args.data_dir, restart=args.restart, progress=progress)
     if args.command == "train" and args.transport == "mpi":
-        from edgebll.launch import launch
-        from edgebll.manifest import load_run_config
+        from edgebll.launch import train_mpi
 
-        blocks = int(load_run_config(args.run)["blocks"])
-        ranks = args.ranks if args.ranks is not None else blocks
-        if ranks != blocks:
-            raise EdgeBLLError(f"{args.run} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "
-                               "hint: re-export with --blocks N to use N devices")
-        _worker_config(args).validate()
-        _train_config(args).validate()
-        return launch(args.run, ranks, _worker_argv(args))
+        train_mpi(args.run, _train_config(args), _worker_config(args), ranks=args.ranks, threads=args.threads,
+                  data_dir=args.data_dir, restart=args.restart, progress=progress)
+        return 0
     if args.command == "train":
         if args.ranks is not None:
             raise EdgeBLLError("-n/--ranks needs --transport mpi")

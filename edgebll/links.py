@@ -35,15 +35,26 @@ class PeerError(TrainingError):
     """A neighbour rank stopped answering, or sent something that is not the expected message."""
 
 
-def wait(request: Any, *, timeout: float, what: Callable[[], str], status: Any = None) -> Any:
+def wait(request: Any, *, timeout: float, what: Callable[[], str], status: Any = None, peer: int | None = None) -> Any:
     """Wait for an MPI request with a deadline; polls with a short sleep so an idle rank leaves the core free.
 
-    ``what`` describes the awaited message for the error (called only on a timeout).
+    ``what`` describes the awaited message for the error (called only on a failure). A link that
+    MPI reports broken (the peer process is gone) is a PeerError naming ``peer``; a message longer
+    than the posted buffer re-raises MPI's exception for the caller to explain.
     """
+    from mpi4py import MPI
+
     deadline = time.monotonic() + timeout
     pause = 1e-5
     while True:
-        done = request.Test(status) if status is not None else request.Test()
+        try:
+            done = request.Test(status) if status is not None else request.Test()
+        except MPI.Exception as exc:
+            if exc.Get_error_class() == MPI.ERR_TRUNCATE or peer is None:
+                raise
+            reason = exc.Get_error_string().splitlines()[0].rstrip(", :")
+            raise PeerError(f"{what()}: rank {peer} (block {peer}) died or its link broke (MPI: {reason}); "
+                            "hint: completed checkpoints can be resumed with --resume") from exc
         if done:
             return status
         if time.monotonic() > deadline:
@@ -77,7 +88,7 @@ class FrameSender:
 
     def _wait_oldest(self) -> None:
         request, _, step = self._pending[0]
-        wait(request, timeout=self.timeout,
+        wait(request, timeout=self.timeout, peer=self.peer,
              what=lambda: f"rank {self.rank}: rank {self.peer} did not take the {self.describe} of step {step}")
         self._pending.popleft()
 
@@ -115,7 +126,7 @@ class FrameReceiver:
         status = MPI.Status()
         where = f"rank {self.rank}: the {self.describe} from rank {self.peer} for step {step}"
         try:
-            wait(request, timeout=self.timeout, what=lambda: where, status=status)
+            wait(request, timeout=self.timeout, what=lambda: where, status=status, peer=self.peer)
         except MPI.Exception as exc:  # a message longer than the buffer (MPI_ERR_TRUNCATE)
             self._ring.append(self._post(buffer))
             raise PeerError(f"{where} was rejected: {exc.Get_error_string()}; the largest frame this link takes is "

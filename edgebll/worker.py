@@ -70,8 +70,18 @@ class WorkerConfig:
     """Frames per link that may wait for the receiver (back-pressure bound; memory = this x frame size)."""
     peer_timeout: float = 120.0
     """Seconds to wait for a neighbour before declaring it dead (names the rank, exits non-zero)."""
+    feedback_lookahead: int | None = None
+    """BLL: how many steps rank k's feedback pass may run ahead of its forward pass (None: 2k + 1, the
+    least with which no rank waits for beta). Less only adds waiting: the messages are never stale."""
+
+    def lookahead(self, rank: int) -> int:
+        if self.sync:
+            return 0
+        return 2 * rank + 1 if self.feedback_lookahead is None else self.feedback_lookahead
 
     def validate(self) -> None:
+        if self.feedback_lookahead is not None and self.feedback_lookahead < 0:
+            raise EdgeBLLError(f"--feedback-lookahead must be >= 0, got {self.feedback_lookahead}")
         if self.max_in_flight < 1:
             raise EdgeBLLError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
         if not self.peer_timeout > 0:
@@ -442,7 +452,7 @@ class Worker:
 
     def _train_loop(self, start: int) -> None:
         checkpoints = sorted(s for s in self._checkpoint_steps() if s > start)
-        lookahead = 0 if self.worker.sync else 2 * self.rank + 1
+        lookahead = self.worker.lookahead(self.rank)
         priors: dict[int, np.ndarray] = {}
         next_feedback = start
         bar = tqdm(total=self.total, initial=start, desc=f"train (rank {self.rank} of {self.size})", unit="step",

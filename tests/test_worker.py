@@ -104,7 +104,8 @@ def test_a_killed_rank_is_named_and_the_run_resumes_to_the_same_weights(bll_run:
     crashed = mpi_train(run, "--epochs", "2", "--checkpoint-every", "3", env={"EDGEBLL_INJECT_FAULT": "kill:1:11"})
     assert time.monotonic() - began < 120
     assert crashed.returncode == 2, crashed.stdout + crashed.stderr
-    assert "rank 1 (block 1) died" in crashed.stderr and "killed by signal 9" in crashed.stderr
+    # named by mpiexec's report of the pid, or by the neighbour that saw its link break first
+    assert "rank 1 (block 1) died" in crashed.stderr, crashed.stderr
     marker = json.loads((run / "progress.json").read_text())["step"]
     assert marker in (8, 9)  # rank 1 saved step 9 only if it got there before dying; never beyond
     for folder in [run / f"block-{k}" for k in range(3)] + sorted(run.glob("block-*/feedback")):
@@ -124,13 +125,28 @@ def test_a_corrupted_frame_is_rejected_naming_sender_and_step(bll_run: Path, tmp
     run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
     failed = mpi_train(run, env={"EDGEBLL_INJECT_FAULT": "corrupt:0:5"})
     assert failed.returncode == 2
-    assert ("rank 1: error: PeerError: rank 1 (block 1): rejected the activation frame from rank 0 for step 5: "
-            in failed.stdout + failed.stderr), failed.stdout + failed.stderr
-    assert "CRC32" in failed.stdout + failed.stderr
-    assert "rank 1 (block 1) stopped the run" in failed.stderr
+    # the launcher's one line, from the error the rank recorded before it stopped the job
+    assert ("rank 1 (block 1) stopped the run: PeerError: rank 1 (block 1): rejected the activation frame from rank 0 "
+            "for step 5: " in failed.stderr), failed.stdout + failed.stderr
+    assert "CRC32" in failed.stderr and "it was not fed to the block" in failed.stderr
+    assert not (run / "block-1" / "trained").exists()  # the run stopped at step 5, before any checkpoint
 
 
 def test_wrong_number_of_ranks_is_refused(bll_run: Path) -> None:
     done = mpi_train(bll_run, ranks=2)
     assert done.returncode == 2
     assert "has 3 blocks, so it trains on 3 ranks, got -n 2" in done.stderr
+
+
+def test_train_mpi_from_python_matches_in_process_for_bwbpf(tiny_run: Path, tmp_path: Path) -> None:
+    from edgebll.launch import train_mpi
+    from edgebll.runtime import TrainConfig
+    from edgebll.worker import WorkerConfig
+
+    reference = in_process(tiny_run, tmp_path, epochs=1, codec="int4", granularity="channel")
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    summary = train_mpi(run, TrainConfig(limit=LIMIT, codec="int4", granularity="channel"),
+                        WorkerConfig(max_in_flight=1), threads=1, data_dir=str(require_real_data()), progress=False)
+    assert summary["transport"] == "mpi" and summary["method"] == "bwbpf" and summary["steps"] == 8
+    assert summary["config"]["max_in_flight"] == 1
+    assert_same_weights(reference, run)
