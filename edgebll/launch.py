@@ -215,7 +215,8 @@ def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exi
         who = (f"rank {first_exit} (block {first_exit}) died (pid {info.get('pid', '?')} on {info.get('host', '?')}) "
                "and mpiexec stopped the other ranks")
     elif reported:
-        who = f"rank {reported.group(1)} (block {reported.group(1)}) stopped the run: {reported.group(2).strip()}"
+        error = re.sub(r"; hint: .*$", "", reported.group(2).strip())  # the hint below says how to go on
+        who = f"rank {reported.group(1)} (block {reported.group(1)}) stopped the run: {error}"
     elif died:
         pid, host, exit_code = int(died.group(1)), died.group(2), int(died.group(3))
         info = pids.get(pid)

@@ -58,7 +58,8 @@ def wait(request: Any, *, timeout: float, what: Callable[[], str], status: Any =
         if done:
             return status
         if time.monotonic() > deadline:
-            raise PeerError(f"{what()}: nothing within {timeout:g} s; the peer has died or hangs; hint: check its "
+            peer_name = f"rank {peer} (block {peer})" if peer is not None else "the peer"
+            raise PeerError(f"{what()}: nothing within {timeout:g} s; {peer_name} has died or hangs; hint: check its "
                             "log; completed checkpoints can be resumed with --resume (--peer-timeout sets the limit)")
         time.sleep(pause)
         pause = min(pause * 2, 1e-3)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from edgebll import codec as message_codec
 from edgebll.data import epoch_order, load_fashion_mnist
 from edgebll.errors import CodecError, EdgeBLLError, ManifestError, TrainingError
-from edgebll.links import FrameReceiver, FrameSender, PeerError, wait
+from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.runtime import TRAIN_NAME, TrainConfig, codec_options, mix_weight
@@ -54,8 +54,8 @@ RANKS_DIR = "ranks"
 HISTORY_DIR = "history"
 WORKER_STATE = "worker.json"
 FAULT_ENV = "EDGEBLL_INJECT_FAULT"
-"""For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step) or ``corrupt:RANK:STEP``
-(the rank flips a byte of the frame it sends at that step)."""
+"""For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step), ``hang:RANK:STEP`` (it
+stops answering there) or ``corrupt:RANK:STEP`` (it flips a byte of the frame it sends at that step)."""
 
 _ACTIVATION, _FEEDBACK, _CONTROL, _MARK = 11, 12, 13, 14
 
@@ -255,6 +255,13 @@ class Worker:
         if feedback is not None and self.rank > 0:
             self.down_send = FrameSender(self.comm, peer=self.rank - 1, tag=_FEEDBACK, describe="beta message",
                                          **common)
+        # what the links hold at most: depth frames on each side of each link (counted in train.json)
+        self.link_buffer_bytes = sum(depth * r.capacity for r in (self.up_recv, self.down_recv) if r is not None)
+        self.link_buffer_bytes += sum(depth * (ENVELOPE.size + message_codec.frame_nbytes(
+            [self.batch, *spec.per_sample_shape()], self.train.codec, **options))
+            for link, spec in ((self.up_send, runner.manifest.output("message")),
+                               (self.down_send, feedback.manifest.output("message") if feedback else None))
+            if link is not None and spec is not None)
         self._expected_x = [self.batch, *runner.manifest.inputs[0].per_sample_shape()]
         self._expected_beta = ([self.batch, *feedback.manifest.inputs[0].per_sample_shape()]
                                if feedback is not None else None)
@@ -435,7 +442,7 @@ class Worker:
             if link is not None:
                 link.flush()
         self._control({"kind": "done", "rank": self.rank, "seconds": elapsed, "steps": self.total - start,
-                       "state": self.state.to_json()})
+                       "state": self.state.to_json(), "link_buffer_bytes": self.link_buffer_bytes})
         summary = self._finish(start, elapsed) if self.rank == 0 else None
         self._drain_controls()
         for link in (self.up_recv, self.down_recv):
@@ -460,6 +467,8 @@ class Worker:
         for step in range(start, self.total):
             if _fault("kill", self.rank, step):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if _fault("hang", self.rank, step):
+                time.sleep(3600)  # alive but silent, like a board whose network dropped
             if self.feedback_runner is not None:
                 # run ahead, but never past the next checkpoint: a checkpoint must be a common state
                 limit = min(step + lookahead, next((c for c in checkpoints if c > step), self.total) - 1)
@@ -533,6 +542,7 @@ class Worker:
             "feedback_bytes_per_step": [round(b / steps_done, 1) for b in down],
             "message_bytes_per_sample": round((sum(up) + sum(down)) / (steps_done * self.batch), 1),
             "resumed_from_step": start,
+            "link_buffer_bytes_per_rank": [int(self._done[r]["link_buffer_bytes"]) for r in range(self.size)],
             "epochs": history,
         }
         write_json_atomic(self.run_dir / TRAIN_NAME, json.dumps(summary, indent=1))

@@ -149,4 +149,18 @@ def test_train_mpi_from_python_matches_in_process_for_bwbpf(tiny_run: Path, tmp_
                         WorkerConfig(max_in_flight=1), threads=1, data_dir=str(require_real_data()), progress=False)
     assert summary["transport"] == "mpi" and summary["method"] == "bwbpf" and summary["steps"] == 8
     assert summary["config"]["max_in_flight"] == 1
+    from edgebll.codec import frame_nbytes
+
+    sent = [frame_nbytes([16, 4, 28, 28], "int4", "channel") + 16, frame_nbytes([16, 8, 14, 14], "int4", "channel") + 16]
+    # one frame in flight per link, on each side: what the ranks hold beyond their blocks
+    assert summary["link_buffer_bytes_per_rank"] == [sent[0], sent[0] + sent[1], sent[1]]
     assert_same_weights(reference, run)
+
+
+def test_a_rank_that_hangs_is_named_by_its_neighbour_after_the_peer_timeout(bll_run: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    began = time.monotonic()
+    failed = mpi_train(run, "--peer-timeout", "3", env={"EDGEBLL_INJECT_FAULT": "hang:1:5"})
+    assert time.monotonic() - began < 60  # no hang: the neighbours give up after 3 s and stop the job
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "nothing within 3 s; rank 1 (block 1) has died or hangs" in failed.stderr, failed.stderr
