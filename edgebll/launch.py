@@ -227,5 +227,6 @@ def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exi
     saved = json.loads(progress.read_text())["step"] if progress.is_file() else None
     safe = (f"every rank's checkpoint of step {saved} is complete ({progress})" if saved is not None
             else "no step was checkpointed by every rank yet")
+    again = "--resume" if saved is not None else "--restart"
     return (f"{run_dir}: the MPI run on {ranks} ranks failed (exit code {code}): {who}; {safe}; hint: fix the cause "
-            f"and continue with `edgebll train {run_dir} --transport mpi -n {ranks} --resume`")
+            f"and continue with `edgebll train {run_dir} --transport mpi -n {ranks} {again}`")

@@ -189,8 +189,12 @@ class Worker:
             if trained and not self.train.resume:
                 raise EdgeBLLError(f"{self.name}: {trained[0]} already holds trained weights ({TRAINED_DIR}/); hint: "
                                    "pass --resume to continue, or --restart to start over")
-            for folder in trained:  # --resume, but no step was ever saved by every rank: from the start
-                shutil.rmtree(folder / TRAINED_DIR)
+            if trained:  # never delete weights that a user may want: they can only say so with --restart
+                raise EdgeBLLError(f"{self.name}: --resume finds no {PROGRESS_NAME} in {self.run_dir}, so no step was "
+                                   f"saved by every rank of an MPI run, but {trained[0]} holds trained weights (from "
+                                   "an in-process run, or an MPI run that stopped before its first common "
+                                   "checkpoint); hint: --restart to start over, or continue in one process with "
+                                   "`edgebll train RUN --resume`")
             return _RankState()
         state = None
         for folder in self._runner_dirs():

@@ -164,3 +164,14 @@ def test_a_rank_that_hangs_is_named_by_its_neighbour_after_the_peer_timeout(bll_
     assert time.monotonic() - began < 60  # no hang: the neighbours give up after 3 s and stop the job
     assert failed.returncode == 2, failed.stdout + failed.stderr
     assert "nothing within 3 s; rank 1 (block 1) has died or hangs" in failed.stderr, failed.stderr
+
+
+def test_resume_never_deletes_weights_that_no_mpi_checkpoint_covers(tiny_run: Path, tmp_path: Path) -> None:
+    run = in_process(tiny_run, tmp_path, epochs=1)  # trained in one process: no progress.json
+    before = weights(run)
+    done = mpi_train(run, "--epochs", "2", "--resume")
+    assert done.returncode == 2
+    assert "--resume finds no progress.json" in done.stderr and "--restart to start over" in done.stderr
+    after = weights(run)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
