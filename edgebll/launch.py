@@ -204,19 +204,24 @@ def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exi
     for path in (run_dir / RANKS_DIR).glob("rank-*[0-9].json"):
         info = json.loads(path.read_text())
         pids[int(info["pid"])] = by_rank[int(info["rank"])] = info
-    who = "a rank"
-    errors = sorted(run_dir.glob(f"{RANKS_DIR}/rank-*.error.json"))
-    if errors:  # the first error a rank recorded, else the one in the output
-        output = json.loads(errors[0].read_text())["error"] + "\n" + output
+    recorded = {}
+    for path in run_dir.glob(f"{RANKS_DIR}/rank-*.error.json"):
+        record = json.loads(path.read_text())
+        recorded[int(record["rank"])] = record["error"].split(": error: ", 1)[-1]
     reported = re.search(r"rank (\d+): error: (.*)", output)
+    if reported and int(reported.group(1)) not in recorded:
+        recorded[int(reported.group(1))] = reported.group(2).strip()
     died = re.search(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (\d+)", output)
-    if first_exit is not None and not (reported and int(reported.group(1)) == first_exit):
+    who = "a rank"
+    if first_exit is not None and first_exit not in recorded:  # it ended first and said nothing: it died
         info = by_rank.get(first_exit, {})
         who = (f"rank {first_exit} (block {first_exit}) died (pid {info.get('pid', '?')} on {info.get('host', '?')}) "
                "and mpiexec stopped the other ranks")
-    elif reported:
-        error = re.sub(r"; hint: .*$", "", reported.group(2).strip())  # the hint below says how to go on
-        who = f"rank {reported.group(1)} (block {reported.group(1)}) stopped the run: {error}"
+    elif recorded:
+        rank = first_exit if first_exit in recorded else min(recorded)
+        # a generic "--resume" hint is replaced by the one below, which knows whether a checkpoint exists
+        error = re.sub(r"; hint: (check its log; )?completed checkpoints can be resumed.*$", "", recorded[rank])
+        who = f"rank {rank} (block {rank}) stopped the run: {error}"
     elif died:
         pid, host, exit_code = int(died.group(1)), died.group(2), int(died.group(3))
         info = pids.get(pid)
