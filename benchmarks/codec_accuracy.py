@@ -120,7 +120,8 @@ def render(rows: list[dict], settings: dict) -> str:
             f"Command{'s' if len(commands) > 1 else ''}: {', '.join(f'`python benchmarks/{c}`' for c in commands)}."
             f"\n\n" + markdown_table(headers, table, "lllrrrrr")
             + "\nvs fp32: against the same method's fp32 row. BLL's bytes include its feedback messages.\n"
-            "One run per row: differences of a few tenths of a point are within seed noise.\n")
+            "One run per row: differences of a few tenths of a point are within seed noise. Train samples/s "
+            "depends on the load on the machine while each row ran (the rows' machines are in the JSON).\n")
 
 
 def main(argv: list[str] | None = None) -> None:
