@@ -169,10 +169,15 @@ def export_model(
 
 
 def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: str, model_name: str,
-                 batch_size: int, optimizer: OptimizerConfig) -> BlockManifest:
-    """Write one graph's artifacts and manifest into ``block_dir``."""
+                 batch_size: int, optimizer: OptimizerConfig, trace_batch_size: int | None = None) -> BlockManifest:
+    """Write one graph's artifacts and manifest into ``block_dir``.
+
+    ``trace_batch_size``: the batch of the example inputs torch traces with (default ``batch_size``).
+    The graph's batch axis is symbolic, so a small one exports the same graph faster; the manifest
+    and its estimate still use ``batch_size``.
+    """
     block_dir.mkdir(parents=True, exist_ok=True)
-    onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, batch_size)
+    onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
     trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
     generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
     manifest = BlockManifest(

@@ -6,8 +6,8 @@ the feedback block it will have in the final export — exported to a scratch fo
 :func:`edgebll.memory.estimate_peak_bytes` from its training graph, exactly as the exporter writes
 the estimate into a manifest. The search therefore sees the numbers the export will check (a test
 compares them). An additive per-unit model would be cheaper but not the same number: a block's
-activation peak is not the sum of its units'. Each range is exported at most once (about 0.3 s for
-a resnet18 range on one core), and only when the search asks for it.
+activation peak is not the sum of its units'. Each range is exported at most once, only when the
+search asks for it, and traced at a tiny batch (:data:`TRACE_BATCH`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ import torch
 from .artifacts import OptimizerConfig
 from .exporter import export_block, plan_blocks
 from .models import ModelSpec
+
+
+TRACE_BATCH = 2
+"""Batch torch traces a range with: the exported graph has a symbolic batch axis, so the estimate
+(made at ``batch_size``) is the same as from a full-batch trace, and the trace's convolutions cost
+1/32 of batch 64's (they were most of a range's export time)."""
 
 
 @dataclass(kw_only=True)
@@ -60,6 +66,7 @@ class RangeMemory:
                                                 bounds=bounds) if p.index == index]
                 return sum(export_block(plan, scratch / plan.kind, num_blocks=len(bounds) - 1, method=self.method,
                                         model_name=self.spec.name, batch_size=self.batch_size,
-                                        optimizer=self.optimizer).estimated_peak_bytes for plan in plans)
+                                        optimizer=self.optimizer, trace_batch_size=TRACE_BATCH).estimated_peak_bytes
+                           for plan in plans)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
