@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
-                   help="board(s) the blocks must fit (`edgebll devices` lists them; one per block for a mixed set): "
+                   help="board(s) the blocks must fit (`edgebll devices` lists them; a mixed set: one per block in "
+                        "order with --blocks K, or with --blocks auto a pool where each board takes at most one block): "
                         "prints each block's estimated peak memory and refuses a block that does not fit")
     p.add_argument("--budget", default=None, help="instead of --device: a custom board's training budget, e.g. 300MB")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -24,6 +24,11 @@ IDLE_RUNTIME_BYTES = 50 * 2**20
 estimate does not include (measured: 50.2 MiB on x86-64, benchmarks/results/memory.md)."""
 
 
+def block_allowance_bytes(device: DeviceProfile) -> int:
+    """What one block may use on ``device``: its training budget less the idle runtime."""
+    return device.budget_bytes - IDLE_RUNTIME_BYTES
+
+
 @dataclass(frozen=True)
 class BlockFit:
     """One block's estimate against its board's budget."""
@@ -37,7 +42,7 @@ class BlockFit:
 
     @property
     def allowance_bytes(self) -> int:
-        return self.device.budget_bytes - IDLE_RUNTIME_BYTES
+        return block_allowance_bytes(self.device)
 
     @property
     def fits(self) -> bool:
@@ -112,7 +117,7 @@ class AutoPartition:
     boards: list[DeviceProfile]
     """The boards as given."""
     searched_bytes: list[int]
-    """Each block's estimate as the search saw it (equal to ``fits``' by construction; kept to show it)."""
+    """Each block's estimate as the search saw it; the same bytes as ``fits``' (a test checks it)."""
     ranges_estimated: int
     """Unit ranges the search exported to estimate, and the time it took."""
     search_seconds: float
@@ -128,6 +133,7 @@ class AutoPartition:
                 "boards": [self.boards[i].name for i in self.split.boards],
                 "board_positions": list(self.split.boards) if len(self.boards) > 1 else None,
                 "estimated_peak_bytes": [f.estimated_bytes for f in self.fits],
+                "search_matches_manifests": self.searched_bytes == [f.estimated_bytes for f in self.fits],
                 "allowance_bytes": [f.allowance_bytes for f in self.fits],
                 "ranges_estimated": self.ranges_estimated, "search_seconds": round(self.search_seconds, 1)}
 
@@ -158,7 +164,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
                        num_classes=export_options.get("num_classes", 10))
     boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
-    allowances = [BlockFit(0, board, 0).allowance_bytes for board in boards]
+    allowances = [block_allowance_bytes(board) for board in boards]
     head, n = export_options.get("head", "conv"), len(spec.units)
     optimizer = export_options.get("optimizer", "adamw")
     shapes = unit_costs(spec.units, spec.input_shape)[1]
