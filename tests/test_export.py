@@ -153,6 +153,17 @@ def test_export_cli_refuses_a_board_too_small(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out.count(" yes") == 4
 
 
+def test_export_cli_auto_says_which_board_takes_each_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgebll.cli import main
+
+    out = tmp_path / "run"
+    assert main(["export", "--model", "cnn-small", "--blocks", "auto", "--device", "rpi-zero-2w,rpi4-2gb", "--out",
+                 str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "exported 1 block(s) of cnn-small (bwbpf)" in printed and "1 unit ranges estimated" in printed
+    assert "stage0..stage3" in printed and "rpi-zero-2w (#1)" in printed and "unused boards: rpi4-2gb (#2)" in printed
+
+
 def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
     """Real exports of a tiny model: the search's range estimates are the manifests', the split is the fewest
     blocks that fit, and a listed board that fits goes first (the no-fit errors: the test below)."""
