@@ -44,6 +44,7 @@ bench: setup data
 	$(PY) benchmarks/codec_speed.py
 	$(PY) benchmarks/step_speed.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory_k_sweep.py --threads 1
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/codec_accuracy.py --threads 1
 

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
     p.add_argument("--blocks", type=_blocks_arg, default=4,
                    help="number of blocks K (default: 4; bp needs 1), or auto: the fewest blocks that each fit "
-                        "--device/--budget")
+                        "--device/--budget, boundaries chosen so the slowest block is fastest; with a list of "
+                        "boards each takes at most one block, in whatever order fits")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--head", choices=("conv", "linear"), default="conv",
                    help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
-                   help="board(s) the blocks must fit (`edgebll devices` lists them; one per block for a mixed set): "
+                   help="board(s) the blocks must fit (`edgebll devices` lists them; a mixed set: one per block in "
+                        "order with --blocks K, or with --blocks auto a pool where each board takes at most one block): "
                         "prints each block's estimated peak memory and refuses a block that does not fit")
     p.add_argument("--budget", default=None, help="instead of --device: a custom board's training budget, e.g. 300MB")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -225,6 +227,21 @@ def _check_export_fit(out: Path, devices: list[Any], batch_size: int) -> None:
         raise
 
 
+def _print_auto_partition(chosen: Any, model: str, method: str) -> None:
+    """What --blocks auto chose: the blocks, which board takes each, the slowest block, unused boards."""
+    from edgebll.export.fit import fit_table
+
+    listed = len(chosen.boards) > 1
+    print(f"exported {chosen.split.num_blocks} block(s) of {model} ({method}) to {chosen.run_dir}: the fewest that fit"
+          f"{', each on its own board of --device' if listed else ''}; slowest block "
+          f"{chosen.split.max_cost / 1e6:.1f} M MACs per sample (head included); "
+          f"{chosen.ranges_estimated} unit ranges estimated in {chosen.search_seconds:.0f} s")
+    print(fit_table(chosen.fits, list(chosen.split.boards) if listed else None))
+    unused = chosen.unused_boards()
+    if unused:
+        print("unused boards: " + ", ".join(f"{chosen.boards[i].name} (#{i + 1})" for i in unused))
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from edgebll.runtime import TrainConfig
 
@@ -263,9 +280,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 raise EdgeBLLError("--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE")
             from edgebll.export.fit import export_to_fit, fit_table
 
-            out, fits = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
-            print(f"exported {len(fits)} block(s) of {args.model} ({args.method}) to {out}, the fewest that fit")
-            print(fit_table(fits))
+            chosen = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
+            _print_auto_partition(chosen, args.model, args.method)
             return 0
         out = export.export_model(args.model, out=args.out, blocks=args.blocks, progress=progress, **options)
         print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
