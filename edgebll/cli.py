@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=None, help="message codec (default: the one used in training)")
     _add_common(p)
 
+    p = sub.add_parser("export-inference", help="one deployable ONNX model of a trained run's forward chain (host)",
+                       description="Merge every block's trained forward graph into one inference model: input x, "
+                                   "output logits (the last block's). BLL's feedback blocks are left out: they "
+                                   "are not needed at test time. Needs onnx.")
+    p.add_argument("run", help="run folder (trained or not)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--all-heads", action="store_true", help="also output logits_k of every block's local head")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: 0 = ORT decides)")
+
     p = sub.add_parser("demo", help="export cnn-small in 4 BWBPF blocks, train 1 epoch with int8 messages, evaluate",
                        description="The main job end to end on Fashion-MNIST, with a summary table.")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo, replaced)")
@@ -289,6 +298,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             _check_export_fit(out, devices, args.batch_size)
         return 0
 
+    if args.command == "export-inference":
+        _load_exporter()
+        from edgebll.export.inference import chain_inference_model
+
+        out = chain_inference_model(args.run, args.out, all_heads=args.all_heads, threads=args.threads)
+        print(f"wrote {out}: x -> logits{' and every block head' if args.all_heads else ''}")
+        return 0
     if args.command in ("devices", "profile"):
         from edgebll.profiler import run_command
 
