@@ -276,7 +276,7 @@ def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = not args.no_progress
+    progress = not getattr(args, "no_progress", False)
     if args.command == "export":
         export = _load_exporter()
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
