@@ -157,6 +157,19 @@ def test_train_mpi_from_python_matches_in_process_for_bwbpf(tiny_run: Path, tmp_
     assert_same_weights(reference, run)
 
 
+def test_the_estimate_counts_what_the_links_hold(tiny_run: Path, tmp_path: Path) -> None:
+    from edgebll.memory import estimate_peak_bytes
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    done = mpi_train(run, "--max-in-flight", "3", "--codec", "int8")
+    assert done.returncode == 0, done.stdout + done.stderr
+    held = json.loads((run / "train.json").read_text())["link_buffer_bytes_per_rank"]
+    for k in range(3):
+        extra = (estimate_peak_bytes(run / f"block-{k}", in_flight=3).total
+                 - estimate_peak_bytes(run / f"block-{k}").total)
+        assert extra == held[k], k
+
+
 def test_a_rank_that_hangs_is_named_by_its_neighbour_after_the_peer_timeout(bll_run: Path, tmp_path: Path) -> None:
     run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
     began = time.monotonic()
