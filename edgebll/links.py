@@ -74,7 +74,8 @@ class FrameSender:
         self._pending: deque[tuple[Any, np.ndarray, int]] = deque()
 
     def send(self, frame: bytes, step: int, *, tamper: Callable[[np.ndarray], None] | None = None) -> None:
-        """Send ``frame`` as the message of ``step``; ``tamper`` may alter the bytes first (fault-injection tests)."""
+        """Send ``frame`` as the message of ``step``; ``tamper`` may alter the whole message, envelope and frame,
+        before it goes (fault-injection tests)."""
         from mpi4py import MPI
 
         while len(self._pending) >= self.depth:
@@ -83,7 +84,7 @@ class FrameSender:
         ENVELOPE.pack_into(buffer, 0, MAGIC, self.rank, step)
         buffer[ENVELOPE.size:] = np.frombuffer(frame, np.uint8)
         if tamper is not None:
-            tamper(buffer[ENVELOPE.size:])
+            tamper(buffer)
         request = self.comm.Issend([buffer, MPI.BYTE], dest=self.peer, tag=self.tag)
         self._pending.append((request, buffer, step))
 

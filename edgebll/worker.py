@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,8 @@ HISTORY_DIR = "history"
 WORKER_STATE = "worker.json"
 FAULT_ENV = "EDGEBLL_INJECT_FAULT"
 """For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step), ``hang:RANK:STEP`` (it
-stops answering there) or ``corrupt:RANK:STEP`` (it flips a byte of the frame it sends at that step)."""
+stops answering there), or at that step it sends a frame with a flipped byte (``corrupt``), an
+envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
 
 _ACTIVATION, _FEEDBACK, _CONTROL, _MARK = 11, 12, 13, 14
 
@@ -340,11 +342,18 @@ class Worker:
             sums.metric += result.metric * len(labels)
         sums.samples += len(labels)
         if self.up_send is not None:
-            frame = self._encode(result.message, step, feedback=False)
-            tamper = (lambda b: b.__setitem__(len(b) // 2, b[len(b) // 2] ^ 0xFF)) if _fault(
-                "corrupt", self.rank, step) else None
-            self.up_send.send(frame, step, tamper=tamper)
+            message = result.message[:-1] if _fault("reshape", self.rank, step) else result.message
+            frame = self._encode(message, step, feedback=False)
+            self.up_send.send(frame, step, tamper=self._tamper(step))
             self.state.up_bytes += len(frame)
+
+    def _tamper(self, step: int) -> Callable[[np.ndarray], None] | None:
+        """Fault injection for tests: damage the message of ``step`` as a faulty link or sender would."""
+        if _fault("corrupt", self.rank, step):  # one flipped byte in the middle of the frame
+            return lambda b: b.__setitem__(len(b) // 2, b[len(b) // 2] ^ 0xFF)
+        if _fault("misstep", self.rank, step):  # an envelope that claims the next step
+            return lambda b: ENVELOPE.pack_into(b, 0, b"EBLM", self.rank, step + 1)
+        return None
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, step: int) -> None:

@@ -121,14 +121,21 @@ def test_a_killed_rank_is_named_and_the_run_resumes_to_the_same_weights(bll_run:
     assert [e["samples_per_block"] for e in summary["epochs"]] == [[LIMIT] * 3, [LIMIT] * 3]
 
 
-def test_a_corrupted_frame_is_rejected_naming_sender_and_step(bll_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fault", "says"), [
+    ("corrupt", "rejected the activation frame from rank 0 for step 5: "),
+    ("misstep", "the activation from rank 0 for step 5 was rejected: its envelope says magic b'EBLM', rank 0, step 6"),
+    ("reshape", "rejected the activation frame from rank 0 for step 5: shape [15, 4, 28, 28], but the block takes "
+                "[16, 4, 28, 28]"),
+])
+def test_a_bad_frame_is_rejected_naming_sender_and_step(bll_run: Path, tmp_path: Path, fault: str, says: str) -> None:
     run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
-    failed = mpi_train(run, env={"EDGEBLL_INJECT_FAULT": "corrupt:0:5"})
+    failed = mpi_train(run, env={"EDGEBLL_INJECT_FAULT": f"{fault}:0:5"})
     assert failed.returncode == 2
     # the launcher's one line, from the error the rank recorded before it stopped the job
-    assert ("rank 1 (block 1) stopped the run: PeerError: rank 1 (block 1): rejected the activation frame from rank 0 "
-            "for step 5: " in failed.stderr), failed.stdout + failed.stderr
-    assert "CRC32" in failed.stderr and "it was not fed to the block" in failed.stderr
+    assert "rank 1 (block 1) stopped the run: PeerError: rank 1" in failed.stderr, failed.stdout + failed.stderr
+    assert says in failed.stderr and "it was not fed to the block" in failed.stderr, failed.stderr
+    if fault == "corrupt":
+        assert "CRC32" in failed.stderr
     assert not (run / "block-1" / "trained").exists()  # the run stopped at step 5, before any checkpoint
 
 
