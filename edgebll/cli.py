@@ -105,7 +105,8 @@ def _worker_config(args: argparse.Namespace) -> Any:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
                    "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides; "
+                   "1 per rank with --transport mpi, which binds each rank to a core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -106,6 +106,8 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     if ranks != blocks:
         raise EdgeBLLError(f"{run_dir} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "
                            "hint: re-export with --blocks N to use N devices")
+    # each rank is bound to one core: ORT would otherwise start a thread per core of the machine on it
+    threads = threads or 1
     launch(str(run_dir), ranks, worker_argv(train, worker, threads=threads, data_dir=data_dir, restart=restart,
                                             progress=progress))
     from edgebll.runtime import TRAIN_NAME
