@@ -13,12 +13,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(VENV)/.installed $(DEVICE_VENV)/.installed
 
 # torch first, pinned: a local CPU wheel on our machines; any other spec pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/edgebll_codec.h
+$(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/crc32.c csrc/crc32_table.h csrc/edgebll_codec.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q scikit-build-core cmake ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev,mpi]'
 	touch $@
 
 # A board's environment: numpy + onnxruntime-training, no torch. The tests prove the runtime
@@ -44,6 +44,7 @@ bench: setup data
 	$(PY) benchmarks/codec_speed.py
 	$(PY) benchmarks/step_speed.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory_k_sweep.py --threads 1
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/codec_accuracy.py --threads 1
 	$(PY) benchmarks/sequence_task.py --threads 1

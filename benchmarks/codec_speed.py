@@ -2,11 +2,11 @@
 
 For message sizes from 4 KiB to 16 MiB (float32 activations shaped like [64, C, H, W]) it times
 ``edgebll.codec.encode`` and ``decode`` with ``backend="c"`` and ``backend="numpy"`` (median of
-``--repeats`` calls after warmup) for every codec and scale granularity asked for (int codecs per
+``--repeats`` calls after warmup, C and numpy calls interleaved) for every codec and scale granularity asked for (int codecs per
 tensor, per channel and per group of 64; fp16 per tensor) and records, with tracemalloc, the peak
-bytes allocated beyond the frame (encode) or the output array (decode). Both paths also pay the
-frame's CRC32 (zlib), timed on its own as "CRC ms": the floor under any speed-up of the kernels.
-Writes benchmarks/results/codec_speed.{json,md}.
+bytes allocated beyond the frame (encode) or the output array (decode). Each path also computes
+the frame's CRC-32 (numpy: zlib.crc32; C: edgebll_crc32, the same value), timed on its own as
+"zlib CRC ms" and "C CRC ms". Writes benchmarks/results/codec_speed.{json,md}.
 
     python benchmarks/codec_speed.py [--repeats 15] [--codecs int8 int4 int2 fp16]
 """
@@ -26,24 +26,32 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine_info, markdown_table, write_results  # noqa: E402
+from common import describe_machine, machine_info, markdown_table, other_processes_cpu, write_results  # noqa: E402
 
 from edgebll import codec  # noqa: E402
+from edgebll.codec import native  # noqa: E402
 from edgebll.codec.frame import FrameHeader  # noqa: E402
 
 # [batch, channels, side, side] float32 messages: 4 KiB ... 16 MiB
 SHAPES = [(64, 1, 4, 4), (64, 4, 8, 8), (64, 16, 16, 16), (64, 64, 16, 16), (64, 64, 32, 32)]
 
 
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def median_seconds(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median time of each call, timed in turn (one of each, `repeats` times).
+
+    Interleaved, so that a load that other processes put on a shared machine lands on every call
+    alike instead of on whichever was being timed at the moment: their ratios stay meaningful.
+    """
     for _ in range(warmup):
-        call()
-    times = []
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_extra_bytes(call: Callable[[], object], result_bytes: int) -> int:
@@ -57,27 +65,31 @@ def peak_extra_bytes(call: Callable[[], object], result_bytes: int) -> int:
 
 
 GROUP_SIZE = 64
+BACKENDS = ("c", "numpy")
 
 
-def measure(shape: tuple[int, ...], name: str, granularity: str, backend: str, repeats: int) -> dict:
+def measure(shape: tuple[int, ...], name: str, granularity: str, repeats: int) -> list[dict]:
+    """One row per backend ("c", then "numpy") for a message of `shape`, timed side by side."""
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     options = {"granularity": granularity, "group_size": GROUP_SIZE}
-    frame = codec.encode(x, name, backend=backend, **options)
+    frame = codec.encode(x, name, backend="c", **options)
+    assert frame == codec.encode(x, name, backend="numpy", **options), "the backends must agree"
     out = np.empty_like(x)
     body = memoryview(frame)[FrameHeader.from_bytes(frame).nbytes :]
-    encode = lambda: codec.encode(x, name, backend=backend, **options)  # noqa: E731
-    decode = lambda: codec.decode(frame, out, backend=backend)  # noqa: E731
+    encode = {b: (lambda b=b: codec.encode(x, name, backend=b, **options)) for b in BACKENDS}
+    decode = {b: (lambda b=b: codec.decode(frame, out, backend=b)) for b in BACKENDS}
     encode_s, decode_s = median_seconds(encode, repeats), median_seconds(decode, repeats)
-    return {
+    crc_s = median_seconds({"zlib": lambda: zlib.crc32(body), "c": lambda: native.crc32(body)}, repeats)
+    return [{
         "shape": list(shape), "message_bytes": x.nbytes, "frame_bytes": len(frame), "codec": name,
         "granularity": granularity, "group_size": GROUP_SIZE if granularity == "group" else None, "backend": backend,
-        "encode_ms": encode_s * 1e3, "decode_ms": decode_s * 1e3,
-        "encode_gb_s": x.nbytes / encode_s / 1e9, "decode_gb_s": x.nbytes / decode_s / 1e9,
-        "crc_ms": median_seconds(lambda: zlib.crc32(body), repeats) * 1e3,
+        "encode_ms": encode_s[backend] * 1e3, "decode_ms": decode_s[backend] * 1e3,
+        "encode_gb_s": x.nbytes / encode_s[backend] / 1e9, "decode_gb_s": x.nbytes / decode_s[backend] / 1e9,
+        "crc_ms": crc_s["zlib"] * 1e3, "c_crc_ms": crc_s["c"] * 1e3,
         # the returned frame is the one allocation encode needs; count everything beyond it (and beyond `out`)
-        "encode_extra_bytes": peak_extra_bytes(encode, len(frame)),
-        "decode_extra_bytes": peak_extra_bytes(decode, 0),
-    }
+        "encode_extra_bytes": peak_extra_bytes(encode[backend], len(frame)),
+        "decode_extra_bytes": peak_extra_bytes(decode[backend], 0),
+    } for backend in BACKENDS]
 
 
 def render(rows: list[dict], machine: dict) -> str:
@@ -91,17 +103,20 @@ def render(rows: list[dict], machine: dict) -> str:
         table.append([f"{row['message_bytes'] / 1024:,.0f} KiB", name, scales, f"{row['frame_bytes'] / 1024:,.1f}",
                       f"{row['encode_ms']:.3f}", f"{ref['encode_ms']:.3f}", f"{ref['encode_ms'] / row['encode_ms']:.2f}",
                       f"{row['decode_ms']:.3f}", f"{ref['decode_ms']:.3f}", f"{ref['decode_ms'] / row['decode_ms']:.2f}",
-                      f"{row['crc_ms']:.3f}",
+                      f"{row['crc_ms']:.3f}", f"{row['c_crc_ms']:.3f}",
                       f"{row['encode_extra_bytes'] / 1024:,.1f}", f"{row['decode_extra_bytes'] / 1024:,.1f}",
                       f"{ref['encode_extra_bytes'] / 1024:,.0f}", f"{ref['decode_extra_bytes'] / 1024:,.0f}"])
     headers = ["message", "codec", "scales", "frame KiB", "C encode ms", "numpy encode ms", "speed-up", "C decode ms",
-               "numpy decode ms", "speed-up", "CRC ms", "C encode extra KiB", "C decode extra KiB",
+               "numpy decode ms", "speed-up", "zlib CRC ms", "C CRC ms", "C encode extra KiB", "C decode extra KiB",
                "numpy encode extra KiB", "numpy decode extra KiB"]
-    return (f"# Codec throughput, C vs numpy\n\nMachine: {describe_machine(machine)}.\n"
-            f"Command: `python benchmarks/codec_speed.py` · median of repeated calls, one run, side by side. "
-            f"Times are whole `encode` / `decode` calls, CRC32 included (its own time in \"CRC ms\"); "
+    return (f"# Codec throughput, C vs numpy\n\nMachine: {describe_machine(machine)}; C CRC-32: "
+            f"{machine.get('crc32_implementation')}; other processes kept {machine.get('other_cores')} cores busy "
+            f"on average.\n"
+            f"Command: `python benchmarks/codec_speed.py {' '.join(sys.argv[1:])}` · median of repeated calls, one run, "
+            f"C and numpy calls interleaved. Times are whole `encode` / `decode` calls, CRC-32 included (zlib's for numpy, the C "
+            f"library's for C; each timed alone in \"zlib CRC ms\" and \"C CRC ms\"); "
             f"\"extra\" is the peak traced allocation beyond the returned frame (encode) or `out` (decode).\n\n"
-            + markdown_table(headers, table, "lllrrrrrrrrrrrr"))
+            + markdown_table(headers, table, "lllrrrrrrrrrrrrr"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,10 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     if not codec.native_available():
         parser.error("the native codec library is not built; run `make setup` (or pip install -e .) first")
     int_codecs = {"int8", "int4", "int2"}
-    jobs = [(s, c, g, b) for s in SHAPES for c in args.codecs
-            for g in (("tensor", "channel", "group") if c in int_codecs else ("tensor",)) for b in ("c", "numpy")]
-    rows = [measure(*job, args.repeats) for job in tqdm(jobs, desc="codec", unit="case")]
-    machine = machine_info(("numpy",))
+    jobs = [(s, c, g) for s in SHAPES for c in args.codecs
+            for g in (("tensor", "channel", "group") if c in int_codecs else ("tensor",))]
+    with other_processes_cpu() as others:
+        rows = [row for job in tqdm(jobs, desc="codec", unit="case") for row in measure(*job, args.repeats)]
+    machine = machine_info(("numpy",)) | {"crc32_implementation": native.crc32_implementation(),
+                                          "other_cores": others.cores}
     json_path, md_path = write_results("codec_speed", {"machine": machine, "repeats": args.repeats, "rows": rows},
                                        render(rows, machine))
     print(md_path.read_text())

@@ -73,11 +73,42 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="bll: feedback blocks learn at S times --lr (default: 10)")
 
 
+WORKER_EXAMPLE = """\
+examples:
+  mpiexec -n 4 edgebll worker runs/a --epochs 1       # 4 ranks on this host, rank k trains block k
+  edgebll train runs/a --transport mpi -n 4            # the same, started for you (one rank per core)
+  mpiexec -f hosts -n 4 edgebll worker runs/a          # one rank per board; hosts lists one board per line
+"""
+
+
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sync", action="store_true",
+                   help="mpi: lock-step, every rank finishes a step before any starts the next (no pipelining; "
+                        "the same weights, slower)")
+    p.add_argument("--max-in-flight", type=int, default=4, metavar="N",
+                   help="mpi: frames per link that may wait for the receiving rank before the sender waits "
+                        "(back-pressure; default: 4)")
+    p.add_argument("--feedback-lookahead", type=int, default=None, metavar="STEPS",
+                   help="mpi, bll: steps rank k's feedback pass may run ahead of its forward pass (default: 2k+1, "
+                        "the least with which no rank waits; beta messages are never stale either way)")
+    p.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="mpi: how long a rank waits for a neighbour before it names it as dead and the run stops "
+                        "(default: 120)")
+
+
+def _worker_config(args: argparse.Namespace) -> Any:
+    from edgebll.worker import WorkerConfig
+
+    return WorkerConfig(sync=args.sync, max_in_flight=args.max_in_flight, peer_timeout=args.peer_timeout,
+                        feedback_lookahead=args.feedback_lookahead)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
                    "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist); the transformer's "
                    "sequence task is synthetic and needs none")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides; "
+                   "1 per rank with --transport mpi, which binds each rank to a core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -101,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
     p.add_argument("--blocks", type=_blocks_arg, default=4,
                    help="number of blocks K (default: 4; bp needs 1), or auto: the fewest blocks that each fit "
-                        "--device/--budget")
+                        "--device/--budget, boundaries chosen so the slowest block is fastest; with a list of "
+                        "boards each takes at most one block, in whatever order fits")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--head", choices=("conv", "linear"), default="conv",
                    help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
@@ -116,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
-                   help="board(s) the blocks must fit (`edgebll devices` lists them; one per block for a mixed set): "
+                   help="board(s) the blocks must fit (`edgebll devices` lists them; a mixed set: one per block in "
+                        "order with --blocks K, or with --blocks auto a pool where each board takes at most one block): "
                         "prints each block's estimated peak memory and refuses a block that does not fit")
     p.add_argument("--budget", default=None, help="instead of --device: a custom board's training budget, e.g. 300MB")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -129,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.add_argument("--resume", action="store_true", help="continue from the trained checkpoints up to --epochs")
     p.add_argument("--restart", action="store_true", help="start over from the exported weights")
+    p.add_argument("--transport", choices=("inprocess", "mpi"), default="inprocess",
+                   help="inprocess: every block in this process, one after another (default); mpi: one rank per "
+                        "block on this host, pipelined (`mpiexec ... edgebll worker` for several boards)")
+    p.add_argument("-n", "--ranks", type=int, default=None, metavar="N",
+                   help="mpi: number of ranks (default and only choice: the run's number of blocks)")
+    _add_worker_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("worker", help="one rank of an MPI run: trains block RANK (start it with mpiexec)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=WORKER_EXAMPLE,
+                       description="Train block k on MPI rank k: activations go up and BLL's feedback messages go "
+                                   "down as codec frames, pipelined, with bounded messages in flight. Rank 0 reads "
+                                   "the data and writes RUN/train.json and RUN/progress.json (the last step every "
+                                   "rank has checkpointed; --resume restarts there).")
+    p.add_argument("run", help="run folder written by `edgebll export` (on every board, at the same path)")
+    _add_train_options(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last step every rank checkpointed")
+    p.add_argument("--restart", action="store_true", help="start over from the exported weights")
+    _add_worker_options(p)
     _add_common(p)
 
     p = sub.add_parser("eval", help="test accuracy of every block's head; writes RUN/eval.json",
@@ -139,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N test samples only")
     p.add_argument("--codec", default=None, help="message codec (default: the one used in training)")
     _add_common(p)
+
+    p = sub.add_parser("export-inference", help="one deployable ONNX model of a trained run's forward chain (host)",
+                       description="Merge every block's trained forward graph into one inference model: input x, "
+                                   "output logits (the last block's). BLL's feedback blocks are left out: they "
+                                   "are not needed at test time. Needs onnx.")
+    p.add_argument("run", help="run folder (trained or not)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--all-heads", action="store_true", help="also output logits_k of every block's local head")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: 0 = ORT decides)")
 
     p = sub.add_parser("demo", help="export cnn-small in 4 BWBPF blocks, train 1 epoch with int8 messages, evaluate",
                        description="The main job end to end on Fashion-MNIST, with a summary table.")
@@ -182,6 +243,21 @@ def _check_export_fit(out: Path, devices: list[Any], batch_size: int) -> None:
         raise
 
 
+def _print_auto_partition(chosen: Any, model: str, method: str) -> None:
+    """What --blocks auto chose: the blocks, which board takes each, the slowest block, unused boards."""
+    from edgebll.export.fit import fit_table
+
+    listed = len(chosen.boards) > 1
+    print(f"exported {chosen.split.num_blocks} block(s) of {model} ({method}) to {chosen.run_dir}: the fewest that fit"
+          f"{', each on its own board of --device' if listed else ''}; slowest block "
+          f"{chosen.split.max_cost / 1e6:.1f} M MACs per sample (head included); "
+          f"{chosen.ranges_estimated} unit ranges estimated in {chosen.search_seconds:.0f} s")
+    print(fit_table(chosen.fits, list(chosen.split.boards) if listed else None))
+    unused = chosen.unused_boards()
+    if unused:
+        print("unused boards: " + ", ".join(f"{chosen.boards[i].name} (#{i + 1})" for i in unused))
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from edgebll.runtime import TrainConfig
 
@@ -207,7 +283,7 @@ def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = not args.no_progress
+    progress = not getattr(args, "no_progress", False)
     if args.command == "export":
         export = _load_exporter()
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
@@ -220,9 +296,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 raise EdgeBLLError("--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE")
             from edgebll.export.fit import export_to_fit, fit_table
 
-            out, fits = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
-            print(f"exported {len(fits)} block(s) of {args.model} ({args.method}) to {out}, the fewest that fit")
-            print(fit_table(fits))
+            chosen = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
+            _print_auto_partition(chosen, args.model, args.method)
             return 0
         out = export.export_model(args.model, out=args.out, blocks=args.blocks, progress=progress, **options)
         print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
@@ -230,6 +305,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             _check_export_fit(out, devices, args.batch_size)
         return 0
 
+    if args.command == "export-inference":
+        _load_exporter()
+        from edgebll.export.inference import chain_inference_model
+
+        out = chain_inference_model(args.run, args.out, all_heads=args.all_heads, threads=args.threads)
+        print(f"wrote {out}: x -> logits{' and every block head' if args.all_heads else ''}")
+        return 0
     if args.command in ("devices", "profile"):
         from edgebll.profiler import run_command
 
@@ -237,9 +319,22 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     from edgebll.runtime import Runtime
 
+    if args.command in ("train", "worker") and args.resume and args.restart:
+        raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+    if args.command == "worker":
+        from edgebll.launch import run_worker
+
+        return run_worker(args.run, _train_config(args), _worker_config(args), threads=args.threads,
+                          data_dir=args.data_dir, restart=args.restart, progress=progress)
+    if args.command == "train" and args.transport == "mpi":
+        from edgebll.launch import train_mpi
+
+        train_mpi(args.run, _train_config(args), _worker_config(args), ranks=args.ranks, threads=args.threads,
+                  data_dir=args.data_dir, restart=args.restart, progress=progress)
+        return 0
     if args.command == "train":
-        if args.resume and args.restart:
-            raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+        if args.ranks is not None:
+            raise EdgeBLLError("-n/--ranks needs --transport mpi")
         runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart)
         summary = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
         last = summary["epochs"][-1]

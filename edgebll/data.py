@@ -138,7 +138,7 @@ class InMemoryDataset:
         count = self.num_batches(batch_size, drop_last) * batch_size
         first = start_batch * batch_size
         if shuffle:
-            order = np.random.default_rng((seed, epoch)).permutation(len(self))
+            order = epoch_order(len(self), seed, epoch)
             for start in range(first, count, batch_size):
                 picked = order[start : start + batch_size]
                 # Fancy indexing copies into a fresh C-contiguous array.
@@ -183,6 +183,12 @@ class Dataset(InMemoryDataset):
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.images, self.labels
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of ``epoch``: a function of (seed, epoch) alone, so every rank of a
+    distributed run, and a resumed run, computes the same batches without being sent them."""
+    return np.random.default_rng((seed, epoch)).permutation(n)
 
 
 def _check_subset_size(n: int, available: int) -> None:

@@ -106,7 +106,7 @@ class _GraphMemory:
 
 def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None, *, codec: str = "int8",
                         codec_backend: str = "auto", memory_pattern: bool | None = None,
-                        manifest: BlockManifest | None = None) -> MemoryEstimate:
+                        manifest: BlockManifest | None = None, in_flight: int = 0) -> MemoryEstimate:
     """Estimate the peak memory of training the block in ``block`` (its folder or its manifest.json).
 
     ``batch_size`` defaults to the one it was exported with. ``codec`` is the message codec
@@ -114,6 +114,8 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
     native codec is built. ``memory_pattern`` is whether ORT's memory pattern is on; None: as
     :class:`~edgebll.runner.BlockRunner` configures its sessions. ``manifest``: the block's
     manifest when it is not written yet (the exporter's case); only training_model.onnx is read.
+    ``in_flight``: the MPI transport's ``--max-in-flight``; each link of the block then holds up to
+    that many frames (with their envelopes) besides the ones counted in ``messages`` (0: in process).
     """
     block_dir = Path(block)
     if block_dir.name == MANIFEST_NAME:
@@ -135,7 +137,8 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
         optimizer_state=2 * graph.gradients if adamw else 0,
         activations=graph.peak,
         allocator=int(arena),
-        messages=message_bytes(manifest, batch, codec=codec, backend=codec_backend),
+        messages=message_bytes(manifest, batch, codec=codec, backend=codec_backend)
+        + in_flight * link_frame_bytes(manifest, batch, codec=codec),
         runtime=RUNTIME_BYTES,
         saved_for_backward=graph.saved,
         guessed_shapes=tuple(graph.guessed),
@@ -170,6 +173,26 @@ def message_bytes(manifest: BlockManifest, batch_size: int, *, codec: str = "int
         # first compute a float32 ratio the size of the message
         scratch = 4 * floats(sent) if numpy_backend and codec.startswith("int") else frame
         total += frame + scratch
+    return total
+
+
+def link_frame_bytes(manifest: BlockManifest, batch_size: int, *, codec: str = "int8") -> int:
+    """One frame in flight on each MPI link of the block: the message it receives and the one it sends.
+
+    Counts what :mod:`edgebll.links` posts per unit of ``--max-in-flight``: an envelope plus a frame,
+    per link (per-tensor scales; other granularities add a few scales).
+    """
+    from edgebll import codec as message_codec
+    from edgebll.links import ENVELOPE
+
+    total = 0
+    receives = manifest.index > 0 if manifest.kind == "forward" else manifest.index < manifest.num_blocks - 2
+    spec = manifest.input("message")
+    if receives and spec is not None:
+        total += ENVELOPE.size + _frame_nbytes(message_codec, [batch_size, *spec.per_sample_shape()], codec)
+    sent = manifest.output("message")
+    if sent is not None:
+        total += ENVELOPE.size + _frame_nbytes(message_codec, [batch_size, *sent.per_sample_shape()], codec)
     return total
 
 

@@ -152,14 +152,19 @@ class BlockRunner:
         api = training_api()
         folder = self.block_dir / TRAINED_DIR
         folder.mkdir(exist_ok=True)
-        final, tmp = folder / "checkpoint", folder / ".checkpoint.tmp"
+        final, tmp, sidecar = folder / "checkpoint", folder / ".checkpoint.tmp", folder / "checkpoint.json"
+        previous = _read_sidecar(sidecar) if final.is_file() else None
         self.progress["epoch"] = epoch
         api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # Two files cannot be replaced at once: the sidecar goes first and names both the new checkpoint
+        # and the one still in place, so a crash between the two renames leaves a complete pair either way.
+        info = {**self.progress, "sha256": sha256_file(tmp)}
+        if previous is not None:
+            info["previous"] = {k: previous[k] for k in ("epoch", "step", "sha256")}
+        write_json_atomic(sidecar, json.dumps(info))
         os.replace(tmp, final)
-        # the sidecar names the checkpoint it belongs to: a crash between the two writes is detected on load
-        write_json_atomic(folder / "checkpoint.json", json.dumps({**self.progress, "sha256": sha256_file(final)}))
         return final
 
     def export_for_inference(self, path: str | os.PathLike) -> Path:
@@ -186,14 +191,25 @@ def session_options(threads: int) -> "SessionOptions":  # noqa: F821 (onnxruntim
     return options
 
 
+def _read_sidecar(sidecar: Path) -> dict | None:
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _verify_trained(checkpoint: Path) -> dict[str, int]:
+    """The progress (epoch, step) of a trained checkpoint, checked against its sidecar's sha256."""
     sidecar = checkpoint.with_name("checkpoint.json")
     try:
         info = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{checkpoint}: no readable {sidecar.name} ({exc}); hint: delete {checkpoint.parent} to "
                             "start from the exported weights") from exc
-    if sha256_file(checkpoint) != info.get("sha256"):
-        raise ManifestError(f"{checkpoint}: sha256 does not match {sidecar.name} (interrupted save?); hint: delete "
-                            f"{checkpoint.parent} to start from the exported weights")
+    got = sha256_file(checkpoint)
+    if got != info.get("sha256"):
+        info = info.get("previous") or {}  # the save was interrupted before its checkpoint replaced this one
+        if got != info.get("sha256"):
+            raise ManifestError(f"{checkpoint}: sha256 does not match {sidecar.name}; the file was modified; hint: "
+                                f"delete {checkpoint.parent} to start from the exported weights")
     return {"epoch": int(info["epoch"]), "step": int(info["step"])}

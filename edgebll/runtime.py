@@ -83,6 +83,22 @@ class TrainConfig:
             raise EdgeBLLError(f"BLL mixing weights must be >= 0, got --mix-start {self.mix_start} --mix-end {self.mix_end}")
 
 
+def codec_options(config: TrainConfig, step: int, block: int, feedback: bool = False) -> dict[str, Any]:
+    """encode() options of the message that (feedback) block ``block`` sends at ``step``.
+
+    Stochastic rounding needs a seed that differs per step and link and repeats on resume; it is
+    a function of these alone, so every transport sends the same bytes.
+    """
+    seed = ((config.seed * 2**32 + step) * 2**16 + 2 * block + int(feedback)) % 2**64
+    return {"granularity": config.granularity, "group_size": config.group_size, "rounding": config.rounding,
+            "seed": seed}
+
+
+def mix_weight(config: TrainConfig, step: int, total: int) -> float:
+    """BLL's mixing weight m at ``step`` of ``total``: linear from mix_start to mix_end."""
+    return config.mix_start + (config.mix_end - config.mix_start) * step / max(total - 1, 1)
+
+
 class Runtime:
     """All blocks of one run, trained in this process."""
 
@@ -120,7 +136,7 @@ class Runtime:
     def num_blocks(self) -> int:
         return len(self.runners)
 
-    def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str, *,
+    def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str = "tensor", *,
               group_size: int = 64, rounding: str = "nearest", seed: int = 0,
               feedback: bool = False) -> tuple[np.ndarray, int]:
         """Encode ``message`` as (feedback) block ``block`` sends it, decode it as its neighbour receives it."""
@@ -135,9 +151,7 @@ class Runtime:
 
     @staticmethod
     def _codec_options(config: TrainConfig, step: int, block: int, feedback: bool = False) -> dict[str, Any]:
-        # stochastic rounding needs a seed that differs per step and link, and repeats on resume
-        seed = ((config.seed * 2**32 + step) * 2**16 + 2 * block + int(feedback)) % 2**64
-        return {"group_size": config.group_size, "rounding": config.rounding, "seed": seed, "feedback": feedback}
+        return codec_options(config, step, block, feedback) | {"feedback": feedback}
 
     def train(self, config: TrainConfig | None = None, *, data: InMemoryDataset | None = None, data_dir: str | None = None,
               progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -177,7 +191,7 @@ class Runtime:
                                           start_batch=done):
                 lr = learning_rate(config.schedule, base_lr, step, total, config.warmup_steps)
                 priors = self._feedback_step(labels, lr, step, config, sums, down_bytes) if self.is_bll else None
-                mix = config.mix_start + (config.mix_end - config.mix_start) * step / max(total - 1, 1)
+                mix = mix_weight(config, step, total)
                 h = x
                 for k, runner in enumerate(self.runners):
                     side = labels if priors is None or k == self.num_blocks - 1 else (mix * priors[k]).astype(np.float32)
@@ -187,7 +201,7 @@ class Runtime:
                     if result.metric is not None:
                         sums[2, k] += result.metric * len(labels)
                     if result.message is not None:
-                        h, nbytes = self._send(result.message, k, step, config.codec, config.granularity,
+                        h, nbytes = self._send(result.message, k, step, config.codec,
                                                **self._codec_options(config, step, k))
                         up_bytes[k] += nbytes
                 seen += len(labels)
@@ -245,7 +259,7 @@ class Runtime:
             sums[3, k] += result.loss * len(labels)
             if k > 0:
                 assert result.message is not None, "feedback blocks send beta down"
-                beta, nbytes = self._send(result.message, k, step, config.codec, config.granularity,
+                beta, nbytes = self._send(result.message, k, step, config.codec,
                                           **self._codec_options(config, step, k, feedback=True))
                 down_bytes[k - 1] += nbytes
         return priors

@@ -31,7 +31,7 @@ from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, genera
 from .heads import make_head
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
-from .partition import balanced_split, unit_costs
+from .partition import balanced_split, check_bounds, unit_costs
 
 
 @dataclass
@@ -48,9 +48,20 @@ class BlockPlan:
     units: list[str]
 
 
-def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv",
-                 latent: str = "categorical") -> tuple[list[nn.Module], list[tuple[int, ...]], list[list[int]]]:
-    """Partition ``spec`` into forward blocks; returns the torch blocks, their input shapes and unit indices."""
+def block_head(kind: str, activation_shape: tuple[int, ...], num_classes: int, *, last: bool,
+               per_token: bool = False) -> nn.Module:
+    """The local head of a block whose units end in ``activation_shape`` (``per_token``: a sequence model's)."""
+    # The last block's head is the classifier, always pool + linear; earlier blocks may use a conv head.
+    return make_head("linear" if last else kind, activation_shape, num_classes, per_token=per_token)
+
+
+def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical", *,
+                 bounds: Sequence[int] | None = None) -> tuple[list[nn.Module], list[tuple[int, ...]], list[list[int]]]:
+    """Partition ``spec`` into forward blocks; returns the torch blocks, their input shapes and unit indices.
+
+    ``bounds`` (``[0, b1, ..., n]``, as ``edgebll.export.fit`` chooses them) replaces the
+    MAC-balanced split into ``num_blocks`` blocks.
+    """
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if method == "bp" and num_blocks != 1:
@@ -60,15 +71,13 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
     if latent not in LATENTS:
         raise ExportError(f"unknown latent distribution {latent!r}; choose one of {list(LATENTS)}")
     costs, shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)
-    bounds = balanced_split(costs, num_blocks)
+    bounds = balanced_split(costs, num_blocks) if bounds is None else check_bounds(bounds, len(spec.units), num_blocks)
     blocks: list[nn.Module] = []
     in_shapes, groups = [], []
     for k in range(num_blocks):
         lo, hi = bounds[k], bounds[k + 1]
         last = k == num_blocks - 1
-        # The last block's head is the classifier, always pool + linear; earlier blocks may use a conv head.
-        head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes,
-                                per_token=bool(spec.label_shape))
+        head_module = block_head(head, shapes[hi - 1], spec.num_classes, last=last, per_token=bool(spec.label_shape))
         if method == "bll" and not last:
             blocks.append(BLLForwardBlock(spec.units[lo:hi], head_module, latent))
         else:
@@ -78,10 +87,10 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
     return blocks, in_shapes, groups
 
 
-def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv",
-                latent: str = "categorical") -> list[BlockPlan]:
+def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical", *,
+                bounds: Sequence[int] | None = None) -> list[BlockPlan]:
     """Every graph to export for ``method``, forward blocks first, then BLL's feedback blocks."""
-    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent)
+    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent, bounds=bounds)
     # one latent (logits, prior, beta, one-hot target) of num_classes units per label: per sample or per token
     latent_shape = (*spec.label_shape, spec.num_classes)
     plans = []
@@ -124,6 +133,7 @@ def export_model(
     latent: str = "categorical",
     overwrite: bool = False,
     progress: bool = True,
+    bounds: Sequence[int] | None = None,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
@@ -132,7 +142,9 @@ def export_model(
     unit the partitioner will not split). ``method``: "bwbpf", "bll" or "bp". ``head`` is the local
     head of every block but the last ("conv": stride-2 conv + pool + linear, "linear": pool +
     linear). ``latent`` (bll): the distribution of each block's latent, "categorical" or "bernoulli".
-    ``lr`` is stored in ``run.json`` as the default for ``edgebll train``.
+    ``lr`` is stored in ``run.json`` as the default for ``edgebll train``. ``bounds``
+    (``[0, b1, ..., n]``, ``len(bounds) == blocks + 1``) sets the unit boundaries instead of the
+    MAC-balanced split.
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")
@@ -144,7 +156,7 @@ def export_model(
     config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
     torch.manual_seed(seed)
     spec = build_model(model, input_shape=input_shape, num_classes=num_classes)
-    plans = plan_blocks(spec, method, blocks, head, latent)
+    plans = plan_blocks(spec, method, blocks, head, latent, bounds=bounds)
     out.mkdir(parents=True, exist_ok=True)
     for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
         folder = out / block_dir_name(plan.index)
@@ -163,10 +175,15 @@ def export_model(
 
 
 def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: str, model_name: str,
-                 batch_size: int, optimizer: OptimizerConfig) -> BlockManifest:
-    """Write one graph's artifacts and manifest into ``block_dir``."""
+                 batch_size: int, optimizer: OptimizerConfig, trace_batch_size: int | None = None) -> BlockManifest:
+    """Write one graph's artifacts and manifest into ``block_dir``.
+
+    ``trace_batch_size``: the batch of the example inputs torch traces with (default ``batch_size``).
+    The graph's batch axis is symbolic, so a small one exports the same graph faster; the manifest
+    and its estimate still use ``batch_size``.
+    """
     block_dir.mkdir(parents=True, exist_ok=True)
-    onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, batch_size)
+    onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
     trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
     generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
     manifest = BlockManifest(

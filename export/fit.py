@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +14,19 @@ from typing import Any
 from edgebll.devices.profiles import DeviceProfile, format_bytes
 from edgebll.errors import ExportError
 from edgebll.manifest import (
-    FEEDBACK_DIR, MANIFEST_NAME, block_dir_name, load_block_manifest, load_run_config, write_json_atomic,
+    FEEDBACK_DIR, MANIFEST_NAME, RUN_NAME, block_dir_name, load_block_manifest, load_run_config, write_json_atomic,
 )
+
+from .split_search import Split, search_split
 
 IDLE_RUNTIME_BYTES = 50 * 2**20
 """Resident memory of an idle interpreter with numpy and ORT's training API imported, which the
 estimate does not include (measured: 50.2 MiB on x86-64, benchmarks/results/memory.md)."""
+
+
+def block_allowance_bytes(device: DeviceProfile) -> int:
+    """What one block may use on ``device``: its training budget less the idle runtime."""
+    return device.budget_bytes - IDLE_RUNTIME_BYTES
 
 
 @dataclass(frozen=True)
@@ -28,10 +37,12 @@ class BlockFit:
     device: DeviceProfile
     estimated_bytes: int
     """The forward block's estimate plus, for BLL, its feedback block's (both train on the board)."""
+    units: tuple[str, ...] = ()
+    """The model's units the block holds."""
 
     @property
     def allowance_bytes(self) -> int:
-        return self.device.budget_bytes - IDLE_RUNTIME_BYTES
+        return block_allowance_bytes(self.device)
 
     @property
     def fits(self) -> bool:
@@ -59,21 +70,27 @@ def check_fit(run_dir: str | os.PathLike, devices: DeviceProfile | Sequence[Devi
         folders = [run_dir / block_dir_name(k)]
         if (folders[0] / FEEDBACK_DIR).is_dir():
             folders.append(folders[0] / FEEDBACK_DIR)
-        estimate = 0
+        estimate, units = 0, ()
         for folder in folders:
             manifest = load_block_manifest(folder, verify_files=False)
             manifest.device = device.to_dict()
             write_json_atomic(folder / MANIFEST_NAME, manifest.to_json())
             estimate += manifest.estimated_peak_bytes
-        fits.append(BlockFit(k, device, estimate))
+            units = units or tuple(manifest.units)  # the forward block's; a feedback block names itself
+        fits.append(BlockFit(k, device, estimate, units))
     return fits
 
 
-def fit_table(fits: list[BlockFit]) -> str:
-    """A table for people: block, board, estimate, allowance (budget minus the idle runtime), fits."""
-    lines = [f"{'block':>5}  {'device':<22} {'estimate':>11} {'allowance':>11}  fits"]
-    for f in fits:
-        lines.append(f"{f.index:>5}  {f.device.name:<22} {format_bytes(f.estimated_bytes):>11} "
+def fit_table(fits: list[BlockFit], positions: Sequence[int] | None = None) -> str:
+    """A table for people: block, its units, board, estimate, allowance (budget minus the idle runtime), fits.
+
+    ``positions``: per block, where its board is in the --device list (shown 1-based).
+    """
+    lines = [f"{'block':>5}  {'units':<22} {'device':<22} {'estimate':>11} {'allowance':>11}  fits"]
+    for k, f in enumerate(fits):
+        units = f.units[0] if len(f.units) == 1 else f"{f.units[0]}..{f.units[-1]}" if f.units else ""
+        board = f.device.name + (f" (#{positions[k] + 1})" if positions is not None else "")
+        lines.append(f"{f.index:>5}  {units:<22} {board:<22} {format_bytes(f.estimated_bytes):>11} "
                      f"{format_bytes(f.allowance_bytes):>11}  {'yes' if f.fits else 'NO'}")
     return "\n".join(lines)
 
@@ -88,47 +105,114 @@ def refuse_misfits(fits: list[BlockFit], batch_size: int) -> None:
         raise ExportError(f"{what}; hint: more --blocks, a smaller --batch-size than {batch_size}, or a bigger board")
 
 
+@dataclass(frozen=True)
+class AutoPartition:
+    """What ``--blocks auto`` chose and exported (:func:`export_to_fit`)."""
+
+    run_dir: Path
+    fits: list[BlockFit]
+    """Each block's estimate, read back from the exported manifests, against its board."""
+    split: Split
+    """The boundaries and, per block, the index of its board in the boards given."""
+    boards: list[DeviceProfile]
+    """The boards as given."""
+    searched_bytes: list[int]
+    """Each block's estimate as the search saw it; the same bytes as ``fits``' (a test checks it)."""
+    ranges_estimated: int
+    """Unit ranges the search exported to estimate, and the time it took."""
+    search_seconds: float
+
+    def unused_boards(self) -> list[int]:
+        """Positions (0-based) of listed boards that take no block."""
+        return [] if len(self.boards) == 1 else [i for i in range(len(self.boards)) if i not in self.split.boards]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What run.json records under "partition"."""
+        return {"search": "fewest blocks that fit, then the smallest largest block (MACs incl. head)",
+                "bounds": list(self.split.bounds), "max_block_macs": self.split.max_cost,
+                "boards": [self.boards[i].name for i in self.split.boards],
+                "board_positions": list(self.split.boards) if len(self.boards) > 1 else None,
+                "estimated_peak_bytes": [f.estimated_bytes for f in self.fits],
+                "search_matches_manifests": self.searched_bytes == [f.estimated_bytes for f in self.fits],
+                "allowance_bytes": [f.allowance_bytes for f in self.fits],
+                "ranges_estimated": self.ranges_estimated, "search_seconds": round(self.search_seconds, 1)}
+
+
 def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile | Sequence[DeviceProfile],
-                  method: str = "bwbpf", progress: bool = True, **export_options: Any) -> tuple[Path, list[BlockFit]]:
-    """Export ``model`` in the fewest blocks (at unit granularity) whose every block fits its board.
+                  method: str = "bwbpf", progress: bool = True, **export_options: Any) -> AutoPartition:
+    """Export ``model`` in the fewest blocks (at unit granularity) that each fit their board, slowest block fastest.
 
-    The partition keeps balancing cost (MACs) so the slowest block is as fast as the split allows;
-    with one board per block (a list of K boards) K is fixed. When even one unit per block does not
-    fit, the error names each unit that is too big alone and by how much.
+    ``devices``: one board (as many of it as the split needs) or a list of boards, each taking at
+    most one block; the search chooses which board takes which block (:mod:`.split_search`), with
+    every range's memory estimated from its exported training graph (:mod:`.range_memory`). The
+    chosen split is then exported and every block checked again from its manifest. When nothing
+    fits, the error names each unit too big alone for the largest board and by how much, or says how
+    many boards it would take.
     """
-    from tqdm import tqdm
-
-    from .exporter import export_model
+    from .artifacts import OptimizerConfig
+    from .exporter import block_head, export_model
     from .models import build_model
+    from .partition import range_costs, unit_costs
+    from .range_memory import RangeMemory
 
     out = Path(out)
     overwrite = export_options.pop("overwrite", False)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; hint: choose another --out or pass --overwrite")
-    spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
-                       num_classes=export_options.get("num_classes", 10))
     if method == "bp":
         raise ExportError("--blocks auto splits a model into blocks; --method bp is one block by definition")
+    spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
+                       num_classes=export_options.get("num_classes", 10))
     boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
-    first = 2 if method == "bll" else 1
-    candidates = [len(boards)] if len(boards) > 1 else list(range(first, len(spec.units) + 1))
+    allowances = [block_allowance_bytes(board) for board in boards]
+    head, n = export_options.get("head", "conv"), len(spec.units)
+    optimizer = export_options.get("optimizer", "adamw")
+    shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)[1]
+    heads = [block_head(head, shape, spec.num_classes, last=hi == n, per_token=bool(spec.label_shape))
+             for hi, shape in enumerate(shapes, start=1)]
+    costs = range_costs(spec.units, spec.input_shape, heads, spec.input_dtype)
+    memory = RangeMemory(spec=spec, method=method, batch_size=export_options.get("batch_size", 64), head=head,
+                         latent=export_options.get("latent", "categorical"),
+                         optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer))
+    if progress:
+        print(f"searching block boundaries of {n} units for {', '.join(b.name for b in boards)} ...", file=sys.stderr)
+    split = search_split(n, lambda lo, hi: costs[lo][hi], memory, allowances, reuse=len(boards) == 1,
+                         min_blocks=2 if method == "bll" else 1)
+    if split is None:
+        raise ExportError(_no_split_message(spec.unit_names, memory, boards, allowances, method))
     trial = out.with_name(f".{out.name}.fitting")
-    fits: list[BlockFit] = []
-    for k in tqdm(candidates, desc="fit", unit="split", disable=not progress):
-        export_model(model, out=trial, method=method, blocks=k, overwrite=True, progress=False, **export_options)
-        fits = check_fit(trial, boards)
-        if all(f.fits for f in fits):
-            if out.exists():
-                shutil.rmtree(out)
-            trial.rename(out)
-            return out, fits
-    shutil.rmtree(trial, ignore_errors=True)
-    bad = [f for f in fits if not f.fits]
-    if len(candidates) == 1 and len(boards) > 1:
-        refuse_misfits(fits, export_options.get("batch_size", 64))
-    names = [spec.unit_names[f.index] for f in bad] if len(fits) == len(spec.units) else []
-    detail = "; ".join(f"unit {name!r} alone needs about {format_bytes(f.estimated_bytes)}, "
-                       f"{f.device.name} allows {format_bytes(f.allowance_bytes)} "
-                       f"(short by {format_bytes(f.estimated_bytes - f.allowance_bytes)})" for name, f in zip(names, bad))
-    raise ExportError(f"no split into 1..{len(spec.units)} blocks fits: {detail}; hint: a smaller --batch-size, "
-                      "or a bigger board for that unit")
+    try:
+        export_model(model, out=trial, method=method, blocks=split.num_blocks, bounds=split.bounds, overwrite=True,
+                     progress=progress, **export_options)
+        fits = check_fit(trial, [boards[i] for i in split.boards])
+        refuse_misfits(fits, export_options.get("batch_size", 64))  # the exported graphs have the last word
+        result = AutoPartition(run_dir=out, fits=fits, split=split, boards=boards,
+                               searched_bytes=[memory(lo, hi) for lo, hi in split.ranges()],
+                               ranges_estimated=len(memory.estimates), search_seconds=memory.seconds)
+        config = load_run_config(trial)
+        write_json_atomic(trial / RUN_NAME, json.dumps({**config, "partition": result.to_dict()}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        trial.rename(out)
+    finally:
+        shutil.rmtree(trial, ignore_errors=True)
+    return result
+
+
+def _no_split_message(names: list[str], memory: Any, boards: list[DeviceProfile], allowances: list[int],
+                      method: str) -> str:
+    """Why no split fits: the units too big alone for the largest board, or too few boards for the rest."""
+    largest = max(range(len(boards)), key=lambda i: allowances[i])
+    big, room = boards[largest], allowances[largest]
+    n = len(names)
+    alone = [(u, memory(u, u + 1)) for u in range(n)] if method != "bll" or n > 1 else []
+    too_big = [(u, need) for u, need in alone if need > room]
+    if too_big:
+        detail = "; ".join(f"unit {names[u]!r} alone needs about {format_bytes(need)}, {big.name} allows "
+                           f"{format_bytes(room)} (short by {format_bytes(need - room)})" for u, need in too_big)
+        return (f"no split into 1..{n} blocks fits: {detail}; hint: a smaller --batch-size, or a bigger board for "
+                "that unit")
+    needed = search_split(n, lambda lo, hi: 0.0, memory, [room], reuse=True, min_blocks=2 if method == "bll" else 1)
+    fewest = f"on boards like {big.name} it takes {needed.num_blocks} blocks" if needed else "no split fits"
+    return (f"no assignment of the {len(boards)} boards listed fits the model: {fewest}; hint: list more boards, "
+            "bigger ones, or a smaller --batch-size")

@@ -67,3 +67,28 @@ def balanced_split(costs: Sequence[float], num_blocks: int) -> list[int]:
     for k in range(num_blocks, 0, -1):
         bounds.append(int(arg[k][bounds[-1]]))
     return bounds[::-1]
+
+
+def check_bounds(bounds: Sequence[int], num_units: int, num_blocks: int) -> list[int]:
+    """``bounds`` as a list, refused unless it is ``[0, b1, ..., num_units]``, strictly increasing, of ``num_blocks`` blocks."""
+    bounds = [int(b) for b in bounds]
+    if len(bounds) != num_blocks + 1 or bounds[0] != 0 or bounds[-1] != num_units or any(
+            a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ExportError(f"block boundaries must run 0 < ... < {num_units} (the model's units) in {num_blocks} "
+                          f"blocks, got {bounds}")
+    return bounds
+
+
+def range_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...], heads: Sequence[nn.Module],
+                input_dtype: str = "float32") -> list[list[float]]:
+    """``cost[lo][hi]``: forward MACs per sample of units lo..hi-1 plus ``heads[hi - 1]``, the head that block ends with.
+
+    The head counts because it trains with the block: a conv head on a wide early unit costs a
+    quarter of a ResNet basic block.
+    """
+    macs, shapes = unit_costs(units, input_shape, input_dtype)
+    head_macs = [unit_costs([head], shape)[0][0] for head, shape in zip(heads, shapes)]
+    prefix = np.concatenate([[0.0], np.cumsum(macs)])
+    n = len(units)
+    return [[float(prefix[hi] - prefix[lo] + head_macs[hi - 1]) if hi > lo else 0.0 for hi in range(n + 1)]
+            for lo in range(n + 1)]

@@ -8,6 +8,7 @@ import platform
 import shutil
 import struct
 import subprocess
+import sys
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -191,24 +192,44 @@ def test_c_equals_numpy_on_activation_like_messages(
         np.testing.assert_array_equal(bits(codec.decode(frame_c, backend="c")), bits(codec.decode(frame_c, backend="numpy")))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 copies exist on x86-64 only")
-def test_baseline_build_without_avx2_copies_gives_the_same_frames(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_loader: None
-) -> None:
-    """The installed library runs its AVX2 kernels on this machine; build the SSE2-only one too and compare.
-
-    Random bit patterns (subnormals, huge values, ties) and every layout of test_c_equals_numpy_...
-    """
+def build_library(folder: Path, *defines: str) -> Path:
+    """Compile csrc/ into `folder` with the flags CMakeLists.txt uses plus `defines`; skips without cc."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         pytest.skip("no C compiler")
-    library = tmp_path / native.LIBRARY_FILENAMES[0]
+    library = folder / native.LIBRARY_FILENAMES[0]
+    sources = [str(REPO / "csrc" / name) for name in ("codec.c", "crc32.c")]
     subprocess.run([compiler, "-std=c11", "-O3", "-fno-fast-math", "-ffp-contract=off", "-shared", "-fPIC",
-                    "-DEDGEBLL_CODEC_NO_CLONES", f"-I{REPO / 'csrc'}", str(REPO / "csrc" / "codec.c"), "-o", str(library)],
-                   check=True)
+                    *defines, f"-I{REPO / 'csrc'}", *sources, "-o", str(library)], check=True)
+    return library
+
+
+# The x86-64 builds below the installed one: (define, CRC-32 code it must run). The installed library
+# picks AVX-512 or AVX2 kernels and the widest CRC this CPU has; these check the others on it too.
+X86_BUILDS = {
+    "no AVX-512": ("-DEDGEBLL_CODEC_NO_AVX512", "pclmulqdq"),
+    "baseline": ("-DEDGEBLL_CODEC_NO_CLONES", "slice-by-8"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 copies exist on x86-64 only")
+@pytest.mark.parametrize("build", X86_BUILDS)
+def test_builds_without_the_wide_copies_give_the_same_frames(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_loader: None, build: str
+) -> None:
+    """The installed library runs this machine's widest kernels; build the narrower ones too and compare.
+
+    Random bit patterns (subnormals, huge values, ties) and every layout of test_c_equals_numpy_...
+    """
+    define, crc_implementation = X86_BUILDS[build]
+    if crc_implementation == "pclmulqdq" and "pclmulqdq" not in cpu_flags():
+        crc_implementation = "slice-by-8"
+    library = build_library(tmp_path, define)
     monkeypatch.setattr(native, "search_dirs", lambda: [tmp_path])
     assert native.find_library(native.search_dirs()) == library and codec.native_available()
+    assert native.crc32_implementation() == crc_implementation
+    check_crc32_against_zlib()
     rng = np.random.default_rng(42)
     cases = []
     for _ in range(30):
@@ -870,6 +891,109 @@ def test_an_unexpected_c_status_becomes_a_codec_error() -> None:
 def test_ctypes_signatures_are_declared() -> None:
     require_native()
     lib = native.load_library()
+    special = {"edgebll_crc32": ctypes.c_uint32, "edgebll_crc32_implementation": ctypes.c_char_p}
     for name, (argtypes, restype) in native._SIGNATURES.items():
         function = getattr(lib, name)
-        assert function.argtypes == argtypes and function.restype is restype is ctypes.c_int
+        assert function.argtypes == argtypes and function.restype is restype is special.get(name, ctypes.c_int)
+
+
+# ---------------------------------------------------------------------------------------------
+# CRC-32: the C one must be zlib's, bit for bit, on every path (tables, PCLMULQDQ, ARMv8 CRC32)
+
+# Every length up to 600 (the fast paths switch at 64 and 256 bytes and fold 16 at a time), a
+# sweep to several KiB, sizes around the 256-byte steps, and large ones.
+CRC_LENGTHS = [*range(601), *range(601, 9000, 37), *(k * 256 + d for k in (4, 16, 64) for d in (-17, -1, 0, 1, 15, 16, 17)),
+               65_537, 1 << 20, (1 << 20) + 13, (3 << 20) + 7]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo ("flags" on x86, "Features" on arm64; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def check_crc32_against_zlib() -> None:
+    """edgebll_crc32 of the loaded library equals zlib.crc32 on every length, at odd addresses, chained."""
+    lib = native.load_library()
+    data = np.random.default_rng(7).integers(0, 256, max(CRC_LENGTHS) + 16, dtype=np.uint8)
+    raw = data.tobytes()
+    base = data.ctypes.data
+    for length in CRC_LENGTHS:
+        for offset in (0, 1, 3, 8, 13) if length < 20_000 else (0, 5):
+            expected = zlib.crc32(raw[offset : offset + length])
+            assert lib.edgebll_crc32(0, base + offset, length) == expected, (length, offset)
+    for length in (0, 1, 63, 64, 255, 256, 4099, 1 << 20):  # continuing a crc, as zlib.crc32(data, value)
+        for start in (0, 0xFFFFFFFF, 0x12345678):
+            assert lib.edgebll_crc32(start, base + 3, length) == zlib.crc32(raw[3 : 3 + length], start), (length, start)
+    assert lib.edgebll_crc32(0x1234, None, 0) == 0x1234  # NULL is fine with n == 0
+
+
+def test_c_crc32_equals_zlib() -> None:
+    require_native()
+    check_crc32_against_zlib()
+    assert native.crc32(memoryview(b"123456789")) == zlib.crc32(b"123456789") == 0xCBF43926  # the check value
+
+
+def test_c_crc32_uses_the_fastest_code_the_cpu_has() -> None:
+    require_native()
+    flags = cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64") and "pclmulqdq" in flags:
+        expected = "vpclmulqdq-avx512" if {"vpclmulqdq", "avx512f"} <= flags else "pclmulqdq"
+    elif platform.machine() == "aarch64" and "crc32" in flags:
+        expected = "armv8-crc32"
+    else:
+        expected = "slice-by-8"
+    assert native.crc32_implementation() == expected
+
+
+def test_both_backends_checksum_frames_with_zlib_crc32(backend: str) -> None:
+    x = np.random.default_rng(3).standard_normal((4, 8, 9, 9), dtype=np.float32)
+    frame = codec.encode(x, "int8", granularity="group", group_size=7, backend=backend)
+    header = FrameHeader.from_bytes(frame)
+    assert header.crc32 == zlib.crc32(frame[header.nbytes :])
+
+
+def run_harness(compiler: str, folder: Path, *defines: str, runner: tuple[str, ...] = ()) -> list[str]:
+    """Build tests/native/codec_harness.c with csrc/ (statically, for qemu-user) and return its lines."""
+    binary = folder / f"harness{''.join(defines)}"
+    sources = [str(REPO / "tests" / "native" / "codec_harness.c"), *(str(REPO / "csrc" / name) for name in ("codec.c", "crc32.c"))]
+    subprocess.run([compiler, "-static", "-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-fno-fast-math",
+                    "-ffp-contract=off", *defines, f"-I{REPO / 'csrc'}", *sources, "-o", str(binary)], check=True)
+    return subprocess.run([*runner, str(binary)], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="cross-checks aarch64 from an x86-64 host")
+def test_aarch64_build_matches_the_host_and_zlib(tmp_path: Path) -> None:
+    """Cross-compile the codec for aarch64 (ARMv8 CRC32 and table builds), run it under qemu-user, compare.
+
+    Needs Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (apt-get install -y ...).
+    """
+    cross, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    host = shutil.which(os.environ.get("CC", "cc"))
+    if cross is None or qemu is None or host is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
+                    "libc6-dev-arm64-cross qemu-user)")
+    expected = run_harness(host, tmp_path)
+    data = bytes((((i * 2654435761) & 0xFFFFFFFF) >> 24) for i in range(70000))  # as the harness makes it
+    crc_lines = [line.split() for line in expected if line.startswith("crc ")]
+    assert len(crc_lines) > 2000
+    for _, offset, length, value in crc_lines:
+        start = int(offset)
+        assert int(value, 16) == zlib.crc32(data[start : start + int(length)]), (offset, length)
+    for defines, implementation in (((), "armv8-crc32"), (("-DEDGEBLL_CODEC_NO_CLONES",), "slice-by-8")):
+        lines = run_harness(cross, tmp_path, *defines, runner=(qemu,))
+        assert lines[0] == f"implementation {implementation}"
+        assert lines[1:] == expected[1:]
+
+
+def test_crc32_tables_are_generated() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "csrc" / "make_crc32_table.py"), "--check"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from edgebll.errors import ExportError
+from edgebll.devices.profiles import DeviceProfile
 from edgebll.export import build_blocks, build_model, export_model
+from edgebll.export.models import conv_bn_relu
 from edgebll.export.partition import balanced_split, unit_costs
 
 
@@ -151,26 +153,59 @@ def test_export_cli_refuses_a_board_too_small(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out.count(" yes") == 4
 
 
+def test_export_cli_auto_says_which_board_takes_each_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgebll.cli import main
+
+    out = tmp_path / "run"
+    assert main(["export", "--model", "cnn-small", "--blocks", "auto", "--device", "rpi-zero-2w,rpi4-2gb", "--out",
+                 str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "exported 1 block(s) of cnn-small (bwbpf)" in printed and "1 unit ranges estimated" in printed
+    assert "stage0..stage3" in printed and "rpi-zero-2w (#1)" in printed and "unused boards: rpi4-2gb (#2)" in printed
+
+
 def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
+    """Real exports of a tiny model: the search's range estimates are the manifests', the split is the fewest
+    blocks that fit, and a listed board that fits goes first (the no-fit errors: the test below)."""
     from edgebll.devices.profiles import custom_profile
-    from edgebll.export.fit import IDLE_RUNTIME_BYTES, check_fit, export_to_fit
-    from edgebll.export.models import conv_bn_relu
+    from edgebll.export.fit import IDLE_RUNTIME_BYTES, export_to_fit
+    from edgebll.export.range_memory import RangeMemory
+    from edgebll.manifest import load_run_config
 
     def units() -> list[nn.Module]:
         torch.manual_seed(0)
-        return [nn.Sequential(*conv_bn_relu(1, 8)), nn.Sequential(*conv_bn_relu(8, 8)), nn.Sequential(*conv_bn_relu(8, 8))]
+        return [nn.Sequential(*conv_bn_relu(1, 8)), nn.Sequential(*conv_bn_relu(8, 8)),
+                nn.Sequential(*conv_bn_relu(8, 16, stride=2))]
+
+    def board(allowance: int, name: str = "custom") -> DeviceProfile:
+        return custom_profile(IDLE_RUNTIME_BYTES + allowance, name=name)
 
     roomy = custom_profile("4GB")
-    _, fits = export_to_fit(units(), out=tmp_path / "one", devices=roomy, batch_size=16, progress=False)
-    assert len(fits) == 1  # everything fits in one block: the fewest
-    export_model(units(), out=tmp_path / "three", blocks=3, batch_size=16, progress=False)
-    per_unit = [f.estimated_bytes for f in check_fit(tmp_path / "three", roomy)]
-    tight = custom_profile(IDLE_RUNTIME_BYTES + max(per_unit))  # exactly the largest single-unit block
-    out, fits = export_to_fit(units(), out=tmp_path / "tight", devices=tight, batch_size=16, progress=False)
-    assert 1 < len(fits) <= 3 and all(f.fits for f in fits) and out.is_dir()
+    chosen = export_to_fit(units(), out=tmp_path / "one", devices=roomy, batch_size=16, progress=False)
+    assert chosen.split.bounds == (0, 3) and chosen.ranges_estimated == 1  # one block fits: nothing else is exported
+    alone = RangeMemory(spec=build_model(units()), batch_size=16)
+    single = [alone(u, u + 1) for u in range(3)]  # each unit as the block it would be
+    chosen = export_to_fit(units(), out=tmp_path / "tight", devices=board(max(single)), batch_size=16, progress=False)
+    assert 1 < chosen.split.num_blocks <= 3 and all(f.fits for f in chosen.fits) and chosen.run_dir.is_dir()
+    assert chosen.searched_bytes == [f.estimated_bytes for f in chosen.fits]  # the search saw the manifests' numbers
+    assert load_run_config(chosen.run_dir)["partition"]["bounds"] == list(chosen.split.bounds)
     assert not (tmp_path / ".tight.fitting").exists()
-    hopeless = custom_profile(IDLE_RUNTIME_BYTES + min(per_unit) // 2)
-    with pytest.raises(ExportError, match=r"no split into 1\.\.3 blocks fits: unit 'unit0' alone needs about .* "
-                                          r"\(short by .*\); hint: a smaller --batch-size"):
-        export_to_fit(units(), out=tmp_path / "none", devices=hopeless, batch_size=16, progress=False)
-    assert not (tmp_path / "none").exists() and not (tmp_path / ".none.fitting").exists()
+    # listed small board first: one block on the roomy second board beats two blocks
+    chosen = export_to_fit(units(), out=tmp_path / "mixed", devices=[board(min(single), "small"), roomy],
+                           batch_size=16, progress=False)
+    assert chosen.split.boards == (1,) and chosen.fits[0].device == roomy and chosen.unused_boards() == [0]
+
+
+def test_no_split_message_names_the_unit_or_the_missing_boards() -> None:
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.export.fit import IDLE_RUNTIME_BYTES, _no_split_message
+
+    boards = [custom_profile(IDLE_RUNTIME_BYTES + 100, name="a"), custom_profile(IDLE_RUNTIME_BYTES + 60, name="b")]
+    names = ["u0", "u1", "u2"]
+    memory = {(0, 1): 50, (1, 2): 130, (2, 3): 50, (0, 2): 200, (1, 3): 200, (0, 3): 300}
+    message = _no_split_message(names, lambda lo, hi: memory[lo, hi], boards, [100, 60], "bwbpf")
+    assert "unit 'u1' alone needs about 130 B, a allows 100 B (short by 30 B)" in message and "u0" not in message
+    memory[1, 2] = 90  # every unit fits the big board alone; two boards are too few for three blocks
+    message = _no_split_message(names, lambda lo, hi: memory[lo, hi], boards, [100, 60], "bwbpf")
+    assert message.startswith("no assignment of the 2 boards listed fits the model: on boards like a it takes 3 "
+                              "blocks; hint: list more boards")

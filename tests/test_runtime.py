@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,35 @@ def test_bll_needs_two_blocks(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match=r"--method bll needs at least 2 blocks"):
         export_model("cnn-small", method="bll", blocks=1, out=tmp_path / "r", progress=False)
+
+
+@pytest.mark.parametrize("cut_at", ["trained/checkpoint", "trained/checkpoint.json"])
+def test_a_save_interrupted_between_its_two_files_leaves_a_complete_pair(run_copy: Path, cut_at: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgebll.runner as runner_module
+
+    data = synthetic(32)
+    Runtime.from_run(run_copy, threads=1).train(data=data, epochs=1, progress=False)  # saved: step 2
+    runner = BlockRunner(run_copy / "block-1", threads=1)
+    before = runner.parameters()
+    runner.train_step(np.zeros((16, 4, 28, 28), np.float32), np.zeros(16, np.int64), 0.5)
+    real_replace = os.replace
+
+    def power_cut(src: object, dst: object) -> None:
+        if str(dst).endswith(cut_at):
+            raise KeyboardInterrupt  # the power goes before this file is in place
+        real_replace(src, dst)
+
+    import edgebll.manifest as manifest_module
+
+    monkeypatch.setattr(runner_module.os, "replace", power_cut)
+    monkeypatch.setattr(manifest_module.os, "replace", power_cut)  # the sidecar's atomic write
+    with pytest.raises(KeyboardInterrupt):
+        runner.save(epoch=1)
+    monkeypatch.undo()
+    reloaded = BlockRunner(run_copy / "block-1", threads=1)
+    assert reloaded.progress == {"epoch": 1, "step": 2}  # the old checkpoint, with its own progress
+    for name, value in before.items():
+        np.testing.assert_array_equal(reloaded.parameters()[name], value, err_msg=name)
+    reloaded.save(epoch=1)  # and the next save completes normally
+    assert BlockRunner(run_copy / "block-1", threads=1).progress == {"epoch": 1, "step": 2}

@@ -1,0 +1,239 @@
+"""Run a worker per rank: ``edgebll worker`` under MPI, and ``edgebll train --transport mpi`` that starts it.
+
+The worker entry point turns any user error on one rank into a one-line message naming the rank
+and ends the whole job (``MPI.Abort``): the other ranks would otherwise wait for it until their
+peer timeout. The launcher runs ``mpiexec`` on this host, passes its output through, and when a
+rank dies (``kill -9``, out of memory) names it from the pid that mpiexec reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgebll.errors import EdgeBLLError, TrainingError
+
+MPI_HINT = "hint: pip install 'edgebll[mpi]' (mpi4py and MPICH from PyPI; no system packages needed)"
+
+
+def import_mpi() -> Any:
+    """``mpi4py.MPI``, or a clear error when it is not installed."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise EdgeBLLError(f"the MPI transport needs mpi4py ({exc}); {MPI_HINT}") from exc
+    return MPI
+
+
+def run_worker(run_dir: str, train: Any, worker: Any, *, threads: int, data_dir: str | None, restart: bool,
+               progress: bool) -> int:
+    """The body of ``edgebll worker``: this rank's share of the run; rank 0 prints the summary."""
+    MPI = import_mpi()
+    from edgebll.worker import Worker
+
+    comm = MPI.COMM_WORLD
+    try:
+        summary = Worker(run_dir, comm, train, worker, threads=threads, data_dir=data_dir, restart=restart,
+                         progress=progress).run()
+    except EdgeBLLError as exc:
+        line = f"rank {comm.Get_rank()}: error: {type(exc).__name__}: {exc}"
+        print(f"edgebll worker: {line}", file=sys.stderr, flush=True)
+        if comm.Get_size() > 1:
+            _record_error(Path(run_dir), comm.Get_rank(), line)
+            time.sleep(0.5)  # let mpiexec forward the line before Abort tears its output down
+            comm.Abort(2)  # ends every rank now, instead of each one timing out on the missing peer
+        return 2
+    if summary is not None:
+        last = summary["epochs"][-1]
+        print(f"trained {summary['steps']} steps on {summary['ranks']} ranks ({summary['schedule']}) · train "
+              f"accuracy per block {last['accuracy']} · {summary['samples_per_s']} samples/s · wrote "
+              f"{Path(run_dir) / 'train.json'}", flush=True)
+    return 0
+
+
+def _record_error(run_dir: Path, rank: int, line: str) -> None:
+    """Keep a rank's last error where the launcher finds it (mpiexec may drop output on Abort)."""
+    from edgebll.manifest import write_json_atomic
+    from edgebll.worker import RANKS_DIR
+
+    try:
+        (run_dir / RANKS_DIR).mkdir(exist_ok=True)
+        write_json_atomic(run_dir / RANKS_DIR / f"rank-{rank}.error.json", json.dumps({"rank": rank, "error": line}))
+    except OSError:
+        pass  # the error is printed anyway; a read-only run folder must not hide it
+
+
+def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | None = None, restart: bool = False,
+                progress: bool = True) -> list[str]:
+    """A TrainConfig and a WorkerConfig as ``edgebll worker`` options (what every rank must be told)."""
+    valued = {"--epochs": train.epochs, "--codec": train.codec, "--granularity": train.granularity,
+              "--group-size": train.group_size, "--rounding": train.rounding, "--lr": train.lr,
+              "--schedule": train.schedule, "--warmup-steps": train.warmup_steps, "--limit": train.limit,
+              "--seed": train.seed, "--checkpoint-every": train.checkpoint_every, "--mix-start": train.mix_start,
+              "--mix-end": train.mix_end, "--feedback-lr-scale": train.feedback_lr_scale,
+              "--max-in-flight": worker.max_in_flight, "--peer-timeout": worker.peer_timeout,
+              "--feedback-lookahead": worker.feedback_lookahead, "--data-dir": data_dir, "--threads": threads}
+    out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
+    flags = {"--resume": train.resume, "--restart": restart, "--sync": worker.sync, "--no-progress": not progress}
+    return out + [flag for flag, on in flags.items() if on]
+
+
+def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None, *, ranks: int | None = None,
+              threads: int = 0, data_dir: str | None = None, restart: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Train ``run_dir`` on one MPI rank per block on this host; returns train.json's content.
+
+    ``train`` is an ``edgebll.TrainConfig``, ``worker`` an ``edgebll.worker.WorkerConfig`` (defaults
+    when None). The Python face of ``edgebll train RUN --transport mpi``.
+    """
+    from edgebll.manifest import load_run_config
+    from edgebll.runtime import TrainConfig
+    from edgebll.worker import WorkerConfig
+
+    train, worker = train or TrainConfig(), worker or WorkerConfig()
+    train.validate()
+    worker.validate()
+    blocks = int(load_run_config(run_dir)["blocks"])
+    ranks = blocks if ranks is None else ranks
+    if ranks != blocks:
+        raise EdgeBLLError(f"{run_dir} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "
+                           "hint: re-export with --blocks N to use N devices")
+    # each rank is bound to one core: ORT would otherwise start a thread per core of the machine on it
+    threads = threads or 1
+    launch(str(run_dir), ranks, worker_argv(train, worker, threads=threads, data_dir=data_dir, restart=restart,
+                                            progress=progress))
+    from edgebll.runtime import TRAIN_NAME
+
+    return json.loads((Path(run_dir) / TRAIN_NAME).read_text())
+
+
+def find_mpiexec() -> str:
+    """mpiexec next to this Python (a venv with the ``mpich`` wheel), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise EdgeBLLError(f"--transport mpi: no mpiexec next to {sys.executable} or on PATH; {MPI_HINT}")
+    return found
+
+
+class _FirstExit:
+    """Watches the ranks' processes on this host and records which one ended first.
+
+    mpiexec stops every rank once one dies and then names one of the pids, not always the first
+    to go; a pidfd becomes readable the moment its process ends, so a thread blocked in poll()
+    sees the rank that died before mpiexec has killed the rest.
+    """
+
+    def __init__(self, ranks_dir: Path, ranks: int, process: subprocess.Popen) -> None:
+        import threading
+
+        self.ranks_dir, self.ranks, self.process = ranks_dir, ranks, process
+        self.rank: int | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        import select
+
+        fds: dict[int, int] = {}
+        poller = select.poll()
+        while len(fds) < self.ranks and self.process.poll() is None:  # the ranks register at start-up
+            for path in self.ranks_dir.glob("rank-*[0-9].json"):
+                try:
+                    info = json.loads(path.read_text())
+                    fd = os.pidfd_open(int(info["pid"]))
+                except (OSError, ValueError, KeyError, AttributeError):
+                    continue
+                if int(info["rank"]) in fds.values():
+                    os.close(fd)
+                    continue
+                fds[fd] = int(info["rank"])
+                poller.register(fd, select.POLLIN)
+            time.sleep(0.01)
+        try:
+            while self.rank is None and self.process.poll() is None and fds:
+                ended = [fds[fd] for fd, _ in poller.poll(200)]
+                if ended:
+                    self.rank = min(ended) if len(ended) > 1 else ended[0]
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool = True) -> int:
+    """Start ``ranks`` workers on this host with mpiexec; returns 0, or raises naming the rank that failed."""
+    import_mpi()
+    from edgebll.worker import RANKS_DIR
+
+    command = [find_mpiexec(), "-n", str(ranks)]
+    if bind:
+        command += ["-bind-to", "core"]  # one rank per core, as one block per board would be
+    command += [sys.executable, "-m", "edgebll", "worker", run_dir, *worker_args]
+    shutil.rmtree(Path(run_dir) / RANKS_DIR, ignore_errors=True)  # pids of an earlier run would mislead
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first_exit = _FirstExit(Path(run_dir) / RANKS_DIR, ranks, process)
+    tail = bytearray()
+    assert process.stdout is not None
+    # pass the output through unchanged (progress bars use \r) and keep the end to explain a failure
+    while chunk := os.read(process.stdout.fileno(), 1 << 16):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        tail = (tail + chunk)[-(1 << 16):]
+    code = process.wait()
+    if code == 0:
+        return 0
+    raise TrainingError(explain_failure(Path(run_dir), tail.decode(errors="replace"), code, ranks, first_exit.rank))
+
+
+def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exit: int | None = None) -> str:
+    """One line: which rank failed and how, what is safe on disk, how to go on.
+
+    ``first_exit``: the rank whose process ended first, where the launcher could see it.
+    """
+    from edgebll.worker import PROGRESS_NAME, RANKS_DIR
+
+    pids, by_rank = {}, {}
+    for path in (run_dir / RANKS_DIR).glob("rank-*[0-9].json"):
+        info = json.loads(path.read_text())
+        pids[int(info["pid"])] = by_rank[int(info["rank"])] = info
+    recorded = {}
+    for path in run_dir.glob(f"{RANKS_DIR}/rank-*.error.json"):
+        record = json.loads(path.read_text())
+        recorded[int(record["rank"])] = record["error"].split(": error: ", 1)[-1]
+    reported = re.search(r"rank (\d+): error: (.*)", output)
+    if reported and int(reported.group(1)) not in recorded:
+        recorded[int(reported.group(1))] = reported.group(2).strip()
+    died = re.search(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (\d+)", output)
+    who = "a rank"
+    if first_exit is not None and first_exit not in recorded:  # it ended first and said nothing: it died
+        info = by_rank.get(first_exit, {})
+        who = (f"rank {first_exit} (block {first_exit}) died (pid {info.get('pid', '?')} on {info.get('host', '?')}) "
+               "and mpiexec stopped the other ranks")
+    elif recorded:
+        rank = first_exit if first_exit in recorded else min(recorded)
+        # a generic "--resume" hint is replaced by the one below, which knows whether a checkpoint exists
+        error = re.sub(r"; hint: (check its log; )?completed checkpoints can be resumed.*$", "", recorded[rank])
+        who = f"rank {rank} (block {rank}) stopped the run: {error}"
+    elif died:
+        pid, host, exit_code = int(died.group(1)), died.group(2), int(died.group(3))
+        info = pids.get(pid)
+        name = f"rank {info['rank']} (block {info['block']})" if info else f"the rank with pid {pid}"
+        how = f"killed by signal {exit_code}" if exit_code in (9, 15, 6, 11) else f"exit code {exit_code}"
+        who = f"{name} died on {host} ({how}); mpiexec stopped the other ranks"
+    progress = run_dir / PROGRESS_NAME
+    saved = json.loads(progress.read_text())["step"] if progress.is_file() else None
+    safe = (f"every rank's checkpoint of step {saved} is complete ({progress})" if saved is not None
+            else "no step was checkpointed by every rank yet")
+    again = "--resume" if saved is not None else "--restart"
+    return (f"{run_dir}: the MPI run on {ranks} ranks failed (exit code {code}): {who}; {safe}; hint: fix the cause "
+            f"and continue with `edgebll train {run_dir} --transport mpi -n {ranks} {again}`")

@@ -1,0 +1,197 @@
+"""The MPI transport: 2-3 ranks over loopback, against the single-process runtime.
+
+Each test starts ``edgebll train --transport mpi`` (mpiexec with one rank per block) on real
+Fashion-MNIST images, as a user would, and checks weights, train.json, and what a failure leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgebll.runner import BlockRunner
+from edgebll.runtime import Runtime
+from tests.conftest import require_real_data
+
+pytest.importorskip("mpi4py", reason="the MPI transport needs mpi4py (pip install 'edgebll[mpi]'; make test does)")
+pytestmark = pytest.mark.slow
+
+LIMIT = 128  # 8 steps of 16 per epoch
+
+
+@pytest.fixture(scope="module")
+def bll_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-block BLL run of the tiny conv net (forward and feedback blocks on every rank but the last)."""
+    import torch
+    from torch import nn
+
+    from edgebll.export import export_model
+    from edgebll.export.models import conv_bn_relu
+
+    torch.manual_seed(0)
+    units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)),
+             nn.Sequential(*conv_bn_relu(8, 8, 2))]
+    out = tmp_path_factory.mktemp("runs") / "bll"
+    export_model(units, out=out, method="bll", blocks=3, batch_size=16, lr=0.01, progress=False)
+    return out
+
+
+def edgebll(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgebll", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def mpi_train(run: Path, *args: str, ranks: int = 3, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return edgebll("train", str(run), "--transport", "mpi", "-n", str(ranks), "--limit", str(LIMIT), "--threads", "1",
+                   "--no-progress", "--data-dir", str(require_real_data()), *args, env=env)
+
+
+def weights(run: Path, blocks: int = 3) -> dict[str, np.ndarray]:
+    folders = [run / f"block-{k}" for k in range(blocks)] + [p for p in sorted(run.glob("block-*/feedback"))]
+    return {f"{folder.relative_to(run)}/{name}": value for folder in folders
+            for name, value in BlockRunner(folder).parameters().items()}
+
+
+def assert_same_weights(a: Path, b: Path, blocks: int = 3) -> None:
+    wa, wb = weights(a, blocks), weights(b, blocks)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wb[name], atol=1e-6, err_msg=name)
+
+
+def in_process(run: Path, tmp_path: Path, **config: object) -> Path:
+    reference = Path(shutil.copytree(run, tmp_path / "inprocess"))
+    Runtime.from_run(reference, threads=1).train(limit=LIMIT, data_dir=str(require_real_data()), progress=False,
+                                                 **config)
+    return reference
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "sync"])
+def test_mpi_run_ends_with_the_in_process_weights(bll_run: Path, tmp_path: Path, schedule: str) -> None:
+    reference = in_process(bll_run, tmp_path, epochs=2)
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    done = mpi_train(run, "--epochs", "2", *(["--sync"] if schedule == "sync" else []))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(reference, run)
+    summary = json.loads((run / "train.json").read_text())
+    expected = json.loads((reference / "train.json").read_text())
+    assert summary["transport"] == "mpi" and summary["ranks"] == 3 and summary["schedule"] == schedule
+    assert summary["samples"] == 2 * LIMIT and summary["samples_per_s"] > 0
+    assert summary["message_bytes_per_sample"] == expected["message_bytes_per_sample"]
+    for got, want in zip(summary["epochs"], expected["epochs"], strict=True):
+        np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5)
+        assert got["accuracy"] == want["accuracy"] and got["samples_per_block"] == [LIMIT] * 3
+    assert json.loads((run / "progress.json").read_text())["step"] == 16
+    # eval works on an MPI-trained run as on any other
+    evaluation = edgebll("eval", str(run), "--limit", "200", "--no-progress", "--data-dir", str(require_real_data()))
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert json.loads((run / "eval.json").read_text())["samples"] == 200
+
+
+def test_a_killed_rank_is_named_and_the_run_resumes_to_the_same_weights(bll_run: Path, tmp_path: Path) -> None:
+    reference = in_process(bll_run, tmp_path, epochs=2)
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    began = time.monotonic()
+    # rank 1 is killed (SIGKILL) before its step 11, in epoch 2; checkpoints every 3 steps
+    crashed = mpi_train(run, "--epochs", "2", "--checkpoint-every", "3", env={"EDGEBLL_INJECT_FAULT": "kill:1:11"})
+    assert time.monotonic() - began < 120
+    assert crashed.returncode == 2, crashed.stdout + crashed.stderr
+    # named by mpiexec's report of the pid, or by the neighbour that saw its link break first
+    assert "rank 1 (block 1) died" in crashed.stderr, crashed.stderr
+    marker = json.loads((run / "progress.json").read_text())["step"]
+    assert marker in (8, 9)  # rank 1 saved step 9 only if it got there before dying; never beyond
+    for folder in [run / f"block-{k}" for k in range(3)] + sorted(run.glob("block-*/feedback")):
+        BlockRunner(folder)  # every checkpoint left is complete (sha256 checked against its sidecar)
+        assert (folder / "trained" / "history" / f"step-{marker}" / "checkpoint").is_file()
+
+    resumed = mpi_train(run, "--epochs", "2", "--checkpoint-every", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(reference, run)
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["resumed_from_step"] == marker
+    # no sample skipped or doubled: each block trained exactly LIMIT samples in each epoch, across the crash
+    assert [e["samples_per_block"] for e in summary["epochs"]] == [[LIMIT] * 3, [LIMIT] * 3]
+
+
+@pytest.mark.parametrize(("fault", "says"), [
+    ("corrupt", "rejected the activation frame from rank 0 for step 5: "),
+    ("misstep", "the activation from rank 0 for step 5 was rejected: its envelope says magic b'EBLM', rank 0, step 6"),
+    ("reshape", "rejected the activation frame from rank 0 for step 5: shape [15, 4, 28, 28], but the block takes "
+                "[16, 4, 28, 28]"),
+])
+def test_a_bad_frame_is_rejected_naming_sender_and_step(bll_run: Path, tmp_path: Path, fault: str, says: str) -> None:
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    failed = mpi_train(run, env={"EDGEBLL_INJECT_FAULT": f"{fault}:0:5"})
+    assert failed.returncode == 2
+    # the launcher's one line, from the error the rank recorded before it stopped the job
+    assert "rank 1 (block 1) stopped the run: PeerError: rank 1" in failed.stderr, failed.stdout + failed.stderr
+    assert says in failed.stderr and "it was not fed to the block" in failed.stderr, failed.stderr
+    if fault == "corrupt":
+        assert "CRC32" in failed.stderr
+    assert not (run / "block-1" / "trained").exists()  # the run stopped at step 5, before any checkpoint
+
+
+def test_wrong_number_of_ranks_is_refused(bll_run: Path) -> None:
+    done = mpi_train(bll_run, ranks=2)
+    assert done.returncode == 2
+    assert "has 3 blocks, so it trains on 3 ranks, got -n 2" in done.stderr
+
+
+def test_train_mpi_from_python_matches_in_process_for_bwbpf(tiny_run: Path, tmp_path: Path) -> None:
+    from edgebll.launch import train_mpi
+    from edgebll.runtime import TrainConfig
+    from edgebll.worker import WorkerConfig
+
+    reference = in_process(tiny_run, tmp_path, epochs=1, codec="int4", granularity="channel")
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    summary = train_mpi(run, TrainConfig(limit=LIMIT, codec="int4", granularity="channel"),
+                        WorkerConfig(max_in_flight=1), threads=1, data_dir=str(require_real_data()), progress=False)
+    assert summary["transport"] == "mpi" and summary["method"] == "bwbpf" and summary["steps"] == 8
+    assert summary["config"]["max_in_flight"] == 1
+    from edgebll.codec import frame_nbytes
+
+    sent = [frame_nbytes([16, 4, 28, 28], "int4", "channel") + 16, frame_nbytes([16, 8, 14, 14], "int4", "channel") + 16]
+    # one frame in flight per link, on each side: what the ranks hold beyond their blocks
+    assert summary["link_buffer_bytes_per_rank"] == [sent[0], sent[0] + sent[1], sent[1]]
+    assert_same_weights(reference, run)
+
+
+def test_the_estimate_counts_what_the_links_hold(tiny_run: Path, tmp_path: Path) -> None:
+    from edgebll.memory import estimate_peak_bytes
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    done = mpi_train(run, "--max-in-flight", "3", "--codec", "int8")
+    assert done.returncode == 0, done.stdout + done.stderr
+    held = json.loads((run / "train.json").read_text())["link_buffer_bytes_per_rank"]
+    for k in range(3):
+        extra = (estimate_peak_bytes(run / f"block-{k}", in_flight=3).total
+                 - estimate_peak_bytes(run / f"block-{k}").total)
+        assert extra == held[k], k
+
+
+def test_a_rank_that_hangs_is_named_by_its_neighbour_after_the_peer_timeout(bll_run: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    began = time.monotonic()
+    failed = mpi_train(run, "--peer-timeout", "3", env={"EDGEBLL_INJECT_FAULT": "hang:1:5"})
+    assert time.monotonic() - began < 60  # no hang: the neighbours give up after 3 s and stop the job
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "nothing within 3 s; rank 1 (block 1) has died or hangs" in failed.stderr, failed.stderr
+
+
+def test_resume_never_deletes_weights_that_no_mpi_checkpoint_covers(tiny_run: Path, tmp_path: Path) -> None:
+    run = in_process(tiny_run, tmp_path, epochs=1)  # trained in one process: no progress.json
+    before = weights(run)
+    done = mpi_train(run, "--epochs", "2", "--resume")
+    assert done.returncode == 2
+    assert "--resume finds no progress.json" in done.stderr and "--restart to start over" in done.stderr
+    after = weights(run)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
