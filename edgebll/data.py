@@ -92,18 +92,19 @@ class InMemoryDataset:
     whose constructor takes them positionally; :meth:`subset` builds one with sliced arrays.
     """
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(inputs, labels)``: all samples, in order (the arrays themselves, not copies)."""
         raise NotImplementedError
 
     def __len__(self) -> int:
-        return len(self._arrays()[1])
+        return len(self.arrays()[1])
 
     def subset(self: _Samples, n: int | None) -> _Samples:
         """The first ``n`` samples (views, no copy); ``None`` keeps all of them."""
         if n is None:
             return self
         _check_subset_size(n, len(self))
-        inputs, labels = self._arrays()
+        inputs, labels = self.arrays()
         return type(self)(inputs[:n], labels[:n])
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
@@ -134,7 +135,7 @@ class InMemoryDataset:
         that order without building them (a run resumed in the middle of an epoch).
         """
         _check_batch_size(batch_size)
-        inputs, labels = self._arrays()
+        inputs, labels = self.arrays()
         count = self.num_batches(batch_size, drop_last) * batch_size
         first = start_batch * batch_size
         if shuffle:
@@ -181,7 +182,7 @@ class Dataset(InMemoryDataset):
                 f"Dataset has {len(self.images)} images but {len(self.labels)} labels"
             )
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.images, self.labels
 
 

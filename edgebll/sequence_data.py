@@ -83,7 +83,7 @@ class SequenceDataset(InMemoryDataset):
             raise ValueError(f"SequenceDataset tokens {list(self.tokens.shape)} and targets "
                              f"{list(self.targets.shape)} differ in shape")
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens, self.targets
 
 

@@ -40,10 +40,12 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll import codec as message_codec
-from edgebll.data import epoch_order, load_fashion_mnist
+from edgebll.data import epoch_order
 from edgebll.errors import CodecError, EdgeBLLError, ManifestError, TrainingError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
+from edgebll.metrics import count_correct
+from edgebll.run_data import load_run_dataset
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.runtime import TRAIN_NAME, TrainConfig, codec_options, mix_weight
 from edgebll.schedule import learning_rate
@@ -100,6 +102,8 @@ class _EpochSums:
     feedback_loss: float = 0.0
     samples: int = 0
     feedback_samples: int = 0
+    labelled: int = 0
+    """Labels counted for the accuracy: one per sample (images), one per token (the sequence task)."""
 
 
 @dataclass(slots=True)
@@ -118,7 +122,9 @@ class _RankState:
     @classmethod
     def from_json(cls, text: str) -> _RankState:
         data = json.loads(text)
-        return cls(int(data["step"]), {int(e): _EpochSums(**s) for e, s in data["sums"].items()},
+        # a checkpoint from before per-token counting has one label per sample
+        return cls(int(data["step"]), {int(e): _EpochSums(**{"labelled": s["samples"], **s})
+                                       for e, s in data["sums"].items()},
                    int(data["up_bytes"]), int(data["down_bytes"]))
 
 
@@ -222,24 +228,25 @@ class Worker:
         return runner, feedback
 
     def _labels(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rank 0 loads the data and broadcasts the labels; returns (labels, images on rank 0 else None)."""
-        images = None
+        """Rank 0 loads run.json's dataset and broadcasts the labels; returns (labels, inputs on rank 0 else None)."""
+        inputs = None
         labels = None
-        count = 0
+        count, label_shape = 0, ()
         error = None
         if self.rank == 0:
             try:
-                data = load_fashion_mnist("train", self.data_dir, limit=self.train.limit)
-                images, labels, count = data.images, data.labels, len(data)
+                data = load_run_dataset(self.config.get("data"), "train", self.data_dir, limit=self.train.limit)
+                inputs, labels = data.arrays()
+                count, label_shape = len(data), labels.shape[1:]  # [N] per image, [N, T] per token
             except EdgeBLLError as exc:
                 error = str(exc)
-        count, error = self.comm.bcast((count, error), root=0)
+        count, label_shape, error = self.comm.bcast((count, label_shape, error), root=0)
         if error is not None:
             raise EdgeBLLError(f"rank 0 cannot load the training data: {error}")
         if labels is None:
-            labels = np.empty(count, np.int64)
+            labels = np.empty((count, *label_shape), np.int64)
         self.comm.Bcast(labels, root=0)
-        return labels, images
+        return labels, inputs
 
     def _links(self, runner: BlockRunner, feedback: BlockRunner | None) -> None:
         depth, timeout = self.worker.max_in_flight, self.worker.peer_timeout
@@ -329,15 +336,16 @@ class Worker:
     def _forward_step(self, step: int, prior: np.ndarray | None) -> None:
         labels = self._step_labels(step)
         if self.up_recv is None:
-            assert self.images is not None
-            x = self.images[self._picked]
+            assert self.inputs is not None
+            x = self.inputs[self._picked]
         else:
             x = self._receive(self.up_recv, step, self._expected_x)
         side = labels if prior is None else (mix_weight(self.train, step, self.total) * prior).astype(np.float32)
         result = self.runner.train_step(x, side, self._lr(step))
         sums = self._sums(step)
         sums.loss += result.loss * len(labels)
-        sums.correct += int((result.logits.argmax(1) == labels).sum())
+        sums.correct += count_correct(result.logits, labels)
+        sums.labelled += labels.size
         if result.metric is not None:
             sums.metric += result.metric * len(labels)
         sums.samples += len(labels)
@@ -434,7 +442,7 @@ class Worker:
         if self.runner.progress["step"] != start:
             raise ManifestError(f"{self.name}: the checkpoint holds step {self.runner.progress['step']}, expected "
                                 f"{start}; hint: --restart")
-        self.labels, self.images = self._labels()
+        self.labels, self.inputs = self._labels()
         self.steps_per_epoch = len(self.labels) // self.batch
         if self.steps_per_epoch == 0:
             raise EdgeBLLError(f"{len(self.labels)} training samples make no full batch of {self.batch}")
@@ -498,7 +506,7 @@ class Worker:
             bar.update()
             if self.rank == self.size - 1:
                 sums = self._sums(step)
-                bar.set_postfix(loss=f"{sums.loss / sums.samples:.3f}", acc=f"{sums.correct / sums.samples:.3f}")
+                bar.set_postfix(loss=f"{sums.loss / sums.samples:.3f}", acc=f"{sums.correct / max(sums.labelled, 1):.3f}")
         bar.close()
 
     def _drain_controls(self) -> None:
@@ -531,7 +539,7 @@ class Worker:
             record = {
                 "epoch": epoch + 1,
                 "loss": [round(p.loss / max(p.samples, 1), 5) for p in per],
-                "accuracy": [round(p.correct / max(p.samples, 1), 5) for p in per],
+                "accuracy": [round(p.correct / max(p.labelled, 1), 5) for p in per],
                 "samples": seen[0], "samples_per_block": seen,
             }
             if self.is_bll:

@@ -164,6 +164,21 @@ def test_train_mpi_from_python_matches_in_process_for_bwbpf(tiny_run: Path, tmp_
     assert_same_weights(reference, run)
 
 
+def test_the_sequence_task_over_mpi_matches_in_process(tmp_path: Path) -> None:
+    """The transformer (token ids in, per-token labels and latents): rank 0 loads run.json's dataset, the
+    labels [N, T] are broadcast, accuracy is per token, and the weights are the single process's."""
+    from edgebll.export import export_model
+
+    run = export_model("transformer", out=tmp_path / "t", method="bll", blocks=3, batch_size=16, progress=False)
+    reference = in_process(run, tmp_path, epochs=1)
+    done = mpi_train(run, "--epochs", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(reference, run)
+    got, want = (json.loads((r / "train.json").read_text())["epochs"][-1] for r in (run, reference))
+    assert got["accuracy"] == want["accuracy"] and got["samples_per_block"] == [LIMIT] * 3
+    np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5)
+
+
 def test_the_estimate_counts_what_the_links_hold(tiny_run: Path, tmp_path: Path) -> None:
     from edgebll.memory import estimate_peak_bytes
 
