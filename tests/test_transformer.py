@@ -75,3 +75,13 @@ def test_the_sequence_task_trains_through_the_cli(tmp_path: Path) -> None:
     # chance is 10 % per token; a broken per-token loss, latent or accuracy count stays near it. Measured after
     # these 64 steps (lr 2e-3): 100 % on every block.
     assert evaluation["test_accuracy"] >= 0.6, evaluation
+    # the deployable chain takes token ids and gives per-token logits: the same accuracy as eval's
+    edgebll("export-inference", str(run), "--out", str(tmp_path / "t.onnx"))
+    import onnxruntime
+
+    from edgebll.sequence_data import ReversalTask, load_reversal
+
+    test = load_reversal("test", ReversalTask.from_dict(config["data"]), limit=512)
+    logits = onnxruntime.InferenceSession(str(tmp_path / "t.onnx")).run(None, {"x": test.tokens})[0]
+    assert logits.shape == (512, 10, 10)
+    assert (logits.argmax(-1) == test.targets).mean() == pytest.approx(evaluation["test_accuracy"], abs=2e-3)
