@@ -96,6 +96,12 @@ def _system_busy_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for (subprocesses it ran, and theirs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @dataclass(slots=True)
 class OtherProcessesCpu:
     """CPU that other processes used while a ``with other_processes_cpu()`` block ran."""
@@ -108,16 +114,17 @@ class OtherProcessesCpu:
 def other_processes_cpu() -> Iterator[OtherProcessesCpu]:
     """Measure how many cores other processes kept busy during the block: timings are clean only near 0.
 
-    Everything busy on the machine (/proc/stat) minus this process's own CPU time, over the wall time.
+    Everything busy on the machine (/proc/stat) minus this process's own CPU time and that of the
+    subprocesses it ran and waited for (an MPI run's ranks, a profiled block), over the wall time.
     Resolution is one clock tick (10 ms) per core, so blocks shorter than a second read coarsely.
     """
     result = OtherProcessesCpu()
-    busy, own, wall = _system_busy_seconds(), time.process_time(), time.perf_counter()
+    busy, own, wall = _system_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
     yield result
     busy_end = _system_busy_seconds()
     elapsed = time.perf_counter() - wall
     if busy is not None and busy_end is not None and elapsed > 0:
-        others = (busy_end - busy) - (time.process_time() - own)
+        others = (busy_end - busy) - (_own_cpu_seconds() - own)
         result.cores = round(max(others, 0.0) / elapsed, 2)
 
 
