@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Partition a model into blocks, attach each block's local loss, and write one "
                                    "artifact folder per block plus run.json under --out.")
     p.add_argument("--model", default="cnn-small", help="model zoo name: cnn-small or resnet18 (default: cnn-small)")
-    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp"),
+    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp", "predsim"),
                    help="bwbpf: a local head and cross-entropy per block; bll: block-local learning with a "
-                        "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
+                        "feedback twin network (Kappel et al. 2023); bp: the whole model as one block; predsim: "
+                        "prediction + similarity local losses (Nokland & Eidnes 2019) (default: bwbpf)")
     p.add_argument("--blocks", type=_blocks_arg, default=4,
                    help="number of blocks K (default: 4; bp needs 1), or auto: the fewest blocks that each fit "
                         "--device/--budget")
@@ -134,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", choices=("categorical", "bernoulli"), default="categorical",
                    help="bll: distribution of each block's latent, one unit per class (default: categorical; "
                         "see README)")
+    p.add_argument("--predsim-beta", type=float, default=0.99, metavar="BETA",
+                   help="predsim: local loss (1-BETA)*prediction + BETA*similarity (default: 0.99, the paper's)")
+    p.add_argument("--predsim-features", type=int, default=2048, metavar="N",
+                   help="predsim: the prediction term average-pools the activation to at most N features "
+                        "(default: 2048)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: adamw, torch's formula)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     p.add_argument("--lr", type=float, default=None, help="default learning rate stored for train "
@@ -256,7 +262,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
         options = dict(method=args.method, batch_size=args.batch_size, head=args.head, latent=args.latent,
                        optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay), lr=lr,
-                       seed=args.seed, overwrite=args.overwrite)
+                       seed=args.seed, overwrite=args.overwrite,
+                       predsim=export.PredSimConfig(beta=args.predsim_beta, max_features=args.predsim_features))
         devices = _devices(args)
         if args.blocks == "auto":
             if not devices:

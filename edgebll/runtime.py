@@ -219,6 +219,8 @@ class Runtime:
             if self.is_bll:
                 record["kl"] = (sums[2, :-1] / max(seen, 1)).round(5).tolist()
                 record["feedback_loss"] = (sums[3, :-1] / max(seen, 1)).round(5).tolist()
+            if self.config["method"] == "predsim":  # the similarity term alone, per block below the classifier
+                record["similarity_loss"] = (sums[2, :-1] / max(seen, 1)).round(5).tolist()
             history.append(record)
         bar.close()
         elapsed = time.perf_counter() - began

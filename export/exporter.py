@@ -4,7 +4,9 @@ Per method, each block k becomes (see ``plan_blocks``):
 - bwbpf / bp: ``LocalBlock(x, labels) -> (loss, logits[, y])`` (bp: one block, the whole model);
 - bll: ``BLLForwardBlock(x, prior) -> (loss, logits, y, kl)`` for k < K-1 and a ``LocalBlock`` for the
   last (its posterior given the one-hot target is the target itself: cross-entropy), plus a
-  ``FeedbackBlock(beta, target) -> (loss, logits, beta)`` in ``block-k/feedback`` for k < K-1.
+  ``FeedbackBlock(beta, target) -> (loss, logits, beta)`` in ``block-k/feedback`` for k < K-1;
+- predsim: ``PredSimBlock(x, labels) -> (loss, logits, y, sim)`` for k < K-1 and a ``LocalBlock`` (the
+  classifier, cross-entropy) for the last.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, genera
 from .heads import make_head
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
+from .predsim import PredSimBlock, PredSimConfig
 from .partition import balanced_split, unit_costs
 
 
@@ -48,8 +51,8 @@ class BlockPlan:
     units: list[str]
 
 
-def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv",
-                 latent: str = "categorical") -> tuple[list[nn.Module], list[tuple[int, ...]], list[list[int]]]:
+def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical",
+                 predsim: PredSimConfig | None = None) -> tuple[list[nn.Module], list[tuple[int, ...]], list[list[int]]]:
     """Partition ``spec`` into forward blocks; returns the torch blocks, their input shapes and unit indices."""
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -57,6 +60,9 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
         raise ExportError(f"--method bp trains the whole model end to end as one block; got --blocks {num_blocks}, use --blocks 1")
     if method == "bll" and num_blocks < 2:
         raise ExportError("--method bll needs at least 2 blocks (a single block is plain backprop: --method bp)")
+    if method == "predsim" and num_blocks < 2:
+        raise ExportError("--method predsim needs at least 2 blocks (its last block is the classifier, trained with "
+                          "cross-entropy: one block is plain backprop, --method bp)")
     if latent not in LATENTS:
         raise ExportError(f"unknown latent distribution {latent!r}; choose one of {list(LATENTS)}")
     costs, shapes = unit_costs(spec.units, spec.input_shape)
@@ -70,6 +76,8 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
         head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes)
         if method == "bll" and not last:
             blocks.append(BLLForwardBlock(spec.units[lo:hi], head_module, latent))
+        elif method == "predsim" and not last:
+            blocks.append(PredSimBlock(spec.units[lo:hi], shapes[hi - 1], spec.num_classes, predsim))
         else:
             blocks.append(LocalBlock(spec.units[lo:hi], head_module, emits_message=not last))
         in_shapes.append(tuple(spec.input_shape if lo == 0 else shapes[lo - 1]))
@@ -77,10 +85,10 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
     return blocks, in_shapes, groups
 
 
-def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv",
-                latent: str = "categorical") -> list[BlockPlan]:
+def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical",
+                predsim: PredSimConfig | None = None) -> list[BlockPlan]:
     """Every graph to export for ``method``, forward blocks first, then BLL's feedback blocks."""
-    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent)
+    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent, predsim)
     classes = spec.num_classes
     plans = []
     for k, (block, shape, group) in enumerate(zip(blocks, in_shapes, groups)):
@@ -89,6 +97,10 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
         if isinstance(block, BLLForwardBlock):
             plans.append(BlockPlan(block, [message_in, GraphInput("prior", (classes,), "float32", "prior")],
                                    [("loss", "loss"), ("logits", "logits"), ("y", "message"), ("kl", "metric")],
+                                   k, "forward", names))
+        elif isinstance(block, PredSimBlock):
+            plans.append(BlockPlan(block, [message_in, GraphInput("labels", (), "int64", "labels")],
+                                   [("loss", "loss"), ("logits", "logits"), ("y", "message"), ("sim", "metric")],
                                    k, "forward", names))
         else:
             outputs = [("loss", "loss"), ("logits", "logits")] + ([("y", "message")] if k < num_blocks - 1 else [])
@@ -119,15 +131,17 @@ def export_model(
     input_shape: tuple[int, ...] = (1, 28, 28),
     num_classes: int = 10,
     latent: str = "categorical",
+    predsim: PredSimConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
     ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``) or your own list of modules (each one a
-    unit the partitioner will not split). ``method``: "bwbpf", "bll" or "bp". ``head`` is the local
+    unit the partitioner will not split). ``method``: "bwbpf", "bll", "bp" or "predsim". ``head`` is the local
     head of every block but the last ("conv": stride-2 conv + pool + linear, "linear": pool +
     linear). ``latent`` (bll): the distribution of each block's latent, "categorical" or "bernoulli".
+    ``predsim`` (predsim): the mix of its prediction and similarity terms (default: 0.01 / 0.99).
     ``lr`` is stored in ``run.json`` as the default for ``edgebll train``.
     """
     if batch_size < 2:
@@ -140,7 +154,9 @@ def export_model(
     config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
     torch.manual_seed(seed)
     spec = build_model(model, input_shape=input_shape, num_classes=num_classes)
-    plans = plan_blocks(spec, method, blocks, head, latent)
+    predsim = predsim or PredSimConfig()
+    predsim.validate()
+    plans = plan_blocks(spec, method, blocks, head, latent, predsim)
     out.mkdir(parents=True, exist_ok=True)
     for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
         folder = out / block_dir_name(plan.index)
@@ -151,6 +167,7 @@ def export_model(
         "head": head, "latent": latent if method == "bll" else None, "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(input_shape),
         "num_classes": num_classes, "data": {"dataset": "fashion-mnist"},
         "units": [p.units for p in plans if p.kind == "forward"],
+        "predsim": asdict(predsim) if method == "predsim" else None,
     }
     write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
     return out
