@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model's blocks as ORT training artifacts (host, needs torch)",
                        description="Partition a model into blocks, attach each block's local loss, and write one "
                                    "artifact folder per block plus run.json under --out.")
-    p.add_argument("--model", default="cnn-small", help="model zoo name: cnn-small or resnet18 (default: cnn-small)")
+    p.add_argument("--model", default="cnn-small",
+                   help="model zoo name: cnn-small, resnet18 or vgg8b (default: cnn-small)")
     p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp", "predsim"),
                    help="bwbpf: a local head and cross-entropy per block; bll: block-local learning with a "
                         "feedback twin network (Kappel et al. 2023); bp: the whole model as one block; predsim: "

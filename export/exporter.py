@@ -118,7 +118,7 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
 
 
 def export_model(
-    model: str | Sequence[nn.Module] | nn.Sequential = "cnn-small",
+    model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential = "cnn-small",
     *,
     out: str | os.PathLike,
     method: str = "bwbpf",

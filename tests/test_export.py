@@ -20,9 +20,12 @@ def test_zoo_models_have_the_documented_size() -> None:
     assert 0.5e6 <= count(small) <= 2e6
     assert 11.0e6 <= count(resnet) <= 11.3e6  # ResNet-18 without its classifier
     assert len(small.units) == 4 and len(resnet.units) == 9
+    vgg = build_model("vgg8b")
+    assert 7.2e6 <= count(vgg) + 1024 * 10 + 10 <= 7.4e6  # the paper's 7.3 M with the classifier (the last head)
+    assert len(vgg.units) == 7  # one unit per layer: --blocks 7 trains every layer on its own
 
 
-@pytest.mark.parametrize("name", ["cnn-small", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn-small", "resnet18", "vgg8b"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_blocks_chain_and_reproduce_the_model(name: str, k: int) -> None:
     """Blocks cover every unit once, in order, and chained they compute the unpartitioned model."""
@@ -75,7 +78,7 @@ def test_bad_export_options(tmp_path: Path, kwargs: dict, match: str) -> None:
 
 
 def test_unknown_model_and_bad_custom_units(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18'\]"):
+    with pytest.raises(ExportError, match=r"unknown model 'vgg99'; choose one of \[.*'cnn-small', 'resnet18'.*\]"):
         export_model("vgg99", out=tmp_path / "r", progress=False)
     with pytest.raises(ExportError, match=r"custom model: item 1 is a str, not an nn.Module"):
         export_model([nn.ReLU(), "conv"], out=tmp_path / "r", blocks=1, progress=False)
