@@ -130,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of blocks K (default: 4; bp needs 1), or auto: the fewest blocks that each fit "
                         "--device/--budget")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
-    p.add_argument("--head", choices=("conv", "linear"), default="conv",
+    p.add_argument("--head", choices=("conv", "linear", "mlp"), default="conv",
                    help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
-                        "linear = pool + linear (default: conv; +4.5 points on cnn-small, see README)")
+                        "linear = pool + linear, mlp = stride-2 conv + pool + 128-unit hidden layer + linear; a head "
+                        "that would cost more than its block gets its input average-pooled (default: conv; +4.5 "
+                        "points on cnn-small, see README)")
     p.add_argument("--latent", choices=("categorical", "bernoulli"), default="categorical",
                    help="bll: distribution of each block's latent, one unit per class (default: categorical; "
                         "see README)")
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn-small", help="(default: cnn-small)")
     p.add_argument("--blocks", type=int, default=4, help="(default: 4)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--head", choices=("conv", "linear"), default="conv", help="(default: conv)")
+    p.add_argument("--head", choices=("conv", "linear", "mlp"), default="conv", help="(default: conv)")
     _add_train_options(p)
     _add_common(p)
 

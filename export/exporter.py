@@ -73,7 +73,8 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
         lo, hi = bounds[k], bounds[k + 1]
         last = k == num_blocks - 1
         # The last block's head is the classifier, always pool + linear; earlier blocks may use a conv head.
-        head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes)
+        head_module = make_head("linear" if last else head, shapes[hi - 1], spec.num_classes,
+                                max_macs=sum(costs[lo:hi]))  # a head never outweighs its block (heads.py)
         if method == "bll" and not last:
             blocks.append(BLLForwardBlock(spec.units[lo:hi], head_module, latent))
         elif method == "predsim" and not last:

@@ -1,4 +1,4 @@
-"""Average pooling that ORT 1.19.2 can train: one MatMul with a fixed pooling matrix.
+"""Average pooling that ORT 1.19.2 can train: a MatMul with a fixed pooling matrix, or a tiled mean.
 
 ORT's gradient of ONNX ``AveragePool`` is broken here: a block whose loss reads an
 ``nn.AvgPool2d`` of its activation dies with SIGFPE in the backward pass, or (when the activation
@@ -43,11 +43,36 @@ class MatrixAveragePool(nn.Module):
         _, height, width = shape
         eye = torch.eye(height * width).reshape(height * width, 1, height, width)
         pooled = nn.functional.avg_pool2d(eye, kernel, stride=kernel, padding=padding)
-        self.out_hw = tuple(pooled.shape[2:])
+        self.channels, self.in_hw, self.out_hw = shape[0], (height, width), tuple(pooled.shape[2:])
         self.register_buffer("matrix", pooled.flatten(1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.flatten(2) @ self.matrix).unflatten(2, self.out_hw)
+        # constant target shapes (batch as -1) keep ONNX shape inference, and so the memory estimate, exact
+        flat = x.reshape(-1, self.channels, self.in_hw[0] * self.in_hw[1])
+        return (flat @ self.matrix).reshape(-1, self.channels, *self.out_hw)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        return (shape[0], *self.out_hw)
+
+
+class BlockMeanPool(nn.Module):
+    """Mean over non-overlapping ``kernel`` x ``kernel`` tiles of a (C, H, W) map whose sides ``kernel`` divides.
+
+    Reshape + ReduceMean: trains in ORT (unlike AveragePool), and costs one add per input value
+    where the pooling matrix costs H'*W' (what a head in front of a cheap block can afford).
+    """
+
+    def __init__(self, shape: tuple[int, ...], kernel: int) -> None:
+        super().__init__()
+        _, height, width = shape
+        if height % kernel or width % kernel:
+            raise ValueError(f"BlockMeanPool: kernel {kernel} does not divide the map {height}x{width}")
+        self.channels, self.kernel, self.out_hw = shape[0], kernel, (height // kernel, width // kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, (h, w) = self.kernel, self.out_hw
+        # constant target shape (batch as -1): ONNX shape inference, and so the memory estimate, stays exact
+        return x.reshape(-1, self.channels, h, k, w, k).mean(dim=(3, 5))
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
         return (shape[0], *self.out_hw)

@@ -79,8 +79,8 @@ def spatial_std(z: torch.Tensor) -> torch.Tensor:
 
     Written out (mean, squared deviation, sum, sqrt) so that ORT differentiates every op.
     """
-    flat = z.flatten(2)
-    n = flat.shape[2]
+    n = z.shape[2] * z.shape[3]
+    flat = z.reshape(-1, z.shape[1], n)  # constant target shape: ONNX shape inference stays exact
     centred = flat - flat.mean(dim=2, keepdim=True)
     return torch.sqrt((centred * centred).sum(dim=2) / (n - 1) + STD_EPS)
 

@@ -68,7 +68,7 @@ def test_unit_costs_count_conv_macs() -> None:
     (dict(blocks=0), r"choose --blocks between 1 and 4"),
     (dict(method="bp", blocks=2), r"--method bp trains the whole model end to end as one block.*--blocks 1"),
     (dict(method="magic"), r"unknown method 'magic'"),
-    (dict(head="mlp"), r"unknown head 'mlp'"),
+    (dict(head="attention"), r"unknown head 'attention'"),
     (dict(batch_size=1), r"--batch-size must be at least 2"),
     (dict(optimizer="lion"), r"unknown optimizer 'lion'; choose adamw or sgd"),
 ])

@@ -42,7 +42,7 @@ def test_full_width_vgg8b_one_layer_per_block_with_predsim(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("method, blocks, head", [("bp", 1, "conv"), ("bwbpf", 7, "conv"), ("bwbpf", 4, "linear"),
-                                                  ("bll", 3, "conv"), ("predsim", 4, "conv")])
+                                                  ("bwbpf", 7, "mlp"), ("bll", 3, "conv"), ("predsim", 4, "conv")])
 def test_narrow_vgg8b_exports_and_trains_with_every_method(tmp_path: Path, method: str, blocks: int,
                                                           head: str) -> None:
     spec = vgg8b(width=8)
