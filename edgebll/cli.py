@@ -70,6 +70,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-end", type=float, default=0.5, metavar="M", help="bll: m at the last step (default: 0.5)")
     p.add_argument("--feedback-lr-scale", type=float, default=10.0, metavar="S",
                    help="bll: feedback blocks learn at S times --lr (default: 10)")
+    p.add_argument("--cutout", type=int, default=0, metavar="SIZE",
+                   help="cutout augmentation: zero one SIZE x SIZE square per training image, placed anew every "
+                        "step (seeded by --seed and the step, so --resume repeats it; default: 0 = off)")
+    p.add_argument("--val-split", type=int, default=0, metavar="N",
+                   help="hold out the last N training images; train.json reports each epoch's accuracy on them "
+                        "(make model choices there; `edgebll eval` gives the final epoch's test accuracy; default: 0)")
 
 
 WORKER_EXAMPLE = """\
@@ -241,7 +247,7 @@ def _train_config(args: argparse.Namespace) -> Any:
                        rounding=args.rounding, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                        limit=args.limit, seed=args.seed, resume=getattr(args, "resume", False),
                        checkpoint_every=args.checkpoint_every, mix_start=args.mix_start, mix_end=args.mix_end,
-                       feedback_lr_scale=args.feedback_lr_scale)
+                       feedback_lr_scale=args.feedback_lr_scale, cutout=args.cutout, val_split=args.val_split)
 
 
 def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
@@ -292,6 +298,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ("train", "worker") and args.resume and args.restart:
         raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+    if (args.command == "worker" or getattr(args, "transport", "") == "mpi") and (args.cutout or args.val_split):
+        raise EdgeBLLError("--cutout and --val-split run in process only for now; hint: drop --transport mpi")
     if args.command == "worker":
         from edgebll.launch import run_worker
 
