@@ -46,6 +46,8 @@ bench: setup data
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/codec_accuracy.py --threads 1
+	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 4 7 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_vgg8b_w32
+	$(PY) benchmarks/predsim_accuracy.py --model cnn-small --blocks 2 4 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_cnn_small
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build runs

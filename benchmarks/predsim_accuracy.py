@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine_info, markdown_table, write_results  # noqa: E402
+from common import describe_machine, markdown_table, publish  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
 from edgebll.augment import cutout  # noqa: E402
@@ -201,11 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"variant": variant, "method": VARIANTS[variant][0], "head": VARIANTS[variant][1],
                          "blocks": k, "seed": seed, **row})
             tqdm.write(f"{variant} K={k} seed {seed}: test {row['test_accuracy']:.4f} val {row['validation_accuracy']}")
-    machine = machine_info()
-    json_path, md_path = write_results(args.name, {"machine": machine, "settings": vars(args), "rows": rows},
-                                       render(rows, args, machine))
-    print(md_path.read_text())
-    print(f"wrote {json_path} and {md_path}")
+    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     if method == "bp":
         raise ExportError("--blocks auto splits a model into blocks; --method bp is one block by definition")
     boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
-    first = 2 if method == "bll" else 1
+    first = 2 if method in ("bll", "predsim") else 1  # both need a block below the classifier
     candidates = [len(boards)] if len(boards) > 1 else list(range(first, len(spec.units) + 1))
     trial = out.with_name(f".{out.name}.fitting")
     fits: list[BlockFit] = []
