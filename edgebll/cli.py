@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--device/--budget")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--head", choices=("conv", "linear", "mlp"), default="conv",
-                   help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
+                   help="local head of all but the last block (bwbpf, bll; predsim has its own): conv = stride-2 "
+                        "conv + pool + linear, "
                         "linear = pool + linear, mlp = stride-2 conv + pool + 128-unit hidden layer + linear; a head "
                         "that would cost more than its block gets its input average-pooled (default: conv; +4.5 "
                         "points on cnn-small, see README)")
