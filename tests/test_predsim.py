@@ -169,3 +169,17 @@ def test_cli_exports_trains_and_evaluates_predsim(tmp_path: Path) -> None:
     assert epoch["samples"] == 64 and len(epoch["similarity_loss"]) == 1 and 0 < epoch["similarity_loss"][0] < 2
     assert main(["eval", str(run), "--limit", "100", *data]) == 0
     assert json.loads((run / "eval.json").read_text())["method"] == "predsim"
+
+
+def test_vector_activations_train_without_conv_or_pooling(tmp_path: Path) -> None:
+    """An MLP block (activation [B, F]): similarity of the features themselves, the decoder on all of them."""
+    torch.manual_seed(0)
+    units = [nn.Sequential(nn.Flatten(), nn.Linear(49, 32), nn.ReLU()), nn.Sequential(nn.Linear(32, 16), nn.ReLU())]
+    spec = ModelSpec(name="mlp", units=units, input_shape=(1, 7, 7), num_classes=10)
+    plan = plan_blocks(spec, "predsim", 2)[0]
+    assert plan.module.similarity.conv is None and isinstance(plan.module.head.pool, nn.Identity)
+    export_block(plan, tmp_path / "b", num_blocks=2, method="predsim", model_name="mlp", batch_size=BATCH,
+                 optimizer=OptimizerConfig(name="sgd"))
+    x = np.random.default_rng(0).standard_normal((BATCH, 1, 7, 7)).astype(np.float32)
+    result = BlockRunner(tmp_path / "b").train_step(x, np.arange(BATCH, dtype=np.int64), 0.1)
+    assert np.isfinite(result.loss) and result.message.shape == (BATCH, 32)
