@@ -8,9 +8,9 @@ comparisons show pool + linear falling far behind as K grows.
 
 Heads never outweigh their block: ``make_head(..., max_macs=block_macs)`` average-pools the
 head's input (tiles whose side divides the map: 2, then the next divisor, ...) until the head's
-multiply-accumulates per sample are at most the block's own. With the conv head that leaves
-cnn-small and resnet18 untouched; it bites where a block is one cheap layer (vgg8b's first
-conv, 0.9 M MACs, whose unpooled conv head would cost 29 M).
+multiply-accumulates per sample are at most the block's own. That leaves cnn-small (any K) and
+resnet18 (K <= 8) untouched; it bites where a block is one cheap layer (vgg8b's first conv from
+K = 5: 0.9 M MACs, whose unpooled conv head would cost 29 M).
 """
 
 from __future__ import annotations
