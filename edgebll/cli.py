@@ -71,6 +71,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-end", type=float, default=0.5, metavar="M", help="bll: m at the last step (default: 0.5)")
     p.add_argument("--feedback-lr-scale", type=float, default=10.0, metavar="S",
                    help="bll: feedback blocks learn at S times --lr (default: 10)")
+    p.add_argument("--cutout", type=int, default=0, metavar="SIZE",
+                   help="cutout augmentation: zero one SIZE x SIZE square per training image, placed anew every "
+                        "step (seeded by --seed and the step, so --resume repeats it; default: 0 = off)")
+    p.add_argument("--val-split", type=int, default=0, metavar="N",
+                   help="hold out the last N training images; train.json reports each epoch's accuracy on them "
+                        "(make model choices there; `edgebll eval` gives the final epoch's test accuracy; default: 0)")
 
 
 WORKER_EXAMPLE = """\
@@ -124,23 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Partition a model into blocks, attach each block's local loss, and write one "
                                    "artifact folder per block plus run.json under --out.")
     p.add_argument("--model", default="cnn-small",
-                   help="model zoo name: cnn-small or resnet18 (Fashion-MNIST), or transformer (20 one-head layers "
-                        "on the sequence task: reverse a permutation of 0..9, per-token accuracy) "
+                   help="model zoo name: cnn-small, resnet18 or vgg8b (Fashion-MNIST), or transformer (20 one-head "
+                        "layers on the sequence task: reverse a permutation of 0..9, per-token accuracy) "
                         "(default: cnn-small)")
-    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp"),
+    p.add_argument("--method", default="bwbpf", choices=("bwbpf", "bll", "bp", "predsim"),
                    help="bwbpf: a local head and cross-entropy per block; bll: block-local learning with a "
-                        "feedback twin network (Kappel et al. 2023); bp: the whole model as one block (default: bwbpf)")
+                        "feedback twin network (Kappel et al. 2023); bp: the whole model as one block; predsim: "
+                        "prediction + similarity local losses (Nokland & Eidnes 2019) (default: bwbpf)")
     p.add_argument("--blocks", type=_blocks_arg, default=4,
                    help="number of blocks K (default: 4; bp needs 1), or auto: the fewest blocks that each fit "
                         "--device/--budget, boundaries chosen so the slowest block is fastest; with a list of "
                         "boards each takes at most one block, in whatever order fits")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
-    p.add_argument("--head", choices=("conv", "linear"), default="conv",
-                   help="local head of all but the last block: conv = stride-2 conv + pool + linear, "
-                        "linear = pool + linear (default: conv; +4.5 points on cnn-small, see README)")
+    p.add_argument("--head", choices=("conv", "linear", "mlp"), default="conv",
+                   help="local head of all but the last block (bwbpf, bll; predsim has its own): conv = stride-2 "
+                        "conv + pool + linear, "
+                        "linear = pool + linear, mlp = stride-2 conv + pool + 128-unit hidden layer + linear; a head "
+                        "that would cost more than its block gets its input average-pooled (default: conv; +4.5 "
+                        "points on cnn-small, see README)")
     p.add_argument("--latent", choices=("categorical", "bernoulli"), default="categorical",
                    help="bll: distribution of each block's latent, one unit per class (default: categorical; "
                         "see README)")
+    p.add_argument("--predsim-beta", type=float, default=0.99, metavar="BETA",
+                   help="predsim: local loss (1-BETA)*prediction + BETA*similarity (default: 0.99, the paper's)")
+    p.add_argument("--predsim-features", type=int, default=2048, metavar="N",
+                   help="predsim: the prediction term average-pools the activation to at most N features "
+                        "(default: 2048)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: adamw, torch's formula)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     p.add_argument("--lr", type=float, default=None, help="default learning rate stored for train "
@@ -207,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn-small", help="(default: cnn-small)")
     p.add_argument("--blocks", type=int, default=4, help="(default: 4)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--head", choices=("conv", "linear"), default="conv", help="(default: conv)")
+    p.add_argument("--head", choices=("conv", "linear", "mlp"), default="conv", help="(default: conv)")
     _add_train_options(p)
     _add_common(p)
 
@@ -265,7 +280,7 @@ def _train_config(args: argparse.Namespace) -> Any:
                        rounding=args.rounding, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                        limit=args.limit, seed=args.seed, resume=getattr(args, "resume", False),
                        checkpoint_every=args.checkpoint_every, mix_start=args.mix_start, mix_end=args.mix_end,
-                       feedback_lr_scale=args.feedback_lr_scale)
+                       feedback_lr_scale=args.feedback_lr_scale, cutout=args.cutout, val_split=args.val_split)
 
 
 def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
@@ -289,7 +304,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
         options = dict(method=args.method, batch_size=args.batch_size, head=args.head, latent=args.latent,
                        optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay), lr=lr,
-                       seed=args.seed, overwrite=args.overwrite)
+                       seed=args.seed, overwrite=args.overwrite,
+                       predsim=export.PredSimConfig(beta=args.predsim_beta, max_features=args.predsim_features))
         devices = _devices(args)
         if args.blocks == "auto":
             if not devices:
@@ -321,6 +337,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ("train", "worker") and args.resume and args.restart:
         raise EdgeBLLError("--resume and --restart contradict each other; choose one")
+    if (args.command == "worker" or getattr(args, "transport", "") == "mpi") and (args.cutout or args.val_split):
+        raise EdgeBLLError("--cutout and --val-split run in process only for now; hint: drop --transport mpi")
     if args.command == "worker":
         from edgebll.launch import run_worker
 

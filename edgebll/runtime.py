@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll import codec as message_codec
+from edgebll.augment import cutout
 from edgebll.data import InMemoryDataset
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
@@ -25,6 +26,7 @@ from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.schedule import SCHEDULES, learning_rate
+from edgebll.validation import Send, chain_accuracy, training_data
 
 TRAIN_NAME = "train.json"
 EVAL_NAME = "eval.json"
@@ -63,6 +65,10 @@ class TrainConfig:
     feedback_lr_scale: float = 10.0
     """BLL: feedback blocks learn at this multiple of the learning rate: they are tiny, and until they
     carry the label the forward blocks' posterior targets are uninformative."""
+    cutout: int = 0
+    """Cutout augmentation: side of the square zeroed in every training image (0: none), seeded per step."""
+    val_split: int = 0
+    """Hold out the last N training images; train.json reports every epoch's accuracy on them (0: none)."""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -79,6 +85,8 @@ class TrainConfig:
             raise EdgeBLLError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.lr is not None and not self.lr > 0:
             raise EdgeBLLError(f"--lr must be positive, got {self.lr}")
+        if self.cutout < 0 or self.val_split < 0:
+            raise EdgeBLLError(f"--cutout and --val-split must be >= 0, got {self.cutout} and {self.val_split}")
         if self.mix_start < 0 or self.mix_end < 0:
             raise EdgeBLLError(f"BLL mixing weights must be >= 0, got --mix-start {self.mix_start} --mix-end {self.mix_end}")
 
@@ -165,10 +173,10 @@ class Runtime:
         for key, value in overrides.items():
             setattr(config, key, value)
         config.validate()
-        if data is None:
-            data = load_run_dataset(self.config.get("data"), "train", data_dir, limit=config.limit)
-        elif config.limit is not None:
-            data = data.subset(config.limit)
+        data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.get("data"))
+        if config.cutout and data.arrays()[0].ndim != 4:
+            raise EdgeBLLError(f"--cutout zeroes squares of images [N, C, H, W]; this run's inputs are "
+                               f"{list(data.arrays()[0].shape)} ({self.config['model']}); hint: drop --cutout")
         batch = int(self.config["batch_size"])
         steps_per_epoch = data.num_batches(batch, drop_last=True)
         if steps_per_epoch == 0:
@@ -179,7 +187,7 @@ class Runtime:
         history = self._load_history() if config.resume and start > 0 else []
         up_bytes = np.zeros(max(self.num_blocks - 1, 1), dtype=np.int64)
         down_bytes = np.zeros(max(self.num_blocks - 2, 1), dtype=np.int64)
-        samples, began = 0, time.perf_counter()
+        samples, began, validating = 0, time.perf_counter(), 0.0
         step = start
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
         for epoch in range(start // steps_per_epoch, config.epochs):
@@ -190,6 +198,7 @@ class Runtime:
             for x, labels in data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch, drop_last=True,
                                           start_batch=done):
                 lr = learning_rate(config.schedule, base_lr, step, total, config.warmup_steps)
+                x = cutout(x, config.cutout, seed=config.seed, step=step) if config.cutout else x
                 priors = self._feedback_step(labels, lr, step, config, sums, down_bytes) if self.is_bll else None
                 mix = mix_weight(config, step, total)
                 h = x
@@ -223,9 +232,16 @@ class Runtime:
             if self.is_bll:
                 record["kl"] = (sums[2, :-1] / max(seen, 1)).round(5).tolist()
                 record["feedback_loss"] = (sums[3, :-1] / max(seen, 1)).round(5).tolist()
+            if self.config["method"] == "predsim":  # the similarity term alone, per block below the classifier
+                record["similarity_loss"] = (sums[2, :-1] / max(seen, 1)).round(5).tolist()
+            if validation is not None:
+                checked = time.perf_counter()
+                record["validation_accuracy"], record["validation_loss"] = chain_accuracy(
+                    self.runners, validation, self._eval_send(config.codec, config.granularity, config.group_size))
+                validating += time.perf_counter() - checked  # not training time: kept out of samples_per_s
             history.append(record)
         bar.close()
-        elapsed = time.perf_counter() - began
+        elapsed = time.perf_counter() - began - validating
         steps_done = max(step - start, 1)
         down = down_bytes if self.num_blocks > 2 else np.zeros(0)
         summary = {
@@ -304,32 +320,21 @@ class Runtime:
             data = load_run_dataset(self.config.get("data"), "test", data_dir, limit=limit)
         elif limit is not None:
             data = data.subset(limit)
-        correct = np.zeros(self.num_blocks)
-        loss, labelled = 0.0, 0
         began = time.perf_counter()
-        for x, labels in tqdm(data.batches(batch_size), total=data.num_batches(batch_size), desc="eval", unit="batch",
-                              disable=not progress):
-            h = x
-            for k, runner in enumerate(self.runners):
-                prior = runner.manifest.input("prior")
-                side = labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
-                result = runner.eval_step(h, side)
-                correct[k] += count_correct(result.logits, labels)
-                if result.message is not None:
-                    h, _ = self._send(result.message, k, -1, codec, granularity,
-                                      group_size=int(trained.get("group_size", 64)))
-            loss += result.loss * len(labels)
-            labelled += labels.size
-        # per label: per image for a classifier, per token for a sequence model
-        per_block = (correct / max(labelled, 1)).round(5).tolist()
+        send = self._eval_send(codec, granularity, int(trained.get("group_size", 64)))
+        per_block, loss = chain_accuracy(self.runners, data, send, batch_size=batch_size, progress=progress)
         summary = {
-            "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": round(loss / len(data), 5),
+            "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": loss,
             "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],
             "model": self.config["model"], "blocks": self.num_blocks,
             "trained_epochs": self.runners[-1].progress["epoch"], "seconds": round(time.perf_counter() - began, 3),
         }
         write_json_atomic(self.run_dir / EVAL_NAME, json.dumps(summary, indent=1))
         return summary
+
+    def _eval_send(self, codec: str, granularity: str, group_size: int) -> Send:
+        """How eval-time messages travel: through the codec, not counted, no stochastic rounding."""
+        return lambda message, block: self._send(message, block, -1, codec, granularity, group_size=group_size)[0]
 
     def _load_train_summary(self) -> dict[str, Any]:
         path = self.run_dir / TRAIN_NAME

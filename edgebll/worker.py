@@ -545,6 +545,8 @@ class Worker:
             if self.is_bll:
                 record["kl"] = [round(p.metric / max(p.samples, 1), 5) for p in per[:-1]]
                 record["feedback_loss"] = [round(p.feedback_loss / max(p.feedback_samples, 1), 5) for p in per[:-1]]
+            if self.config["method"] == "predsim":  # the similarity term alone, as the in-process runtime reports it
+                record["similarity_loss"] = [round(p.metric / max(p.samples, 1), 5) for p in per[:-1]]
             history.append(record)
         samples = (self.total - start) * self.batch  # trained by this invocation
         steps_done = self.total  # the byte counters span the whole run, resumed parts included

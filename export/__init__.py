@@ -6,6 +6,7 @@
 from .artifacts import OptimizerConfig
 from .exporter import BlockPlan, build_blocks, export_block, export_model, plan_blocks
 from .models import MODELS, ModelSpec, build_model
+from .predsim import PredSimConfig
 
-__all__ = ["MODELS", "BlockPlan", "ModelSpec", "OptimizerConfig", "build_blocks", "build_model", "export_block",
+__all__ = ["MODELS", "BlockPlan", "ModelSpec", "OptimizerConfig", "PredSimConfig", "build_blocks", "build_model", "export_block",
            "export_model", "plan_blocks"]

@@ -4,7 +4,9 @@ Per method, each block k becomes (see ``plan_blocks``):
 - bwbpf / bp: ``LocalBlock(x, labels) -> (loss, logits[, y])`` (bp: one block, the whole model);
 - bll: ``BLLForwardBlock(x, prior) -> (loss, logits, y, kl)`` for k < K-1 and a ``LocalBlock`` for the
   last (its posterior given the one-hot target is the target itself: cross-entropy), plus a
-  ``FeedbackBlock(beta, target) -> (loss, logits, beta)`` in ``block-k/feedback`` for k < K-1.
+  ``FeedbackBlock(beta, target) -> (loss, logits, beta)`` in ``block-k/feedback`` for k < K-1;
+- predsim: ``PredSimBlock(x, labels) -> (loss, logits, y, sim)`` for k < K-1 and a ``LocalBlock`` (the
+  classifier, cross-entropy) for the last.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from .heads import make_head
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
 from .partition import balanced_split, check_bounds, unit_costs
+from .predsim import PredSimBlock, PredSimConfig
 
 
 @dataclass
@@ -49,13 +52,29 @@ class BlockPlan:
 
 
 def block_head(kind: str, activation_shape: tuple[int, ...], num_classes: int, *, last: bool,
-               per_token: bool = False) -> nn.Module:
-    """The local head of a block whose units end in ``activation_shape`` (``per_token``: a sequence model's)."""
+               per_token: bool = False, max_macs: float | None = None) -> nn.Module:
+    """The local head of a block whose units end in ``activation_shape`` (``per_token``: a sequence model's).
+
+    ``max_macs`` (the block's own multiply-accumulates per sample) caps the head's cost (heads.py).
+    """
     # The last block's head is the classifier, always pool + linear; earlier blocks may use a conv head.
-    return make_head("linear" if last else kind, activation_shape, num_classes, per_token=per_token)
+    return make_head("linear" if last else kind, activation_shape, num_classes, max_macs, per_token=per_token)
 
 
-def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical", *,
+def local_loss_modules(spec: ModelSpec, method: str, head: str, lo: int, hi: int, costs: Sequence[float],
+                       shapes: Sequence[tuple[int, ...]], predsim: PredSimConfig | None = None) -> list[nn.Module]:
+    """What a block of units ``lo .. hi-1`` trains its local loss with besides its units (the boundary
+    search counts their MACs): its head, or a Pred-Sim block's prediction and similarity heads."""
+    last = hi == len(spec.units)
+    if method == "predsim" and not last:
+        block = PredSimBlock([], shapes[hi - 1], spec.num_classes, predsim)
+        return [block.head, block.similarity]
+    return [block_head(head, shapes[hi - 1], spec.num_classes, last=last, per_token=bool(spec.label_shape),
+                       max_macs=sum(costs[lo:hi]))]
+
+
+def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical",
+                 predsim: PredSimConfig | None = None, *,
                  bounds: Sequence[int] | None = None) -> tuple[list[nn.Module], list[tuple[int, ...]], list[list[int]]]:
     """Partition ``spec`` into forward blocks; returns the torch blocks, their input shapes and unit indices.
 
@@ -68,6 +87,12 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
         raise ExportError(f"--method bp trains the whole model end to end as one block; got --blocks {num_blocks}, use --blocks 1")
     if method == "bll" and num_blocks < 2:
         raise ExportError("--method bll needs at least 2 blocks (a single block is plain backprop: --method bp)")
+    if method == "predsim" and num_blocks < 2:
+        raise ExportError("--method predsim needs at least 2 blocks (its last block is the classifier, trained with "
+                          "cross-entropy: one block is plain backprop, --method bp)")
+    if method == "predsim" and spec.label_shape:
+        raise ExportError(f"--method predsim compares the labels of whole samples; {spec.name} has one label per "
+                          "token; hint: --method bll or bwbpf for the sequence task")
     if latent not in LATENTS:
         raise ExportError(f"unknown latent distribution {latent!r}; choose one of {list(LATENTS)}")
     costs, shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)
@@ -77,9 +102,12 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
     for k in range(num_blocks):
         lo, hi = bounds[k], bounds[k + 1]
         last = k == num_blocks - 1
-        head_module = block_head(head, shapes[hi - 1], spec.num_classes, last=last, per_token=bool(spec.label_shape))
+        head_module = block_head(head, shapes[hi - 1], spec.num_classes, last=last, per_token=bool(spec.label_shape),
+                                 max_macs=sum(costs[lo:hi]))  # a head never outweighs its block (heads.py)
         if method == "bll" and not last:
             blocks.append(BLLForwardBlock(spec.units[lo:hi], head_module, latent))
+        elif method == "predsim" and not last:
+            blocks.append(PredSimBlock(spec.units[lo:hi], shapes[hi - 1], spec.num_classes, predsim))
         else:
             blocks.append(LocalBlock(spec.units[lo:hi], head_module, emits_message=not last))
         in_shapes.append(tuple(spec.input_shape if lo == 0 else shapes[lo - 1]))
@@ -87,10 +115,10 @@ def build_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "con
     return blocks, in_shapes, groups
 
 
-def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical", *,
-                bounds: Sequence[int] | None = None) -> list[BlockPlan]:
+def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv", latent: str = "categorical",
+                predsim: PredSimConfig | None = None, *, bounds: Sequence[int] | None = None) -> list[BlockPlan]:
     """Every graph to export for ``method``, forward blocks first, then BLL's feedback blocks."""
-    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent, bounds=bounds)
+    blocks, in_shapes, groups = build_blocks(spec, method, num_blocks, head, latent, predsim, bounds=bounds)
     # one latent (logits, prior, beta, one-hot target) of num_classes units per label: per sample or per token
     latent_shape = (*spec.label_shape, spec.num_classes)
     plans = []
@@ -98,13 +126,17 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
         names = [spec.unit_names[u] for u in group]
         # block 0 takes the data (token ids for a sequence model), the others a decoded float32 message
         message_in = GraphInput("x", shape, spec.input_dtype if k == 0 else "float32", "message")
+        labels = GraphInput("labels", spec.label_shape, "int64", "labels")
         if isinstance(block, BLLForwardBlock):
             plans.append(BlockPlan(block, [message_in, GraphInput("prior", latent_shape, "float32", "prior")],
                                    [("loss", "loss"), ("logits", "logits"), ("y", "message"), ("kl", "metric")],
                                    k, "forward", names))
+        elif isinstance(block, PredSimBlock):
+            plans.append(BlockPlan(block, [message_in, labels],
+                                   [("loss", "loss"), ("logits", "logits"), ("y", "message"), ("sim", "metric")],
+                                   k, "forward", names))
         else:
             outputs = [("loss", "loss"), ("logits", "logits")] + ([("y", "message")] if k < num_blocks - 1 else [])
-            labels = GraphInput("labels", spec.label_shape, "int64", "labels")
             plans.append(BlockPlan(block, [message_in, labels], outputs, k, "forward", names))
     if method == "bll":
         for k in range(num_blocks - 1):
@@ -118,7 +150,7 @@ def plan_blocks(spec: ModelSpec, method: str, num_blocks: int, head: str = "conv
 
 
 def export_model(
-    model: str | Sequence[nn.Module] | nn.Sequential = "cnn-small",
+    model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential = "cnn-small",
     *,
     out: str | os.PathLike,
     method: str = "bwbpf",
@@ -131,20 +163,22 @@ def export_model(
     input_shape: tuple[int, ...] = (1, 28, 28),
     num_classes: int = 10,
     latent: str = "categorical",
+    predsim: PredSimConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
     bounds: Sequence[int] | None = None,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
-    ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``, ``"transformer"``: the sequence task,
-    which brings its own input shape, classes and data) or your own list of modules (each one a
-    unit the partitioner will not split). ``method``: "bwbpf", "bll" or "bp". ``head`` is the local
-    head of every block but the last ("conv": stride-2 conv + pool + linear, "linear": pool +
-    linear). ``latent`` (bll): the distribution of each block's latent, "categorical" or "bernoulli".
-    ``lr`` is stored in ``run.json`` as the default for ``edgebll train``. ``bounds``
-    (``[0, b1, ..., n]``, ``len(bounds) == blocks + 1``) sets the unit boundaries instead of the
-    MAC-balanced split.
+    ``model`` is a zoo name (``"cnn-small"``, ``"resnet18"``, ``"vgg8b"``, ``"transformer"``: the
+    sequence task, which brings its own input shape, classes and data) or your own list of modules
+    (each one a unit the partitioner will not split). ``method``: "bwbpf", "bll", "bp" or "predsim".
+    ``head`` is the local head of every block but the last ("conv": stride-2 conv + pool + linear,
+    "linear": pool + linear, "mlp": conv + pool + hidden layer + linear). ``latent`` (bll): the
+    distribution of each block's latent, "categorical" or "bernoulli". ``predsim`` (predsim): the
+    mix of its prediction and similarity terms (default: 0.01 / 0.99). ``lr`` is stored in
+    ``run.json`` as the default for ``edgebll train``. ``bounds`` (``[0, b1, ..., n]``,
+    ``len(bounds) == blocks + 1``) sets the unit boundaries instead of the MAC-balanced split.
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")
@@ -156,7 +190,9 @@ def export_model(
     config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
     torch.manual_seed(seed)
     spec = build_model(model, input_shape=input_shape, num_classes=num_classes)
-    plans = plan_blocks(spec, method, blocks, head, latent, bounds=bounds)
+    predsim = predsim or PredSimConfig()
+    predsim.validate()
+    plans = plan_blocks(spec, method, blocks, head, latent, predsim, bounds=bounds)
     out.mkdir(parents=True, exist_ok=True)
     for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
         folder = out / block_dir_name(plan.index)
@@ -169,6 +205,7 @@ def export_model(
         "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(spec.input_shape),
         "num_classes": spec.num_classes, "data": spec.data,
         "units": [p.units for p in plans if p.kind == "forward"],
+        "predsim": asdict(predsim) if method == "predsim" else None,
     }
     write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
     return out

@@ -150,7 +150,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     many boards it would take.
     """
     from .artifacts import OptimizerConfig
-    from .exporter import block_head, export_model
+    from .exporter import export_model, local_loss_modules
     from .models import build_model
     from .partition import range_costs, unit_costs
     from .range_memory import RangeMemory
@@ -166,18 +166,18 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
     allowances = [block_allowance_bytes(board) for board in boards]
     head, n = export_options.get("head", "conv"), len(spec.units)
-    optimizer = export_options.get("optimizer", "adamw")
-    shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)[1]
-    heads = [block_head(head, shape, spec.num_classes, last=hi == n, per_token=bool(spec.label_shape))
-             for hi, shape in enumerate(shapes, start=1)]
-    costs = range_costs(spec.units, spec.input_shape, heads, spec.input_dtype)
+    optimizer, predsim = export_options.get("optimizer", "adamw"), export_options.get("predsim")
+    min_blocks = min_blocks_of(method)
+    unit_macs, shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)
+    costs = range_costs(spec.units, spec.input_shape, lambda lo, hi: local_loss_modules(
+        spec, method, head, lo, hi, unit_macs, shapes, predsim), spec.input_dtype)
     memory = RangeMemory(spec=spec, method=method, batch_size=export_options.get("batch_size", 64), head=head,
-                         latent=export_options.get("latent", "categorical"),
+                         latent=export_options.get("latent", "categorical"), predsim=predsim,
                          optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer))
     if progress:
         print(f"searching block boundaries of {n} units for {', '.join(b.name for b in boards)} ...", file=sys.stderr)
     split = search_split(n, lambda lo, hi: costs[lo][hi], memory, allowances, reuse=len(boards) == 1,
-                         min_blocks=2 if method == "bll" else 1)
+                         min_blocks=min_blocks)
     if split is None:
         raise ExportError(_no_split_message(spec.unit_names, memory, boards, allowances, method))
     trial = out.with_name(f".{out.name}.fitting")
@@ -199,20 +199,26 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     return result
 
 
+def min_blocks_of(method: str) -> int:
+    """The fewest blocks ``method`` trains: BLL and Pred-Sim need a block below the classifier."""
+    return 2 if method in ("bll", "predsim") else 1
+
+
 def _no_split_message(names: list[str], memory: Any, boards: list[DeviceProfile], allowances: list[int],
                       method: str) -> str:
     """Why no split fits: the units too big alone for the largest board, or too few boards for the rest."""
+    min_blocks = min_blocks_of(method)
     largest = max(range(len(boards)), key=lambda i: allowances[i])
     big, room = boards[largest], allowances[largest]
     n = len(names)
-    alone = [(u, memory(u, u + 1)) for u in range(n)] if method != "bll" or n > 1 else []
+    alone = [(u, memory(u, u + 1)) for u in range(n)] if min_blocks == 1 or n > 1 else []
     too_big = [(u, need) for u, need in alone if need > room]
     if too_big:
         detail = "; ".join(f"unit {names[u]!r} alone needs about {format_bytes(need)}, {big.name} allows "
                            f"{format_bytes(room)} (short by {format_bytes(need - room)})" for u, need in too_big)
         return (f"no split into 1..{n} blocks fits: {detail}; hint: a smaller --batch-size, or a bigger board for "
                 "that unit")
-    needed = search_split(n, lambda lo, hi: 0.0, memory, [room], reuse=True, min_blocks=2 if method == "bll" else 1)
+    needed = search_split(n, lambda lo, hi: 0.0, memory, [room], reuse=True, min_blocks=min_blocks)
     fewest = f"on boards like {big.name} it takes {needed.num_blocks} blocks" if needed else "no split fits"
     return (f"no assignment of the {len(boards)} boards listed fits the model: {fewest}; hint: list more boards, "
             "bigger ones, or a smaller --batch-size")

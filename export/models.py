@@ -122,15 +122,41 @@ def transformer(config: TransformerConfig | None = None, task: ReversalTask | No
     )
 
 
-IMAGE_MODELS: dict[str, Callable[..., ModelSpec]] = {"cnn-small": cnn_small, "resnet18": resnet18}
+def vgg8b(in_channels: int = 1, num_classes: int = 10, width: int = 128) -> ModelSpec:
+    """VGG8b of Nøkland & Eidnes (2019): conv128-conv256-pool-conv256-conv512-pool-conv512-pool-conv512-pool-fc1024-fc.
+
+    Every conv is 3x3 + BatchNorm + ReLU; pools are 2x2 max (28 -> 14 -> 7 -> 3 -> 1). One unit per
+    layer (a pool belongs to the conv before it, so the message after it is 4x smaller), so
+    ``--blocks 7`` trains every layer on its own; the last block's head is the final fc.
+    ``width`` scales every layer (128: the paper's 7.3 M parameters with the classifier).
+    """
+    plan = [(width, False), (2 * width, True), (2 * width, False), (4 * width, True), (4 * width, True), (4 * width, True)]
+    units: list[nn.Module] = []
+    cin, side = in_channels, 28
+    for cout, pool in plan:
+        layers = conv_bn_relu(cin, cout) + ([nn.MaxPool2d(2)] if pool else [])
+        units.append(nn.Sequential(*layers))
+        cin, side = cout, side // 2 if pool else side
+    hidden = 8 * width
+    units.append(nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden, bias=False), nn.BatchNorm1d(hidden),
+                               nn.ReLU()))
+    return ModelSpec(
+        name="vgg8b" if width == 128 else f"vgg8b-w{width}", units=units, input_shape=(in_channels, 28, 28),
+        num_classes=num_classes, unit_names=[f"conv{i + 1}" for i in range(len(plan))] + ["fc1"],
+    )
+
+
+IMAGE_MODELS: dict[str, Callable[..., ModelSpec]] = {"cnn-small": cnn_small, "resnet18": resnet18, "vgg8b": vgg8b}
 SEQUENCE_MODELS: dict[str, Callable[[], ModelSpec]] = {"transformer": transformer}
 """Models of a fixed task: they bring their own input shape, classes and data."""
 MODELS = {**IMAGE_MODELS, **SEQUENCE_MODELS}
 
 
-def build_model(model: str | Sequence[nn.Module] | nn.Sequential, *, input_shape: tuple[int, ...] = (1, 28, 28),
-                num_classes: int = 10) -> ModelSpec:
+def build_model(model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential, *,
+                input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> ModelSpec:
     """A zoo model by name, or a user's own list of units (an ``nn.Sequential`` counts as one)."""
+    if isinstance(model, ModelSpec):  # a zoo model built with non-default options, e.g. vgg8b(width=32)
+        return model
     if isinstance(model, str):
         if model in SEQUENCE_MODELS:
             return SEQUENCE_MODELS[model]()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -79,16 +79,20 @@ def check_bounds(bounds: Sequence[int], num_units: int, num_blocks: int) -> list
     return bounds
 
 
-def range_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...], heads: Sequence[nn.Module],
-                input_dtype: str = "float32") -> list[list[float]]:
-    """``cost[lo][hi]``: forward MACs per sample of units lo..hi-1 plus ``heads[hi - 1]``, the head that block ends with.
+def range_costs(units: Sequence[nn.Module], input_shape: tuple[int, ...],
+                heads: Callable[[int, int], Sequence[nn.Module]], input_dtype: str = "float32") -> list[list[float]]:
+    """``cost[lo][hi]``: forward MACs per sample of units lo..hi-1 plus ``heads(lo, hi)``, what that block
+    trains its local loss with (its head; a Pred-Sim block's two heads), all fed the block's output.
 
     The head counts because it trains with the block: a conv head on a wide early unit costs a
-    quarter of a ResNet basic block.
+    quarter of a ResNet basic block. It depends on ``lo`` too: a head is capped at its block's cost.
     """
     macs, shapes = unit_costs(units, input_shape, input_dtype)
-    head_macs = [unit_costs([head], shape)[0][0] for head, shape in zip(heads, shapes)]
     prefix = np.concatenate([[0.0], np.cumsum(macs)])
     n = len(units)
-    return [[float(prefix[hi] - prefix[lo] + head_macs[hi - 1]) if hi > lo else 0.0 for hi in range(n + 1)]
-            for lo in range(n + 1)]
+
+    def cost(lo: int, hi: int) -> float:
+        local = sum(unit_costs([module], shapes[hi - 1])[0][0] for module in heads(lo, hi))
+        return float(prefix[hi] - prefix[lo] + local)
+
+    return [[cost(lo, hi) if hi > lo else 0.0 for hi in range(n + 1)] for lo in range(n + 1)]

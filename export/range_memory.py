@@ -23,6 +23,7 @@ import torch
 from .artifacts import OptimizerConfig
 from .exporter import export_block, plan_blocks
 from .models import ModelSpec
+from .predsim import PredSimConfig
 
 
 TRACE_BATCH = 2
@@ -40,6 +41,7 @@ class RangeMemory:
     batch_size: int = 64
     head: str = "conv"
     latent: str = "categorical"
+    predsim: PredSimConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     estimates: dict[tuple[int, int], int] = field(default_factory=dict)
     """Every range estimated so far."""
@@ -63,7 +65,7 @@ class RangeMemory:
         try:
             with torch.random.fork_rng(devices=[]):  # new heads draw weights: leave the caller's generator as it was
                 plans = [p for p in plan_blocks(self.spec, self.method, len(bounds) - 1, self.head, self.latent,
-                                                bounds=bounds) if p.index == index]
+                                                self.predsim, bounds=bounds) if p.index == index]
                 return sum(export_block(plan, scratch / plan.kind, num_blocks=len(bounds) - 1, method=self.method,
                                         model_name=self.spec.name, batch_size=self.batch_size,
                                         optimizer=self.optimizer, trace_batch_size=TRACE_BATCH).estimated_peak_bytes

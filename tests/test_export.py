@@ -22,9 +22,12 @@ def test_zoo_models_have_the_documented_size() -> None:
     assert 0.5e6 <= count(small) <= 2e6
     assert 11.0e6 <= count(resnet) <= 11.3e6  # ResNet-18 without its classifier
     assert len(small.units) == 4 and len(resnet.units) == 9
+    vgg = build_model("vgg8b")
+    assert 7.2e6 <= count(vgg) + 1024 * 10 + 10 <= 7.4e6  # the paper's 7.3 M with the classifier (the last head)
+    assert len(vgg.units) == 7  # one unit per layer: --blocks 7 trains every layer on its own
 
 
-@pytest.mark.parametrize("name", ["cnn-small", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn-small", "resnet18", "vgg8b"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_blocks_chain_and_reproduce_the_model(name: str, k: int) -> None:
     """Blocks cover every unit once, in order, and chained they compute the unpartitioned model."""
@@ -67,7 +70,7 @@ def test_unit_costs_count_conv_macs() -> None:
     (dict(blocks=0), r"choose --blocks between 1 and 4"),
     (dict(method="bp", blocks=2), r"--method bp trains the whole model end to end as one block.*--blocks 1"),
     (dict(method="magic"), r"unknown method 'magic'"),
-    (dict(head="mlp"), r"unknown head 'mlp'"),
+    (dict(head="attention"), r"unknown head 'attention'"),
     (dict(batch_size=1), r"--batch-size must be at least 2"),
     (dict(optimizer="lion"), r"unknown optimizer 'lion'; choose adamw or sgd"),
 ])
@@ -77,7 +80,8 @@ def test_bad_export_options(tmp_path: Path, kwargs: dict, match: str) -> None:
 
 
 def test_unknown_model_and_bad_custom_units(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18', 'transformer'\]"):
+    with pytest.raises(ExportError,
+                       match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18', 'transformer', 'vgg8b'\]"):
         export_model("vgg99", out=tmp_path / "r", progress=False)
     with pytest.raises(ExportError, match=r"custom model: item 1 is a str, not an nn.Module"):
         export_model([nn.ReLU(), "conv"], out=tmp_path / "r", blocks=1, progress=False)
@@ -209,3 +213,36 @@ def test_no_split_message_names_the_unit_or_the_missing_boards() -> None:
     message = _no_split_message(names, lambda lo, hi: memory[lo, hi], boards, [100, 60], "bwbpf")
     assert message.startswith("no assignment of the 2 boards listed fits the model: on boards like a it takes 3 "
                               "blocks; hint: list more boards")
+
+
+def test_blocks_auto_with_predsim_starts_at_two_blocks_and_counts_its_heads(tmp_path: Path) -> None:
+    """Pred-Sim needs a block below the classifier: a roomy board still gets 2 blocks, the lower a PredSimBlock,
+    and the range costs include its prediction and similarity heads (which the cap of bwbpf heads does not limit)."""
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.export.exporter import local_loss_modules
+    from edgebll.export.fit import export_to_fit
+    from edgebll.export.partition import range_costs
+    from edgebll.export.predsim import PredSimConfig
+    from edgebll.manifest import load_run_config
+
+    def units() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Sequential(*conv_bn_relu(1, 8)), nn.Sequential(*conv_bn_relu(8, 8)),
+                nn.Sequential(*conv_bn_relu(8, 16, stride=2))]
+
+    chosen = export_to_fit(units(), out=tmp_path / "p", devices=custom_profile("4GB"), method="predsim",
+                           batch_size=16, progress=False, predsim=PredSimConfig(beta=0.5))
+    assert chosen.split.num_blocks == 2 and all(f.fits for f in chosen.fits)
+    config = load_run_config(chosen.run_dir)
+    assert config["method"] == "predsim" and config["predsim"]["beta"] == 0.5
+    spec = build_model(units())
+    macs, shapes = unit_costs(spec.units, spec.input_shape)
+    costs = range_costs(spec.units, spec.input_shape,
+                        lambda lo, hi: local_loss_modules(spec, "predsim", "conv", lo, hi, macs, shapes))
+    # units 0..1 as a Pred-Sim block: its 3x3 similarity conv (8 -> 8 channels on 28x28) alone costs 451,584 MACs
+    assert costs[0][2] >= macs[0] + macs[1] + 8 * 8 * 9 * 28 * 28
+
+
+def test_predsim_refuses_per_token_labels(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="--method predsim compares the labels of whole samples; transformer"):
+        export_model("transformer", out=tmp_path / "t", method="predsim", blocks=2, progress=False)

@@ -28,10 +28,11 @@ def test_manifest_describes_the_block(tiny_run: Path) -> None:
         ("x", ["batch", 4, 28, 28], "float32", "message"), ("labels", ["batch"], "int64", "labels")]
     assert m.output("message").shape == ["batch", 8, 14, 14]
     assert m.output("logits").shape == ["batch", 10]
-    # BatchNorm statistics to write back: the body's (14x14) and the conv head's (stride 2: 7x7)
+    # BatchNorm statistics to write back: the body's (14x14) and the conv head's. The head would cost more
+    # than this one-conv block (56,608 vs 56,448 MACs), so it reads the map in 2x2 tiles: 7x7, then 4x4 after stride 2
     assert sorted((s.parameter, s.kind, s.spatial) for s in m.bn_stats) == [
         ("body.0.1.running_mean", "mean", 14 * 14), ("body.0.1.running_var", "var", 14 * 14),
-        ("head.bn.running_mean", "mean", 7 * 7), ("head.bn.running_var", "var", 7 * 7)]
+        ("head.head.bn.running_mean", "mean", 4 * 4), ("head.head.bn.running_var", "var", 4 * 4)]
     assert set(m.files) == {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
     assert m.optimizer["type"] == "adamw" and m.batch_size == 16 and m.estimated_peak_bytes > 0
     assert load_block_manifest(tiny_run / "block-2").output("message") is None  # the last block sends nothing

@@ -85,3 +85,27 @@ def test_the_sequence_task_trains_through_the_cli(tmp_path: Path) -> None:
     logits = onnxruntime.InferenceSession(str(tmp_path / "t.onnx")).run(None, {"x": test.tokens})[0]
     assert logits.shape == (512, 10, 10)
     assert (logits.argmax(-1) == test.targets).mean() == pytest.approx(evaluation["test_accuracy"], abs=2e-3)
+
+
+def test_validation_split_counts_tokens_on_the_sequence_task(tmp_path: Path) -> None:
+    """--val-split holds out the last training sequences; validation and eval count accuracy per token, with
+    the per-token prior ([T, C]) zero, and cutout (images only) is refused with a hint."""
+    from edgebll.errors import EdgeBLLError
+    from edgebll.export import export_model
+    from edgebll.runtime import Runtime
+    from edgebll.sequence_data import ReversalTask, SequenceDataset, load_reversal
+
+    run = export_model(transformer(TransformerConfig(layers=2, d_model=8, d_ff=16)), out=tmp_path / "t",
+                       method="bll", blocks=2, batch_size=16, progress=False)
+    train = load_reversal("train", ReversalTask(), limit=96)
+    summary = Runtime.from_run(run, threads=1).train(data=train, epochs=1, val_split=32, progress=False)
+    assert summary["samples"] == 64
+    accuracy = summary["epochs"][-1]["validation_accuracy"]
+    # 32 sequences x 10 tokens, counted per token: a count divided by the 32 sequences would pass 1
+    assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+    assert all(abs(a * 320 - round(a * 320)) < 0.01 for a in accuracy)  # a multiple of 1/320 (rounded to 5 places)
+    held_out = SequenceDataset(train.tokens[64:], train.targets[64:])
+    again = Runtime.from_run(run, threads=1).evaluate(data=held_out, progress=False)
+    assert again["per_block_accuracy"] == accuracy
+    with pytest.raises(EdgeBLLError, match=r"--cutout zeroes squares of images .* hint: drop --cutout"):
+        Runtime.from_run(run, threads=1).train(data=train, epochs=1, cutout=4, progress=False)

@@ -1,0 +1,80 @@
+"""A validation split held out of the training set, and the forward-chain accuracy used by eval.
+
+Model choices (epochs, learning rate, K, heads) are made on the validation split; the test set
+is evaluated once, on the final epoch's weights (``edgebll eval``), never to pick the best epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from tqdm import tqdm
+
+from edgebll.data import InMemoryDataset
+from edgebll.errors import EdgeBLLError
+from edgebll.metrics import count_correct
+from edgebll.run_data import load_run_dataset
+from edgebll.runner import BlockRunner
+
+_Samples = TypeVar("_Samples", bound=InMemoryDataset)
+
+Send = Callable[[np.ndarray, int], np.ndarray]
+"""(message, sending block) -> the message as the next block decodes it."""
+
+
+def split_validation(data: _Samples, size: int) -> tuple[_Samples, _Samples]:
+    """(training part, validation part): the last ``size`` samples are held out for validation.
+
+    Any in-memory dataset splits: Fashion-MNIST images or the sequence task's token sequences.
+    """
+    if not 0 < size < len(data):
+        raise EdgeBLLError(f"--val-split {size}: expected between 1 and {len(data) - 1} of the {len(data)} training "
+                           "samples; hint: --val-split 5000 holds out the last 5,000")
+    cut = len(data) - size
+    inputs, labels = data.arrays()
+    return type(data)(inputs[:cut], labels[:cut]), type(data)(inputs[cut:], labels[cut:])
+
+
+def training_data(data: InMemoryDataset | None, data_dir: str | None, limit: int | None, val_split: int,
+                  dataset: dict[str, Any] | None = None) -> tuple[InMemoryDataset, InMemoryDataset | None]:
+    """The samples to train on and the validation split (None without ``val_split``).
+
+    Without ``data`` it is the training split of ``dataset`` (run.json's ``data``: Fashion-MNIST or
+    the sequence task, see :func:`~edgebll.run_data.load_run_dataset`). The validation samples are
+    the last ``val_split`` of the whole training set; ``limit`` then takes the first samples of what
+    remains, so a short run never trains on its validation samples.
+    """
+    if data is None:
+        data = load_run_dataset(dataset, "train", data_dir, limit=None if val_split else limit)
+    validation = None
+    if val_split:
+        data, validation = split_validation(data, val_split)
+    return (data.subset(limit) if limit is not None else data), validation
+
+
+def chain_accuracy(runners: Sequence[BlockRunner], data: InMemoryDataset, send: Send, *, batch_size: int = 500,
+                   progress: bool = False, desc: str = "eval") -> tuple[list[float], float]:
+    """Per-block accuracy of the forward chain's eval graphs on ``data``, and the last block's mean loss.
+
+    Accuracy is per label: per image for a classifier, per token for a sequence model. Every
+    message goes through ``send`` (the codec). A BLL forward block's prior input only feeds its
+    loss, so it is zero here (in the manifest's per-sample shape, e.g. ``[T, C]`` for per-token
+    heads): the feedback blocks are not needed at test time.
+    """
+    correct = np.zeros(len(runners))
+    loss, labelled = 0.0, 0
+    for x, labels in tqdm(data.batches(batch_size), total=data.num_batches(batch_size), desc=desc, unit="batch",
+                          disable=not progress):
+        h = x
+        for k, runner in enumerate(runners):
+            prior = runner.manifest.input("prior")
+            side = labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
+            result = runner.eval_step(h, side)
+            correct[k] += count_correct(result.logits, labels)
+            if result.message is not None:
+                h = send(result.message, k)
+        loss += result.loss * len(labels)
+        labelled += labels.size
+    return (correct / max(labelled, 1)).round(5).tolist(), round(loss / max(len(data), 1), 5)
