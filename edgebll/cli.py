@@ -337,8 +337,6 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ("train", "worker") and args.resume and args.restart:
         raise EdgeBLLError("--resume and --restart contradict each other; choose one")
-    if (args.command == "worker" or getattr(args, "transport", "") == "mpi") and (args.cutout or args.val_split):
-        raise EdgeBLLError("--cutout and --val-split run in process only for now; hint: drop --transport mpi")
     if args.command == "worker":
         from edgebll.launch import run_worker
 

@@ -78,7 +78,8 @@ def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | No
               "--group-size": train.group_size, "--rounding": train.rounding, "--lr": train.lr,
               "--schedule": train.schedule, "--warmup-steps": train.warmup_steps, "--limit": train.limit,
               "--seed": train.seed, "--checkpoint-every": train.checkpoint_every, "--mix-start": train.mix_start,
-              "--mix-end": train.mix_end, "--feedback-lr-scale": train.feedback_lr_scale,
+              "--mix-end": train.mix_end, "--feedback-lr-scale": train.feedback_lr_scale, "--cutout": train.cutout,
+              "--val-split": train.val_split,
               "--max-in-flight": worker.max_in_flight, "--peer-timeout": worker.peer_timeout,
               "--feedback-lookahead": worker.feedback_lookahead, "--data-dir": data_dir, "--threads": threads}
     out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
@@ -96,11 +97,12 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     """
     from edgebll.manifest import load_run_config
     from edgebll.runtime import TrainConfig
-    from edgebll.worker import WorkerConfig
+    from edgebll.worker import WorkerConfig, check_mpi_options
 
     train, worker = train or TrainConfig(), worker or WorkerConfig()
     train.validate()
     worker.validate()
+    check_mpi_options(train)
     blocks = int(load_run_config(run_dir)["blocks"])
     ranks = blocks if ranks is None else ranks
     if ranks != blocks:

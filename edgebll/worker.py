@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll import codec as message_codec
+from edgebll.augment import cutout
 from edgebll.data import epoch_order
 from edgebll.errors import CodecError, EdgeBLLError, ManifestError, TrainingError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
@@ -131,6 +132,13 @@ class _RankState:
 def _fault(kind: str, rank: int, step: int) -> bool:
     spec = os.environ.get(FAULT_ENV, "")
     return spec == f"{kind}:{rank}:{step}"
+
+
+def check_mpi_options(train: TrainConfig) -> None:
+    """Refuse what the MPI transport does not do yet, before any rank starts."""
+    if train.val_split:
+        raise EdgeBLLError("--val-split runs in process only for now (the validation pass needs the whole chain on "
+                           "one rank); hint: drop --transport mpi, or --val-split")
 
 
 class Worker:
@@ -338,6 +346,8 @@ class Worker:
         if self.up_recv is None:
             assert self.inputs is not None
             x = self.inputs[self._picked]
+            if self.train.cutout:  # as the in-process runtime does: seeded by (seed, step), so a resume repeats it
+                x = cutout(x, self.train.cutout, seed=self.train.seed, step=step)
         else:
             x = self._receive(self.up_recv, step, self._expected_x)
         side = labels if prior is None else (mix_weight(self.train, step, self.total) * prior).astype(np.float32)
@@ -434,6 +444,7 @@ class Worker:
         """Train this rank's block(s) to the end; rank 0 writes and returns train.json's content."""
         self.train.validate()
         self.worker.validate()
+        check_mpi_options(self.train)
         self._check_size()
         self._register()
         start = self._resume_step()
@@ -443,6 +454,9 @@ class Worker:
             raise ManifestError(f"{self.name}: the checkpoint holds step {self.runner.progress['step']}, expected "
                                 f"{start}; hint: --restart")
         self.labels, self.inputs = self._labels()
+        if self.train.cutout and self.inputs is not None and self.inputs.ndim != 4:
+            raise EdgeBLLError(f"--cutout zeroes squares of images [N, C, H, W]; this run's inputs are "
+                               f"{list(self.inputs.shape)} ({self.config['model']}); hint: drop --cutout")
         self.steps_per_epoch = len(self.labels) // self.batch
         if self.steps_per_epoch == 0:
             raise EdgeBLLError(f"{len(self.labels)} training samples make no full batch of {self.batch}")

@@ -46,8 +46,8 @@ def test_train_reports_validation_accuracy_per_epoch(run_copy: Path) -> None:
     assert again["test_loss"] == summary["epochs"][-1]["validation_loss"]
 
 
-def test_mpi_transport_refuses_cutout_and_validation(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mpi_transport_refuses_validation(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edgebll.cli import main
 
     assert main(["train", str(tiny_run), "--transport", "mpi", "--val-split", "10", "--no-progress"]) == 2
-    assert "--cutout and --val-split run in process only for now" in capsys.readouterr().err
+    assert "--val-split runs in process only for now" in capsys.readouterr().err

@@ -215,3 +215,11 @@ def test_resume_never_deletes_weights_that_no_mpi_checkpoint_covers(tiny_run: Pa
     after = weights(run)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def test_cutout_over_mpi_cuts_the_in_process_pixels(tiny_run: Path, tmp_path: Path) -> None:
+    reference = in_process(tiny_run, tmp_path, epochs=1, cutout=10)
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    done = mpi_train(run, "--cutout", "10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(reference, run)
