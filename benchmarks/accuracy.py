@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine_info, markdown_table, write_results  # noqa: E402
+from common import describe_machine, markdown_table, publish  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
 from edgebll.export import export_model  # noqa: E402
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_one(m, args, s, Path(tmp)) for m, s in tqdm(jobs, desc="accuracy", unit="run")]
-    machine = machine_info()
-    json_path, md_path = write_results(args.name, {"machine": machine, "settings": vars(args), "rows": rows},
-                                       render(rows, args, machine))
-    print(md_path.read_text())
-    print(f"wrote {json_path} and {md_path}")
+    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine_info, markdown_table, other_processes_cpu, write_results  # noqa: E402
+from common import describe_machine, markdown_table, other_processes_cpu, publish  # noqa: E402
 
 from edgebll import BlockRunner, Runtime  # noqa: E402
 from edgebll.codec import frame_nbytes  # noqa: E402
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(k, args, Path(tmp)) for k in args.ranks]
-    machine = machine_info()
-    json_path, md_path = write_results(args.name, {"machine": machine, "settings": vars(args), "rows": rows},
-                                       render(rows, args, machine))
-    print(md_path.read_text())
-    print(f"wrote {json_path} and {md_path}")
+    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.blocks == "auto":
             if not devices:
                 raise EdgeBLLError("--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE")
-            from edgebll.export.fit import export_to_fit, fit_table
+            from edgebll.export.fit import export_to_fit
 
             chosen = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
             _print_auto_partition(chosen, args.model, args.method)

@@ -44,7 +44,7 @@ from edgebll.augment import cutout
 from edgebll.data import epoch_order
 from edgebll.errors import CodecError, EdgeBLLError, ManifestError, TrainingError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
-from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
+from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
 from edgebll.runner import TRAINED_DIR, BlockRunner
