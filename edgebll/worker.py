@@ -123,9 +123,7 @@ class _RankState:
     @classmethod
     def from_json(cls, text: str) -> _RankState:
         data = json.loads(text)
-        # a checkpoint from before per-token counting has one label per sample
-        return cls(int(data["step"]), {int(e): _EpochSums(**{"labelled": s["samples"], **s})
-                                       for e, s in data["sums"].items()},
+        return cls(int(data["step"]), {int(e): _EpochSums(**s) for e, s in data["sums"].items()},
                    int(data["up_bytes"]), int(data["down_bytes"]))
 
 
@@ -374,11 +372,16 @@ class Worker:
         return None
 
     # ----------------------------------------------------------------------------------- checkpoints
+    @property
+    def _own_runners(self) -> list[BlockRunner]:
+        """The blocks this rank trains: its forward block, and its feedback block where it has one."""
+        return [self.runner] + ([self.feedback_runner] if self.feedback_runner is not None else [])
+
     def _checkpoint(self, step: int) -> None:
         """Save every block of this rank after ``step`` steps, keep a per-step copy, tell rank 0."""
         epoch = step // self.steps_per_epoch
         self.state.step = step
-        for runner in [self.runner] + ([self.feedback_runner] if self.feedback_runner else []):
+        for runner in self._own_runners:
             runner.save(epoch=epoch)
             trained = runner.block_dir / TRAINED_DIR
             keep = trained / HISTORY_DIR / f"step-{step}"
@@ -394,7 +397,7 @@ class Worker:
         self._control({"kind": "saved", "rank": self.rank, "step": step})
 
     def _prune(self, below: int) -> None:
-        for runner in [self.runner] + ([self.feedback_runner] if self.feedback_runner else []):
+        for runner in self._own_runners:
             history = runner.block_dir / TRAINED_DIR / HISTORY_DIR
             for folder in history.glob("step-*"):
                 if int(folder.name.split("-")[1]) < below:
