@@ -66,7 +66,8 @@ def _record_error(run_dir: Path, rank: int, line: str) -> None:
 
     try:
         (run_dir / RANKS_DIR).mkdir(exist_ok=True)
-        write_json_atomic(run_dir / RANKS_DIR / f"rank-{rank}.error.json", json.dumps({"rank": rank, "error": line}))
+        write_json_atomic(run_dir / RANKS_DIR / f"rank-{rank}.error.json",
+                          json.dumps({"rank": rank, "error": line, "time": time.time()}))
     except OSError:
         pass  # the error is printed anyway; a read-only run folder must not hide it
 
@@ -136,36 +137,39 @@ class _FirstExit:
     sees the rank that died before mpiexec has killed the rest.
     """
 
-    def __init__(self, ranks_dir: Path, ranks: int, process: subprocess.Popen) -> None:
+    def __init__(self, run_dir: Path, ranks: int, process: subprocess.Popen) -> None:
         import threading
 
-        self.ranks_dir, self.ranks, self.process = ranks_dir, ranks, process
+        self.run_dir, self.ranks, self.process = run_dir, ranks, process
         self.rank: int | None = None
+        self.when: float | None = None  # time.time() when it was seen to end
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         import select
 
+        from edgebll.worker import registered_ranks
+
         fds: dict[int, int] = {}
         poller = select.poll()
         while len(fds) < self.ranks and self.process.poll() is None:  # the ranks register at start-up
-            for path in self.ranks_dir.glob("rank-*[0-9].json"):
+            watched = set(fds.values())
+            for rank, info in registered_ranks(self.run_dir).items():
+                if rank in watched:
+                    continue
                 try:
-                    info = json.loads(path.read_text())
                     fd = os.pidfd_open(int(info["pid"]))
                 except (OSError, ValueError, KeyError, AttributeError):
                     continue
-                if int(info["rank"]) in fds.values():
-                    os.close(fd)
-                    continue
-                fds[fd] = int(info["rank"])
+                fds[fd] = rank
                 poller.register(fd, select.POLLIN)
             time.sleep(0.01)
         try:
             while self.rank is None and self.process.poll() is None and fds:
                 ended = [fds[fd] for fd, _ in poller.poll(200)]
                 if ended:
+                    self.when = time.time()
                     self.rank = min(ended) if len(ended) > 1 else ended[0]
         finally:
             for fd in fds:
@@ -183,7 +187,7 @@ def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool =
     command += [sys.executable, "-m", "edgebll", "worker", run_dir, *worker_args]
     shutil.rmtree(Path(run_dir) / RANKS_DIR, ignore_errors=True)  # pids of an earlier run would mislead
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first_exit = _FirstExit(Path(run_dir) / RANKS_DIR, ranks, process)
+    first_exit = _FirstExit(Path(run_dir), ranks, process)
     tail = bytearray()
     assert process.stdout is not None
     # pass the output through unchanged (progress bars use \r) and keep the end to explain a failure
@@ -194,35 +198,39 @@ def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool =
     code = process.wait()
     if code == 0:
         return 0
-    raise TrainingError(explain_failure(Path(run_dir), tail.decode(errors="replace"), code, ranks, first_exit.rank))
+    raise TrainingError(explain_failure(Path(run_dir), tail.decode(errors="replace"), code, ranks, first_exit.rank,
+                                        first_exit.when))
 
 
-def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exit: int | None = None) -> str:
+def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exit: int | None = None,
+                    first_exit_at: float | None = None) -> str:
     """One line: which rank failed and how, what is safe on disk, how to go on.
 
-    ``first_exit``: the rank whose process ended first, where the launcher could see it.
+    ``first_exit``: the rank whose process ended first, where the launcher could see it, at
+    ``first_exit_at`` (time.time()). A rank that recorded its error before then stopped the run
+    (its MPI_Abort makes mpiexec kill the others, in any order); otherwise the first to end died.
     """
-    from edgebll.worker import PROGRESS_NAME, RANKS_DIR
+    from edgebll.worker import PROGRESS_NAME, RANKS_DIR, registered_ranks
 
-    pids, by_rank = {}, {}
-    for path in (run_dir / RANKS_DIR).glob("rank-*[0-9].json"):
-        info = json.loads(path.read_text())
-        pids[int(info["pid"])] = by_rank[int(info["rank"])] = info
-    recorded = {}
+    by_rank = registered_ranks(run_dir)
+    pids = {int(info["pid"]): info for info in by_rank.values()}
+    recorded, recorded_at = {}, {}
     for path in run_dir.glob(f"{RANKS_DIR}/rank-*.error.json"):
         record = json.loads(path.read_text())
         recorded[int(record["rank"])] = record["error"].split(": error: ", 1)[-1]
+        recorded_at[int(record["rank"])] = float(record.get("time", 0.0))
     reported = re.search(r"rank (\d+): error: (.*)", output)
     if reported and int(reported.group(1)) not in recorded:
         recorded[int(reported.group(1))] = reported.group(2).strip()
     died = re.search(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (\d+)", output)
     who = "a rank"
-    if first_exit is not None and first_exit not in recorded:  # it ended first and said nothing: it died
+    reported_first = first_exit_at is not None and any(t <= first_exit_at for t in recorded_at.values())
+    if first_exit is not None and first_exit not in recorded and not reported_first:  # ended first, said nothing
         info = by_rank.get(first_exit, {})
         who = (f"rank {first_exit} (block {first_exit}) died (pid {info.get('pid', '?')} on {info.get('host', '?')}) "
                "and mpiexec stopped the other ranks")
     elif recorded:
-        rank = first_exit if first_exit in recorded else min(recorded)
+        rank = first_exit if first_exit in recorded else min(recorded, key=lambda r: (recorded_at.get(r, 0.0), r))
         # a generic "--resume" hint is replaced by the one below, which knows whether a checkpoint exists
         error = re.sub(r"; hint: (check its log; )?completed checkpoints can be resumed.*$", "", recorded[rank])
         who = f"rank {rank} (block {rank}) stopped the run: {error}"

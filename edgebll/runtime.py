@@ -102,6 +102,21 @@ def codec_options(config: TrainConfig, step: int, block: int, feedback: bool = F
             "seed": seed}
 
 
+def encode_message(message: np.ndarray, config: TrainConfig, step: int, block: int, *, feedback: bool = False,
+                   sender: str | None = None) -> bytes:
+    """The frame (feedback) block ``block`` sends at ``step`` under ``config``'s codec, for every transport.
+
+    A message the codec refuses (non-finite, wrong dtype) stops training with a TrainingError that
+    names the sender (``sender``, default "block K" or "feedback block K") and the step.
+    """
+    try:
+        return message_codec.encode(message, config.codec, **codec_options(config, step, block, feedback))
+    except CodecError as exc:
+        who = sender or (f"feedback block {block}" if feedback else f"block {block}")
+        what = "beta message" if feedback else "activation"
+        raise TrainingError(f"{who}, step {step}: cannot send its {what}: {exc}") from exc
+
+
 def mix_weight(config: TrainConfig, step: int, total: int) -> float:
     """BLL's mixing weight m at ``step`` of ``total``: linear from mix_start to mix_end."""
     return config.mix_start + (config.mix_end - config.mix_start) * step / max(total - 1, 1)
@@ -144,22 +159,12 @@ class Runtime:
     def num_blocks(self) -> int:
         return len(self.runners)
 
-    def _send(self, message: np.ndarray, block: int, step: int, codec: str, granularity: str = "tensor", *,
-              group_size: int = 64, rounding: str = "nearest", seed: int = 0,
+    @staticmethod
+    def _send(message: np.ndarray, config: TrainConfig, step: int, block: int,
               feedback: bool = False) -> tuple[np.ndarray, int]:
         """Encode ``message`` as (feedback) block ``block`` sends it, decode it as its neighbour receives it."""
-        try:
-            frame = message_codec.encode(message, codec, granularity=granularity, group_size=group_size,
-                                         rounding=rounding, seed=seed)
-        except CodecError as exc:
-            what = "feedback block {block}, step {step}: cannot send its beta message" if feedback else \
-                "block {block}, step {step}: cannot send its activation"
-            raise TrainingError(f"{what.format(block=block, step=step)}: {exc}") from exc
+        frame = encode_message(message, config, step, block, feedback=feedback)
         return message_codec.decode(frame), len(frame)
-
-    @staticmethod
-    def _codec_options(config: TrainConfig, step: int, block: int, feedback: bool = False) -> dict[str, Any]:
-        return codec_options(config, step, block, feedback) | {"feedback": feedback}
 
     def train(self, config: TrainConfig | None = None, *, data: InMemoryDataset | None = None, data_dir: str | None = None,
               progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -210,8 +215,7 @@ class Runtime:
                     if result.metric is not None:
                         sums[2, k] += result.metric * len(labels)
                     if result.message is not None:
-                        h, nbytes = self._send(result.message, k, step, config.codec,
-                                               **self._codec_options(config, step, k))
+                        h, nbytes = self._send(result.message, config, step, k)
                         up_bytes[k] += nbytes
                 seen += len(labels)
                 labelled += labels.size
@@ -275,8 +279,7 @@ class Runtime:
             sums[3, k] += result.loss * len(labels)
             if k > 0:
                 assert result.message is not None, "feedback blocks send beta down"
-                beta, nbytes = self._send(result.message, k, step, config.codec,
-                                          **self._codec_options(config, step, k, feedback=True))
+                beta, nbytes = self._send(result.message, config, step, k, feedback=True)
                 down_bytes[k - 1] += nbytes
         return priors
 
@@ -334,7 +337,8 @@ class Runtime:
 
     def _eval_send(self, codec: str, granularity: str, group_size: int) -> Send:
         """How eval-time messages travel: through the codec, not counted, no stochastic rounding."""
-        return lambda message, block: self._send(message, block, -1, codec, granularity, group_size=group_size)[0]
+        config = TrainConfig(codec=codec, granularity=granularity, group_size=group_size)
+        return lambda message, block: self._send(message, config, -1, block)[0]
 
     def _load_train_summary(self) -> dict[str, Any]:
         path = self.run_dir / TRAIN_NAME

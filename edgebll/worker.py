@@ -42,19 +42,35 @@ from tqdm import tqdm
 from edgebll import codec as message_codec
 from edgebll.augment import cutout
 from edgebll.data import epoch_order
-from edgebll.errors import CodecError, EdgeBLLError, ManifestError, TrainingError
+from edgebll.errors import CodecError, EdgeBLLError, ManifestError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
 from edgebll.runner import TRAINED_DIR, BlockRunner
-from edgebll.runtime import TRAIN_NAME, TrainConfig, codec_options, mix_weight
+from edgebll.runtime import TRAIN_NAME, TrainConfig, encode_message, mix_weight
 from edgebll.schedule import learning_rate
 
 PROGRESS_NAME = "progress.json"
 """Run-level marker: the last step that every rank has checkpointed (written by rank 0)."""
 RANKS_DIR = "ranks"
 """``RUN/ranks/rank-K.json``: pid and host of each rank, so a launcher can name a rank that died."""
+
+
+def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """What each rank wrote at start-up (``rank``, ``block``, ``pid``, ``host``), by rank.
+
+    The files are written atomically; one that cannot be read yet (a rank still starting, a
+    stale folder) is left out rather than failing the caller, who is explaining another failure.
+    """
+    found = {}
+    for path in (run_dir / RANKS_DIR).glob("rank-*[0-9].json"):
+        try:
+            info = json.loads(path.read_text())
+            found[int(info["rank"])] = info
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
 HISTORY_DIR = "history"
 WORKER_STATE = "worker.json"
 FAULT_ENV = "EDGEBLL_INJECT_FAULT"
@@ -287,12 +303,7 @@ class Worker:
 
     # ----------------------------------------------------------------------------------- steps
     def _encode(self, message: np.ndarray, step: int, feedback: bool) -> bytes:
-        try:
-            return message_codec.encode(message, self.train.codec, **codec_options(self.train, step, self.rank,
-                                                                                    feedback))
-        except CodecError as exc:
-            what = "beta message" if feedback else "activation"
-            raise TrainingError(f"{self.name}, step {step}: cannot send its {what}: {exc}") from exc
+        return encode_message(message, self.train, step, self.rank, feedback=feedback, sender=self.name)
 
     def _receive(self, link: FrameReceiver, step: int, shape: list[int]) -> np.ndarray:
         def read(frame: memoryview) -> np.ndarray:

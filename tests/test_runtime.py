@@ -12,7 +12,7 @@ import pytest
 from edgebll.data import Dataset
 from edgebll.errors import EdgeBLLError, TrainingError
 from edgebll.runner import BlockRunner
-from edgebll.runtime import Runtime
+from edgebll.runtime import Runtime, TrainConfig, encode_message
 
 
 def synthetic(n: int = 64) -> Dataset:
@@ -74,19 +74,24 @@ def test_codec_choice_changes_what_the_next_block_sees(run_copy: Path) -> None:
     x = synthetic(16).images
     labels = np.zeros(16, np.int64)
     message = runtime.runners[0].eval_step(x, labels).message
-    exact, _ = runtime._send(message, 0, 0, "fp32", "tensor")
-    rough, nbytes = runtime._send(message, 0, 0, "int8", "tensor")
+    exact, _ = runtime._send(message, TrainConfig(codec="fp32"), 0, 0)
+    rough, nbytes = runtime._send(message, TrainConfig(codec="int8"), 0, 0)
     np.testing.assert_array_equal(exact, message)
     scale = np.abs(message).max() / 127
     assert 0 < np.abs(rough - message).max() <= scale / 2 + 1e-7
     assert nbytes < message.nbytes / 3.9
 
 
-def test_non_finite_message_names_block_and_step(run_copy: Path) -> None:
-    runtime = Runtime.from_run(run_copy)
+@pytest.mark.parametrize("feedback, sender, match", [
+    (False, None, r"^block 1, step 7: cannot send its activation: .*non-finite"),
+    (True, None, r"^feedback block 1, step 7: cannot send its beta message: .*non-finite"),
+    (False, "rank 1 (block 1)", r"^rank 1 \(block 1\), step 7: cannot send its activation: .*non-finite"),
+])
+def test_non_finite_message_names_sender_and_step(feedback: bool, sender: str | None, match: str) -> None:
+    """Every transport encodes through encode_message, so a bad message is reported alike in process and over MPI."""
     bad = np.full((2, 4, 28, 28), np.nan, np.float32)
-    with pytest.raises(TrainingError, match=r"block 1, step 7: cannot send its activation: .*non-finite"):
-        runtime._send(bad, 1, 7, "int8", "tensor")
+    with pytest.raises(TrainingError, match=match):
+        encode_message(bad, TrainConfig(codec="int8"), 7, 1, feedback=feedback, sender=sender)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -223,3 +223,26 @@ def test_cutout_over_mpi_cuts_the_in_process_pixels(tiny_run: Path, tmp_path: Pa
     done = mpi_train(run, "--cutout", "10")
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_weights(reference, run)
+
+
+@pytest.mark.parametrize("recorded_at, first_exit_at, expected", [
+    (99.0, 100.0, "rank 0 (block 0) stopped the run: PeerError: nothing within 3 s"),  # rank 0 aborted; 1 was killed
+    (101.0, 100.0, "rank 1 (block 1) died (pid 4242 on board-1)"),  # 1 died; 0 noticed afterwards
+])
+def test_the_failure_names_whoever_went_first(tmp_path: Path, recorded_at: float, first_exit_at: float,
+                                              expected: str) -> None:
+    """mpiexec kills the others in any order once a rank aborts; the launcher orders by the error record's time."""
+    from edgebll.launch import explain_failure
+    from edgebll.worker import RANKS_DIR
+
+    ranks = tmp_path / RANKS_DIR
+    ranks.mkdir()
+    for rank in (0, 1):
+        info = {"rank": rank, "block": rank, "pid": 4241 + rank, "host": f"board-{rank}"}
+        (ranks / f"rank-{rank}.json").write_text(json.dumps(info))
+    (ranks / "rank-1.json.tmp").write_text("{half a fi")  # a write in progress is skipped, not fatal
+    error = "rank 0: error: PeerError: nothing within 3 s; rank 1 (block 1) has died or hangs"
+    (ranks / "rank-0.error.json").write_text(json.dumps({"rank": 0, "error": error, "time": recorded_at}))
+    line = explain_failure(tmp_path, "", 2, 2, first_exit=1, first_exit_at=first_exit_at)
+    assert expected in line, line
+    assert line.endswith("--transport mpi -n 2 --restart`")
