@@ -37,7 +37,7 @@ from pathlib import Path
 from common import RESULTS_DIR, describe_machine, machine_info, markdown_table, write_results
 from edgebll.devices.profiles import load_profile
 from edgebll.export import export_model
-from edgebll.export.fit import IDLE_RUNTIME_BYTES, export_to_fit
+from edgebll.export.fit import export_to_fit
 
 from edgebll.errors import MemoryCapError
 from edgebll.manifest import block_dir_name, load_block_manifest
@@ -183,7 +183,8 @@ def board_report(board: dict) -> list[str]:
     estimate_misfits = [b["index"] for b in profile["blocks"] if not b["estimate_fits"]]
     lines.append(f"Every block trained under the cap within the budget: {'yes' if all(b['fits'] for b in profile['blocks']) else 'NO'}"
                  + (f"; but the estimate plus this machine's idle runtime exceeds the budget for block(s) "
-                    f"{estimate_misfits} (the exporter assumes an idle runtime of {IDLE_RUNTIME_BYTES / MIB:.0f} MiB, "
+                    f"{estimate_misfits} (the exporter reserved an idle runtime of "
+                    f"{load_profile(BOARD).idle_bytes / MIB:.0f} MiB, "
                     f"this machine measured {idle / MIB:.1f} MiB)" if estimate_misfits else "") + ".")
     lines += ["", f"A literal RLIMIT_AS of {budget / MIB:.0f} MiB (the budget itself as the address-space cap) on block 0: "
               + ("it trains." if literal["trains"] else

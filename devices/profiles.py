@@ -41,6 +41,12 @@ _UNITS = {
 }
 
 
+DEFAULT_IDLE_RUNTIME_BYTES = 58 * 2**20
+"""The idle runtime of a board whose profile does not give its own: the largest measured on
+x86-64 (50-58 MiB resident with numpy and ORT 1.19's training API imported, benchmarks/results/memory.md
+and `edgebll profile` runs); an aarch64 build is of the same order."""
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class DeviceProfile:
     """One board: its memory, the share of it a training process may use, its cores and its link."""
@@ -68,6 +74,15 @@ class DeviceProfile:
     """Typical TCP throughput over the built-in Wi-Fi; None: no built-in Wi-Fi."""
     notes: str = ""
     """Anything else a user of this board needs: OS image, how to get ORT onto it, caveats."""
+    idle_runtime_bytes: int | None = None
+    """Resident memory of an idle edgebll process on this board (interpreter, numpy, ORT's training
+    API), which a block's estimate does not include: ``edgebll profile RUN --device NAME`` on the
+    board prints it. None: :data:`DEFAULT_IDLE_RUNTIME_BYTES`."""
+
+    @property
+    def idle_bytes(self) -> int:
+        """The idle runtime to reserve out of ``budget_bytes`` before any block is placed."""
+        return DEFAULT_IDLE_RUNTIME_BYTES if self.idle_runtime_bytes is None else self.idle_runtime_bytes
 
     def __post_init__(self) -> None:
         where = f"device profile {self.name!r}"
@@ -79,6 +94,9 @@ class DeviceProfile:
         if self.budget_bytes > self.ram_bytes:
             raise DeviceError(f"{where}: budget_bytes {format_bytes(self.budget_bytes)} is more than ram_bytes "
                               f"{format_bytes(self.ram_bytes)}; hint: the budget is a share of the RAM")
+        if self.idle_runtime_bytes is not None and not 0 < self.idle_runtime_bytes < self.budget_bytes:
+            raise DeviceError(f"{where}: idle_runtime_bytes must be positive and below budget_bytes, got "
+                              f"{self.idle_runtime_bytes}; hint: `edgebll profile` on the board measures it")
         for key in ("ethernet_bytes_per_s", "wifi_bytes_per_s"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -144,10 +162,11 @@ def _check_types(data: dict[str, Any], where: str) -> dict[str, Any]:
     return data
 
 
-_OPTIONAL = {"ethernet_bytes_per_s", "wifi_bytes_per_s", "notes"}
+_OPTIONAL = {"ethernet_bytes_per_s", "wifi_bytes_per_s", "notes", "idle_runtime_bytes"}
 _TYPES: dict[str, type] = {
     "name": str, "title": str, "arch": str, "cpu": str, "cores": int, "ram_bytes": int, "budget_bytes": int,
     "budget_note": str, "ethernet_bytes_per_s": int, "wifi_bytes_per_s": int, "notes": str,
+    "idle_runtime_bytes": int,
 }
 assert set(_TYPES) == {f.name for f in fields(DeviceProfile)}, "every field needs a TOML type"
 
@@ -196,8 +215,10 @@ def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
 
 
 def custom_profile(budget: str | int = "300MB", cores: int = 2, *, name: str = "custom",
-                   ram: str | int | None = None, arch: str | None = None) -> DeviceProfile:
-    """A profile for a board without a file: ``budget`` as for :func:`parse_size` (RAM defaults to it)."""
+                   ram: str | int | None = None, arch: str | None = None,
+                   idle_runtime: str | int | None = None) -> DeviceProfile:
+    """A profile for a board without a file: ``budget`` (and ``ram``, which defaults to it, and
+    ``idle_runtime``, see :attr:`DeviceProfile.idle_runtime_bytes`) as for :func:`parse_size`."""
     if isinstance(cores, bool) or not isinstance(cores, int):
         raise DeviceError(f"cores: expected an int, got {cores!r}")
     budget_bytes = parse_size(budget)
@@ -205,4 +226,5 @@ def custom_profile(budget: str | int = "300MB", cores: int = 2, *, name: str = "
         name=name, title=f"custom ({format_bytes(budget_bytes)}, {cores} cores)", arch=arch or platform.machine(),
         cpu=f"{cores} cores", cores=cores, ram_bytes=parse_size(ram) if ram is not None else budget_bytes,
         budget_bytes=budget_bytes, budget_note="given on the command line",
+        idle_runtime_bytes=parse_size(idle_runtime) if idle_runtime is not None else None,
     )

@@ -410,6 +410,8 @@ def format_profile_table(profile: dict[str, Any]) -> str:
     rows.append(f"above an idle runtime of {base['rss_bytes'] / mib:.1f} MiB resident; device budget "
                 f"{profile['device']['budget_bytes'] / mib:.0f} MiB; batch {profile['batch_size']}, {profile['codec']} "
                 f"messages, {profile['steps']} steps per block")
+    rows.append(f"(on the board itself, `idle_runtime_bytes = {base['rss_bytes']}` in its profile's TOML makes the "
+                "exporter reserve this idle runtime instead of the default)")
     if profile["enforce_budget"] and profile["memory_pattern"]:
         rows.append("note: under the cap ORT skips its memory pattern when it cannot map it, so a block can measure "
                     "less here than it uses uncapped; the estimate counts the pattern")

@@ -19,14 +19,9 @@ from edgebll.manifest import (
 
 from .split_search import Split, search_split
 
-IDLE_RUNTIME_BYTES = 50 * 2**20
-"""Resident memory of an idle interpreter with numpy and ORT's training API imported, which the
-estimate does not include (measured: 50.2 MiB on x86-64, benchmarks/results/memory.md)."""
-
-
 def block_allowance_bytes(device: DeviceProfile) -> int:
     """What one block may use on ``device``: its training budget less the idle runtime."""
-    return device.budget_bytes - IDLE_RUNTIME_BYTES
+    return device.budget_bytes - device.idle_bytes
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ def test_a_profile_file_by_path(tmp_path: Path) -> None:
     (GOOD.replace("cores = 4", "cores = 0"), "cores must be positive"),
     (GOOD.replace('"my-board"', '"other-board"'), "differs from the file name"),
     (GOOD + "notes = [1]\n", "notes must be str, got list"),
+    (GOOD + "idle_runtime_bytes = 0\n", "idle_runtime_bytes must be positive and below budget_bytes"),
+    (GOOD + "idle_runtime_bytes = 805_306_368\n", "idle_runtime_bytes must be positive and below budget_bytes"),
     ("name = \n", "not valid TOML"),
 ])
 def test_bad_profiles_are_refused_with_the_file_and_key_named(tmp_path: Path, change: str, message: str) -> None:
@@ -85,6 +87,17 @@ def test_bad_profiles_are_refused_with_the_file_and_key_named(tmp_path: Path, ch
         load_profile(path)
     assert str(path) in str(info.value) or "device profile" in str(info.value)
     assert isinstance(info.value, EdgeBLLError)
+
+
+def test_a_boards_own_idle_runtime_is_reserved_before_any_block() -> None:
+    """A block may use the budget less the idle runtime: the board's own where its file gives it."""
+    from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES
+    from edgebll.export.fit import block_allowance_bytes
+
+    measured = custom_profile("300MiB", idle_runtime="45MiB")
+    assert measured.idle_bytes == 45 * 2**20
+    assert block_allowance_bytes(measured) == 255 * 2**20
+    assert block_allowance_bytes(custom_profile("300MiB")) == 300 * 2**20 - DEFAULT_IDLE_RUNTIME_BYTES
 
 
 def test_unknown_names_and_missing_files() -> None:

@@ -128,7 +128,8 @@ def test_bll_losses_stay_finite_for_saturated_logits() -> None:
 
 def test_fit_check_against_a_board(run_copy: Path) -> None:
     from edgebll.devices.profiles import custom_profile
-    from edgebll.export.fit import IDLE_RUNTIME_BYTES, assign_devices, check_fit, refuse_misfits
+    from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES as IDLE_RUNTIME_BYTES
+    from edgebll.export.fit import assign_devices, check_fit, refuse_misfits
     from edgebll.manifest import load_block_manifest
 
     fits = check_fit(run_copy, custom_profile("2GB"))
@@ -172,7 +173,8 @@ def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
     """Real exports of a tiny model: the search's range estimates are the manifests', the split is the fewest
     blocks that fit, and a listed board that fits goes first (the no-fit errors: the test below)."""
     from edgebll.devices.profiles import custom_profile
-    from edgebll.export.fit import IDLE_RUNTIME_BYTES, export_to_fit
+    from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES as IDLE_RUNTIME_BYTES
+    from edgebll.export.fit import export_to_fit
     from edgebll.export.range_memory import RangeMemory
     from edgebll.manifest import load_run_config
 
@@ -202,7 +204,8 @@ def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
 
 def test_no_split_message_names_the_unit_or_the_missing_boards() -> None:
     from edgebll.devices.profiles import custom_profile
-    from edgebll.export.fit import IDLE_RUNTIME_BYTES, _no_split_message
+    from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES as IDLE_RUNTIME_BYTES
+    from edgebll.export.fit import _no_split_message
 
     boards = [custom_profile(IDLE_RUNTIME_BYTES + 100, name="a"), custom_profile(IDLE_RUNTIME_BYTES + 60, name="b")]
     names = ["u0", "u1", "u2"]
