@@ -6,14 +6,17 @@ benchmarks/results/accuracy.{json,md}.
 
     python benchmarks/accuracy.py --model cnn-small --blocks 4 --epochs 1 --codec int8
     python benchmarks/accuracy.py --limit 8192 --test-limit 2000      # a quick look
+    python benchmarks/accuracy.py --seeds 0 1 2 --jobs 2 --threads 1  # two runs at a time on two cores
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,10 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
     parser.add_argument("--threads", type=int, default=0, help="ORT threads per block (default: ORT decides)")
     parser.add_argument("--name", default="accuracy", help="results file name (default: accuracy)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (default: 1; with N > 1 give --threads "
+                             "so that N x threads <= cores, and read samples/s as measured side by side)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_one(m, args, s, Path(tmp)) for m, s in tqdm(jobs, desc="accuracy", unit="run")]
+        if args.jobs == 1:
+            rows = [run_one(m, args, s, Path(tmp)) for m, s in tqdm(jobs, desc="accuracy", unit="run")]
+        else:  # separate processes (spawned: ORT's thread pools do not survive a fork), results in job order
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(run_one, m, args, s, Path(tmp)) for m, s in jobs]
+                for _ in tqdm(as_completed(futures), total=len(futures), desc="accuracy", unit="run"):
+                    pass
+                rows = [f.result() for f in futures]
     publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 
