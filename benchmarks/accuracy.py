@@ -12,17 +12,13 @@ benchmarks/results/accuracy.{json,md}.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, publish  # noqa: E402
+from common import describe_machine, markdown_table, publish, run_all  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
 from edgebll.export import export_model  # noqa: E402
@@ -42,6 +38,10 @@ def run_one(method: str, args: argparse.Namespace, seed: int, workdir: Path) -> 
             "per_block_accuracy": evaluation["per_block_accuracy"], "samples_per_s": train["samples_per_s"],
             "message_bytes_per_step": sum(train["message_bytes_per_step"]) + sum(train["feedback_bytes_per_step"]),
             "train_seconds": train["seconds"]}
+
+
+def run_job(job: tuple[str, int], args: argparse.Namespace, workdir: Path) -> dict:
+    return run_one(job[0], args, job[1], workdir)
 
 
 def render(rows: list[dict], args: argparse.Namespace, machine: dict) -> str:
@@ -80,18 +80,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="runs trained at once, each in its own process (default: 1; with N > 1 give --threads "
                              "so that N x threads <= cores, and read samples/s as measured side by side)")
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.jobs == 1:
-            rows = [run_one(m, args, s, Path(tmp)) for m, s in tqdm(jobs, desc="accuracy", unit="run")]
-        else:  # separate processes (spawned: ORT's thread pools do not survive a fork), results in job order
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, m, args, s, Path(tmp)) for m, s in jobs]
-                for _ in tqdm(as_completed(futures), total=len(futures), desc="accuracy", unit="run"):
-                    pass
-                rows = [f.result() for f in futures]
+        rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="accuracy")
     publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 

@@ -197,3 +197,25 @@ def publish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]],
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return json_path, md_path
+
+
+def run_all(fn: Callable[..., Any], items: Sequence[Any], *args: Any, jobs: int = 1, desc: str = "runs") -> list[Any]:
+    """``[fn(item, *args) for item in items]`` with a progress bar, ``jobs`` at a time in separate processes.
+
+    The processes are spawned, not forked (ORT's thread pools do not survive a fork); ``fn`` must be
+    a module-level function. The results come back in ``items``' order.
+    """
+    from tqdm import tqdm
+
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {jobs}")
+    if jobs == 1:
+        return [fn(item, *args) for item in tqdm(items, desc=desc, unit="run")]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, item, *args) for item in items]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run"):
+            pass
+        return [f.result() for f in futures]

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, publish  # noqa: E402
+from common import describe_machine, markdown_table, publish, run_all  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
 from edgebll.augment import cutout  # noqa: E402
@@ -162,6 +162,25 @@ def test_images(args: argparse.Namespace) -> Dataset:
     return _TEST_CACHE[key]
 
 
+_TRAIN_CACHE: dict[tuple[str | None, int | None, int], tuple[Dataset, Dataset | None]] = {}
+
+
+def run_job(job: tuple[str, int, int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One row of the table: ``job`` = (variant, K, seed), trained on the backend ``args`` names."""
+    variant, k, seed = job
+    key = (args.data_dir, args.limit, args.val_split)
+    if key not in _TRAIN_CACHE:  # split once per process: every run sees the same training and validation images
+        _TRAIN_CACHE[key] = training_data(None, args.data_dir, args.limit, args.val_split)
+    data, test = _TRAIN_CACHE[key], test_images(args)
+    if args.backend == "torch" and args.threads:
+        torch.set_num_threads(args.threads)
+    row = run_ort(variant, k, args, seed, data, test, workdir) if args.backend == "ort" else \
+        run_torch(variant, k, args, seed, data, test)
+    tqdm.write(f"{variant} K={k} seed {seed}: test {row['test_accuracy']:.4f} val {row['validation_accuracy']}")
+    return {"variant": variant, "method": VARIANTS[variant][0], "head": VARIANTS[variant][1], "blocks": k,
+            "seed": seed, **row}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vgg8b", choices=("vgg8b", "cnn-small"), help="(default: vgg8b)")
@@ -183,24 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch backend: cpu or cuda (default: cpu)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's)")
     parser.add_argument("--name", default="predsim_accuracy", help="results file name (default: predsim_accuracy)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (default: 1; with N > 1 give --threads "
+                             "so that N x threads <= cores)")
     args = parser.parse_args(argv)
-    if args.backend == "torch" and args.threads:
-        torch.set_num_threads(args.threads)
-    data = training_data(None, args.data_dir, args.limit, args.val_split)
-    test = test_images(args)
     jobs = [(v, 1 if v == "bp" else k, s) for s in args.seeds for v in args.methods
             for k in ([1] if v == "bp" else args.blocks)
             if not (args.backend == "torch" and v == "bll")]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant, k, seed in tqdm(jobs, desc="predsim_accuracy", unit="run"):
-            if args.backend == "ort":
-                row = run_ort(variant, k, args, seed, data, test, Path(tmp))
-            else:
-                row = run_torch(variant, k, args, seed, data, test)
-            rows.append({"variant": variant, "method": VARIANTS[variant][0], "head": VARIANTS[variant][1],
-                         "blocks": k, "seed": seed, **row})
-            tqdm.write(f"{variant} K={k} seed {seed}: test {row['test_accuracy']:.4f} val {row['validation_accuracy']}")
+    with tempfile.TemporaryDirectory() as tmp:  # each process loads the data once
+        rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="predsim_accuracy")
     publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 
