@@ -98,12 +98,11 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     """
     from edgebll.manifest import load_run_config
     from edgebll.runtime import TrainConfig
-    from edgebll.worker import WorkerConfig, check_mpi_options
+    from edgebll.worker import WorkerConfig
 
     train, worker = train or TrainConfig(), worker or WorkerConfig()
     train.validate()
     worker.validate()
-    check_mpi_options(train)
     blocks = int(load_run_config(run_dir)["blocks"])
     ranks = blocks if ranks is None else ranks
     if ranks != blocks:

@@ -46,10 +46,10 @@ from edgebll.errors import CodecError, EdgeBLLError, ManifestError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
-from edgebll.run_data import load_run_dataset
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.runtime import TRAIN_NAME, TrainConfig, encode_message, mix_weight
 from edgebll.schedule import learning_rate
+from edgebll.validation import training_data
 
 PROGRESS_NAME = "progress.json"
 """Run-level marker: the last step that every rank has checkpointed (written by rank 0)."""
@@ -78,7 +78,9 @@ FAULT_ENV = "EDGEBLL_INJECT_FAULT"
 stops answering there), or at that step it sends a frame with a flipped byte (``corrupt``), an
 envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
 
-_ACTIVATION, _FEEDBACK, _CONTROL, _MARK = 11, 12, 13, 14
+_ACTIVATION, _FEEDBACK, _CONTROL, _MARK, _VALIDATION = 11, 12, 13, 14, 15
+VALIDATION_BATCH = 500
+"""Validation batch: the in-process runtime's, so both count the same batches (the eval graphs take any batch)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,28 +133,25 @@ class _RankState:
     sums: dict[int, _EpochSums] = field(default_factory=dict)
     up_bytes: int = 0
     down_bytes: int = 0
+    validation: dict[int, list[float]] = field(default_factory=dict)
+    """Per epoch, this rank's block on the validation split: [correct, labelled, loss sum, samples]."""
 
     def to_json(self) -> str:
         return json.dumps({"step": self.step, "up_bytes": self.up_bytes, "down_bytes": self.down_bytes,
-                           "sums": {str(e): asdict(s) for e, s in self.sums.items()}})
+                           "sums": {str(e): asdict(s) for e, s in self.sums.items()},
+                           "validation": {str(e): v for e, v in self.validation.items()}})
 
     @classmethod
     def from_json(cls, text: str) -> _RankState:
         data = json.loads(text)
         return cls(int(data["step"]), {int(e): _EpochSums(**s) for e, s in data["sums"].items()},
-                   int(data["up_bytes"]), int(data["down_bytes"]))
+                   int(data["up_bytes"]), int(data["down_bytes"]),
+                   {int(e): v for e, v in data.get("validation", {}).items()})  # runs before --val-split over MPI
 
 
 def _fault(kind: str, rank: int, step: int) -> bool:
     spec = os.environ.get(FAULT_ENV, "")
     return spec == f"{kind}:{rank}:{step}"
-
-
-def check_mpi_options(train: TrainConfig) -> None:
-    """Refuse what the MPI transport does not do yet, before any rank starts."""
-    if train.val_split:
-        raise EdgeBLLError("--val-split runs in process only for now (the validation pass needs the whole chain on "
-                           "one rank); hint: drop --transport mpi, or --val-split")
 
 
 class Worker:
@@ -250,24 +249,36 @@ class Worker:
         return runner, feedback
 
     def _labels(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rank 0 loads run.json's dataset and broadcasts the labels; returns (labels, inputs on rank 0 else None)."""
-        inputs = None
-        labels = None
-        count, label_shape = 0, ()
+        """Rank 0 loads run.json's dataset and broadcasts the labels; returns (labels, inputs on rank 0 else None).
+
+        With ``--val-split`` rank 0 splits it as the in-process runtime does, and every rank also gets
+        the validation labels (``self.val_labels``; rank 0 keeps the images in ``self.val_inputs``).
+        """
+        inputs = labels = self.val_inputs = val_labels = None
+        counts, label_shape = (0, 0), ()
         error = None
         if self.rank == 0:
             try:
-                data = load_run_dataset(self.config.get("data"), "train", self.data_dir, limit=self.train.limit)
+                data, validation = training_data(None, self.data_dir, self.train.limit, self.train.val_split,
+                                                 self.config.get("data"))
                 inputs, labels = data.arrays()
-                count, label_shape = len(data), labels.shape[1:]  # [N] per image, [N, T] per token
+                if validation is not None:
+                    self.val_inputs, val_labels = validation.arrays()
+                counts = (len(data), len(validation) if validation is not None else 0)
+                label_shape = labels.shape[1:]  # [N] per image, [N, T] per token
             except EdgeBLLError as exc:
                 error = str(exc)
-        count, label_shape, error = self.comm.bcast((count, label_shape, error), root=0)
+        counts, label_shape, error = self.comm.bcast((counts, label_shape, error), root=0)
         if error is not None:
             raise EdgeBLLError(f"rank 0 cannot load the training data: {error}")
         if labels is None:
-            labels = np.empty((count, *label_shape), np.int64)
+            labels = np.empty((counts[0], *label_shape), np.int64)
         self.comm.Bcast(labels, root=0)
+        if counts[1]:
+            if val_labels is None:
+                val_labels = np.empty((counts[1], *label_shape), np.int64)
+            self.comm.Bcast(val_labels, root=0)
+        self.val_labels = val_labels
         return labels, inputs
 
     def _links(self, runner: BlockRunner, feedback: BlockRunner | None) -> None:
@@ -382,6 +393,62 @@ class Worker:
             return lambda b: ENVELOPE.pack_into(b, 0, b"EBLM", self.rank, step + 1)
         return None
 
+    # ----------------------------------------------------------------------------------- validation
+    def _validate(self, epoch: int) -> None:
+        """This rank's block on the validation split after ``epoch``, as the in-process runtime counts it.
+
+        The forward chain's eval graphs alone (a BLL prior is zero), batch by batch: rank k takes
+        rank k-1's codec frame, counts its block's correct labels and sends its message on. The
+        frames are those of the in-process validation (step -1: no stochastic rounding), on their
+        own tag, so they never mix with training frames; the counts travel in the rank's state.
+        """
+        eval_codec = TrainConfig(codec=self.train.codec, granularity=self.train.granularity,
+                                 group_size=self.train.group_size)
+        prior = self.runner.manifest.input("prior")
+        expected = self.runner.manifest.inputs[0].per_sample_shape()
+        correct = loss = 0.0
+        labelled = 0
+        assert self.val_labels is not None
+        for first in range(0, len(self.val_labels), VALIDATION_BATCH):
+            labels = self.val_labels[first:first + VALIDATION_BATCH]
+            if self.rank == 0:
+                assert self.val_inputs is not None
+                x = self.val_inputs[first:first + VALIDATION_BATCH]
+            else:
+                x = self._receive_validation(first, [len(labels), *expected])
+            side = labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
+            result = self.runner.eval_step(x, side)
+            correct += count_correct(result.logits, labels)
+            labelled += labels.size
+            loss += result.loss * len(labels)
+            if result.message is not None:
+                frame = encode_message(result.message, eval_codec, -1, self.rank, sender=self.name)
+                wait(self.comm.Isend(frame, dest=self.rank + 1, tag=_VALIDATION), timeout=self.worker.peer_timeout,
+                     what=lambda: f"{self.name}: validation frame {first} to rank {self.rank + 1}", peer=self.rank + 1)
+        self.state.validation[epoch] = [correct, labelled, loss, len(self.val_labels)]
+
+    def _receive_validation(self, first: int, shape: list[int]) -> np.ndarray:
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        what = lambda: f"{self.name}: validation frame {first} from rank {self.rank - 1}"  # noqa: E731
+        deadline = time.monotonic() + self.worker.peer_timeout
+        while not self.comm.Iprobe(source=self.rank - 1, tag=_VALIDATION, status=status):
+            if time.monotonic() > deadline:
+                raise PeerError(f"{what()}: nothing within {self.worker.peer_timeout:g} s; rank {self.rank - 1} "
+                                f"(block {self.rank - 1}) has died or hangs")
+            time.sleep(1e-4)
+        frame = bytearray(status.Get_count(MPI.BYTE))
+        self.comm.Recv(frame, source=self.rank - 1, tag=_VALIDATION)
+        try:
+            array = message_codec.decode(memoryview(frame))
+        except CodecError as exc:
+            raise PeerError(f"{what()}: rejected: {exc}") from exc
+        if list(array.shape) != shape:
+            raise PeerError(f"{what()}: shape {list(array.shape)}, but the block takes {shape}; hint: re-export all "
+                            "blocks together")
+        return array
+
     # ----------------------------------------------------------------------------------- checkpoints
     @property
     def _own_runners(self) -> list[BlockRunner]:
@@ -458,7 +525,6 @@ class Worker:
         """Train this rank's block(s) to the end; rank 0 writes and returns train.json's content."""
         self.train.validate()
         self.worker.validate()
-        check_mpi_options(self.train)
         self._check_size()
         self._register()
         start = self._resume_step()
@@ -525,6 +591,8 @@ class Worker:
                     priors[next_feedback] = self._feedback_step(next_feedback)
                     next_feedback += 1
             self._forward_step(step, priors.pop(step, None))
+            if self.val_labels is not None and (step + 1) % self.steps_per_epoch == 0:
+                self._validate((step + 1) // self.steps_per_epoch - 1)
             if step + 1 in checkpoints:
                 self._checkpoint(step + 1)
             self._poll()
@@ -575,6 +643,10 @@ class Worker:
                 record["feedback_loss"] = [round(p.feedback_loss / max(p.feedback_samples, 1), 5) for p in per[:-1]]
             if self.config["method"] == "predsim":  # the similarity term alone, as the in-process runtime reports it
                 record["similarity_loss"] = [round(p.metric / max(p.samples, 1), 5) for p in per[:-1]]
+            if all(epoch in s.validation for s in states):
+                checked = [s.validation[epoch] for s in states]
+                record["validation_accuracy"] = [round(c / max(n, 1), 5) for c, n, _, _ in checked]
+                record["validation_loss"] = round(checked[-1][2] / max(checked[-1][3], 1), 5)
             history.append(record)
         samples = (self.total - start) * self.batch  # trained by this invocation
         steps_done = self.total  # the byte counters span the whole run, resumed parts included

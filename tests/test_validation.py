@@ -44,10 +44,3 @@ def test_train_reports_validation_accuracy_per_epoch(run_copy: Path) -> None:
     again = Runtime.from_run(run_copy, threads=1).evaluate(data=held_out, progress=False)
     assert again["per_block_accuracy"] == summary["epochs"][-1]["validation_accuracy"]
     assert again["test_loss"] == summary["epochs"][-1]["validation_loss"]
-
-
-def test_mpi_transport_refuses_validation(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from edgebll.cli import main
-
-    assert main(["train", str(tiny_run), "--transport", "mpi", "--val-split", "10", "--no-progress"]) == 2
-    assert "--val-split runs in process only for now" in capsys.readouterr().err

@@ -101,6 +101,25 @@ def test_mpi_run_ends_with_the_in_process_weights(bll_run: Path, tmp_path: Path,
     assert json.loads((run / "eval.json").read_text())["samples"] == 200
 
 
+def test_validation_over_mpi_counts_what_the_in_process_runtime_counts(bll_run: Path, tmp_path: Path) -> None:
+    """--val-split over MPI: the same held-out images through the forward chain of ranks, every epoch, and a
+    resume keeps the epochs already validated."""
+    reference = in_process(bll_run, tmp_path, epochs=2, val_split=700)  # 700: a last batch shorter than 500
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    crashed = mpi_train(run, "--epochs", "2", "--val-split", "700", "--checkpoint-every", "3",
+                        env={"EDGEBLL_INJECT_FAULT": "kill:2:12"})
+    assert crashed.returncode == 2, crashed.stdout + crashed.stderr
+    resumed = mpi_train(run, "--epochs", "2", "--val-split", "700", "--checkpoint-every", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(reference, run)
+    got = json.loads((run / "train.json").read_text())["epochs"]
+    want = json.loads((reference / "train.json").read_text())["epochs"]
+    assert [e["samples_per_block"] for e in got] == [[LIMIT] * 3] * 2  # the held-out images were never trained on
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine["validation_accuracy"] == theirs["validation_accuracy"]
+        assert mine["validation_loss"] == pytest.approx(theirs["validation_loss"], abs=1e-5)
+
+
 def test_a_killed_rank_is_named_and_the_run_resumes_to_the_same_weights(bll_run: Path, tmp_path: Path) -> None:
     reference = in_process(bll_run, tmp_path, epochs=2)
     run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
