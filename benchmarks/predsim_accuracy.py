@@ -11,8 +11,13 @@ accuracy is that of the final epoch. Writes benchmarks/results/<name>.{json,md}.
 
 ``--backend ort`` (default) trains through the edgebll runtime (ONNX Runtime artifacts, in
 process, messages through the codec); ``--backend torch`` trains the same blocks in torch
-(``edgebll.export.reference``: fp32 messages, detached between blocks, on ``--device``), for the
-long runs a CPU cannot do. bll needs the runtime: it is skipped on the torch backend.
+(``edgebll.export.reference``: fp32 messages, detached between blocks, BLL with its feedback
+chain, on ``--device``), for the long runs a CPU cannot do, and records the test accuracy after
+every epoch (a curve; the table still reports the final epoch). ``--model resnet18`` runs the BLL
+paper's comparison:
+
+    python benchmarks/predsim_accuracy.py --model resnet18 --methods bp bwbpf-conv bll --blocks 4 \
+        --backend torch --device cuda --epochs 30 --name accuracy_resnet18_gpu
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,12 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, markdown_table, publish, run_all  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
-from edgebll.augment import cutout  # noqa: E402
 from edgebll.data import Dataset, load_fashion_mnist  # noqa: E402
-from edgebll.export import OptimizerConfig, build_blocks, build_model, export_model  # noqa: E402
+from edgebll.export import OptimizerConfig, build_model, export_model  # noqa: E402
+from edgebll.export.exporter import plan_blocks  # noqa: E402
 from edgebll.export.models import ModelSpec, vgg8b  # noqa: E402
 from edgebll.export.reference import TorchReference  # noqa: E402
-from edgebll.schedule import learning_rate  # noqa: E402
 from edgebll.validation import training_data  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -79,33 +82,26 @@ def run_ort(variant: str, blocks: int, args: argparse.Namespace, seed: int, data
             "message_bytes_per_step": sum(train["message_bytes_per_step"]) + sum(train["feedback_bytes_per_step"])}
 
 
-def _torch_accuracy(reference: TorchReference, data: Dataset) -> list[float]:
-    correct = np.zeros(len(reference.blocks))
-    for x, labels in data.batches(500):
-        correct += reference.accuracy(torch.from_numpy(x), torch.from_numpy(labels))
-    return (correct / len(data)).round(5).tolist()
-
-
 def run_torch(variant: str, blocks: int, args: argparse.Namespace, seed: int, data: tuple[Dataset, Dataset | None],
               test: Dataset) -> dict[str, Any]:
+    """The same blocks trained in torch (``TorchReference.fit``: the runtime's batches, schedule, cutout and
+    BLL mixing, fp32 messages), with the test accuracy after every epoch as a curve."""
     method, head = VARIANTS[variant]
-    spec = build_model(make_model(args, seed))
-    reference = TorchReference(build_blocks(spec, method, blocks, head=head)[0], OptimizerConfig(), args.device)
+    plans = plan_blocks(build_model(make_model(args, seed)), method, blocks, head=head)
+    reference = TorchReference([p.module for p in plans if p.kind == "forward"], OptimizerConfig(), args.device,
+                               feedback=[p.module for p in plans if p.kind == "feedback"])
     train_set, validation = data
-    steps = train_set.num_batches(args.batch_size, drop_last=True)
-    began, step = time.perf_counter(), 0
-    for epoch in range(args.epochs):
-        for x, labels in train_set.batches(args.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=True):
-            x = cutout(x, args.cutout, seed=seed, step=step) if args.cutout else x
-            lr = learning_rate("cosine", args.lr, step, steps * args.epochs)
-            reference.train_step(torch.from_numpy(x), torch.from_numpy(labels), lr)
-            step += 1
-    seconds = time.perf_counter() - began
-    per_block = _torch_accuracy(reference, test)
+    curve: list[float] = []
+    began = time.perf_counter()
+    steps = reference.fit(train_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                          cutout_size=args.cutout, progress=False,
+                          on_epoch_end=lambda epoch, ref: curve.append(ref.evaluate(test)[-1]))
+    seconds = time.perf_counter() - began  # includes the per-epoch test passes
+    per_block = reference.evaluate(test)
     return {"test_accuracy": per_block[-1], "per_block_accuracy": per_block,
-            "validation_accuracy": _torch_accuracy(reference, validation)[-1] if validation is not None else None,
-            "samples_per_s": round(step * args.batch_size / max(seconds, 1e-9), 2), "train_seconds": round(seconds, 3),
-            "message_bytes_per_step": None}
+            "validation_accuracy": reference.evaluate(validation)[-1] if validation is not None else None,
+            "samples_per_s": round(steps * args.batch_size / max(seconds, 1e-9), 2), "train_seconds": round(seconds, 3),
+            "message_bytes_per_step": None, "test_accuracy_per_epoch": curve}
 
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, machine: dict[str, Any]) -> str:
@@ -148,8 +144,22 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, machine: dict[s
                               "samples/s", "message bytes/step", "seeds"], table, "lrrrrlrrr")
             + "\nTest accuracy % by K (bp: one block):\n\n"
             + markdown_table(["method"] + [f"K={k}" for k in ks], by_k, "l" + "r" * len(ks))
+            + curve_table(rows)
             + "\nPublished (for scale, not this recipe): "
             + "; ".join(f"{where}: {what}" for where, what in PUBLISHED) + ".\n")
+
+
+def curve_table(rows: list[dict[str, Any]]) -> str:
+    """Test accuracy after every epoch (torch backend), one column per method and K, first seed."""
+    curves = [r for r in rows if r.get("test_accuracy_per_epoch") and r["seed"] == rows[0]["seed"]]
+    if not curves:
+        return ""
+    epochs = max(len(r["test_accuracy_per_epoch"]) for r in curves)
+    body = [[e + 1] + [f"{100 * r['test_accuracy_per_epoch'][e]:.2f}" if e < len(r["test_accuracy_per_epoch"]) else ""
+                       for r in curves] for e in range(epochs)]
+    return ("\nTest accuracy % after each epoch (the curve; seed " + str(rows[0]["seed"]) + "):\n\n"
+            + markdown_table(["epoch"] + [f"{r['variant']} K={r['blocks']}" for r in curves], body,
+                             "r" * (len(curves) + 1)))
 
 
 _TEST_CACHE: dict[tuple[str | None, int | None], Dataset] = {}
@@ -183,7 +193,7 @@ def run_job(job: tuple[str, int, int], args: argparse.Namespace, workdir: Path) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vgg8b", choices=("vgg8b", "cnn-small"), help="(default: vgg8b)")
+    parser.add_argument("--model", default="vgg8b", choices=("vgg8b", "cnn-small", "resnet18"), help="(default: vgg8b)")
     parser.add_argument("--width", type=int, default=128, help="vgg8b width (default: 128, the paper's)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 7],
                         help="K values for the local methods (default: 2 4 7; 7 = one layer per block on vgg8b)")
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     jobs = [(v, 1 if v == "bp" else k, s) for s in args.seeds for v in args.methods
             for k in ([1] if v == "bp" else args.blocks)
-            if not (args.backend == "torch" and v == "bll")]
+]
     with tempfile.TemporaryDirectory() as tmp:  # each process loads the data once
         rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="predsim_accuracy")
     publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,6 +12,7 @@ from torch import nn
 from edgebll.errors import ExportError
 from edgebll.export import build_blocks
 from edgebll.export.models import ModelSpec, conv_bn_relu
+from edgebll.export.exporter import plan_blocks
 from edgebll.export.reference import TorchReference
 
 
@@ -62,7 +66,7 @@ def test_the_check_catches_a_chain_that_backpropagates_through_blocks() -> None:
     assert gradient_reach(blocks, losses) == [[True, False, False], [True, True, False], [True, True, True]]
 
 
-def test_reference_trains_and_refuses_bll() -> None:
+def test_reference_trains_every_block_on_its_own_loss() -> None:
     blocks, _, _ = build_blocks(spec(), "predsim", 3)
     reference = TorchReference(blocks)
     x, labels = batch()
@@ -71,5 +75,62 @@ def test_reference_trains_and_refuses_bll() -> None:
         last = reference.train_step(x, labels, 1e-2)
     assert all(b < a for a, b in zip(first, last))  # every block learns its own loss on a fixed batch
     assert len(reference.accuracy(x, labels)) == 3
-    with pytest.raises(ExportError, match="bll trains through the runtime"):
-        TorchReference(build_blocks(spec(), "bll", 3)[0])
+
+
+def bll_plans(model: ModelSpec, blocks: int = 3) -> tuple[list[nn.Module], list[nn.Module]]:
+    plans = plan_blocks(model, "bll", blocks)
+    return ([p.module for p in plans if p.kind == "forward"], [p.module for p in plans if p.kind == "feedback"])
+
+
+def test_bll_needs_its_feedback_chain() -> None:
+    forward, feedback = bll_plans(spec())
+    with pytest.raises(ExportError, match=r"bll needs one feedback block per forward block but the last: 2, got 0"):
+        TorchReference(forward)
+    with pytest.raises(ExportError, match=r"bll needs one feedback block .* got 1"):
+        TorchReference(forward, feedback=feedback[:1])
+    with pytest.raises(ExportError, match="feedback blocks belong to --method bll"):
+        TorchReference(build_blocks(spec(), "bwbpf", 3)[0], feedback=feedback)
+
+
+def test_bll_losses_reach_their_own_block_only() -> None:
+    """The forward losses with the feedback chain's priors: each reaches its own forward block alone."""
+    forward, feedback = bll_plans(spec())
+    reference = TorchReference(forward, feedback=feedback)
+    x, labels = batch()
+    priors = [2.0 * b for b in reference.feedback_step(labels, 1e-2)]
+    losses = [loss for loss, _ in reference.local_losses(x, labels, priors)]
+    assert gradient_reach(forward, losses) == [[i == j for i in range(3)] for j in range(3)]
+    assert gradient_reach(feedback, losses) == [[False, False]] * 3  # the priors enter as fixed targets
+
+
+def test_bll_in_torch_trains_as_the_runtime_does(tmp_path: Path) -> None:
+    """Two epochs of a 3-block BLL run: the runtime (ORT artifacts, fp32 messages) and TorchReference.fit
+    from the same initial weights, batches, rates and mixing schedule end with the same weights."""
+    from edgebll.data import Dataset
+    from edgebll.export import export_model
+    from edgebll.runner import BlockRunner
+    from edgebll.runtime import Runtime
+
+    model = spec()
+    run = export_model(list(model.units), out=tmp_path / "run", method="bll", blocks=3, batch_size=16, lr=1e-2,
+                       input_shape=(1, 8, 8), progress=False)
+    folders = [run / f"block-{k}" for k in range(3)] + [run / f"block-{k}" / "feedback" for k in range(2)]
+    forward, feedback = bll_plans(spec())
+    for module, folder in zip([*forward, *feedback], folders, strict=True):
+        state = {n: torch.from_numpy(v.copy()) for n, v in BlockRunner(folder).parameters().items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        assert not unexpected and all(n.endswith("num_batches_tracked") for n in missing)
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.standard_normal((64, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 64).astype(np.int64))
+
+    Runtime.from_run(run, threads=1).train(data=data, epochs=2, codec="fp32", seed=3, progress=False)
+    reference = TorchReference(forward, feedback=feedback)
+    assert reference.fit(data, epochs=2, batch_size=16, lr=1e-2, seed=3, progress=False) == 8
+    for module, folder in zip([*forward, *feedback], folders, strict=True):
+        trained = BlockRunner(folder).parameters()
+        for name, value in module.state_dict().items():
+            if not name.endswith("num_batches_tracked"):
+                np.testing.assert_allclose(trained[name], value.numpy(), atol=1e-4, err_msg=f"{folder.name}/{name}")
+    # and both read the same accuracy off the forward chain alone
+    runtime_eval = Runtime.from_run(run, threads=1).evaluate(data=data, codec="fp32", progress=False)
+    assert reference.evaluate(data) == runtime_eval["per_block_accuracy"]
