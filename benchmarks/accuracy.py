@@ -32,11 +32,14 @@ def run_one(method: str, args: argparse.Namespace, seed: int, workdir: Path) -> 
                        blocks=1 if method == "bp" else args.blocks, batch_size=args.batch_size, lr=args.lr,
                        seed=seed, progress=False)
     runtime = Runtime.from_run(out, threads=args.threads)
-    train = runtime.train(epochs=args.epochs, codec=args.codec, limit=args.limit, seed=seed, progress=False)
+    bll = dict(mix_start=args.mix_start, mix_end=args.mix_end, feedback_lr_scale=args.feedback_lr_scale)
+    train = runtime.train(epochs=args.epochs, codec=args.codec, limit=args.limit, seed=seed, val_split=args.val_split,
+                          progress=False, **(bll if method == "bll" else {}))
     evaluation = runtime.evaluate(limit=args.test_limit, progress=False)
     return {"method": method, "seed": seed, "test_accuracy": evaluation["test_accuracy"],
             "per_block_accuracy": evaluation["per_block_accuracy"], "samples_per_s": train["samples_per_s"],
             "message_bytes_per_step": sum(train["message_bytes_per_step"]) + sum(train["feedback_bytes_per_step"]),
+            "validation_accuracy": train["epochs"][-1].get("validation_accuracy"),
             "train_seconds": train["seconds"]}
 
 
@@ -54,12 +57,21 @@ def render(rows: list[dict], args: argparse.Namespace, machine: dict) -> str:
                       " / ".join(f"{100 * a:.1f}" for a in mine[0]["per_block_accuracy"]),
                       f"{statistics.mean(r['samples_per_s'] for r in mine):.0f}",
                       f"{statistics.mean(r['message_bytes_per_step'] for r in mine):,.0f}", len(mine)])
-    data = f"{args.limit or 60000} training images, {args.test_limit or 10000} test images"
+        if args.val_split:
+            table[-1].insert(3, f"{statistics.mean(100 * r['validation_accuracy'][-1] for r in mine):.2f}")
+    data = f"{args.limit or 60000 - args.val_split} training images, {args.test_limit or 10000} test images"
+    if args.val_split:
+        data += f", validation on the last {args.val_split} training images"
+    if "bll" in args.methods:
+        data += f"; bll: mix {args.mix_start} to {args.mix_end}, feedback lr x{args.feedback_lr_scale:g}"
+    columns = ["method", "blocks", "test acc. %", "per-block acc. % (first seed)", "samples/s", "message bytes/step",
+               "seeds"]
+    if args.val_split:
+        columns.insert(3, "val. acc. %")
     return (f"# Accuracy: bp vs bwbpf vs bll\n\n{args.model}, {args.epochs} epoch(s), batch {args.batch_size}, AdamW "
             f"lr {args.lr} cosine, {args.codec} messages, {data}; machine: {describe_machine(machine)}.\n"
             f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n"
-            + markdown_table(["method", "blocks", "test acc. %", "per-block acc. % (first seed)", "samples/s",
-                              "message bytes/step", "seeds"], table, "lrrlrrr"))
+            + markdown_table(columns, table, "lrr" + ("r" if args.val_split else "") + "lrrr"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,6 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
     parser.add_argument("--threads", type=int, default=0, help="ORT threads per block (default: ORT decides)")
     parser.add_argument("--name", default="accuracy", help="results file name (default: accuracy)")
+    parser.add_argument("--val-split", type=int, default=0,
+                        help="hold out the last N training images and report each block's accuracy on them (for "
+                             "choosing settings; default: 0)")
+    parser.add_argument("--mix-start", type=float, default=2.0, help="bll: mixing weight m at the first step (default: 2)")
+    parser.add_argument("--mix-end", type=float, default=0.5, help="bll: m at the last step (default: 0.5)")
+    parser.add_argument("--feedback-lr-scale", type=float, default=10.0,
+                        help="bll: feedback blocks' learning-rate multiple (default: 10)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process (default: 1; with N > 1 give --threads "
                              "so that N x threads <= cores, and read samples/s as measured side by side)")
