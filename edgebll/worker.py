@@ -424,18 +424,18 @@ class Worker:
             if result.message is not None:
                 frame = encode_message(result.message, eval_codec, -1, self.rank, sender=self.name)
                 wait(self.comm.Isend(frame, dest=self.rank + 1, tag=_VALIDATION), timeout=self.worker.peer_timeout,
-                     what=lambda: f"{self.name}: validation frame {first} to rank {self.rank + 1}", peer=self.rank + 1)
+                     what=lambda: f"{self.name}: the validation batch from image {first}, to rank {self.rank + 1},", peer=self.rank + 1)
         self.state.validation[epoch] = [correct, labelled, loss, len(self.val_labels)]
 
     def _receive_validation(self, first: int, shape: list[int]) -> np.ndarray:
         from mpi4py import MPI
 
         status = MPI.Status()
-        what = lambda: f"{self.name}: validation frame {first} from rank {self.rank - 1}"  # noqa: E731
+        what = f"{self.name}: the validation batch from image {first}, from rank {self.rank - 1},"
         deadline = time.monotonic() + self.worker.peer_timeout
         while not self.comm.Iprobe(source=self.rank - 1, tag=_VALIDATION, status=status):
             if time.monotonic() > deadline:
-                raise PeerError(f"{what()}: nothing within {self.worker.peer_timeout:g} s; rank {self.rank - 1} "
+                raise PeerError(f"{what}: nothing within {self.worker.peer_timeout:g} s; rank {self.rank - 1} "
                                 f"(block {self.rank - 1}) has died or hangs")
             time.sleep(1e-4)
         frame = bytearray(status.Get_count(MPI.BYTE))
@@ -443,9 +443,9 @@ class Worker:
         try:
             array = message_codec.decode(memoryview(frame))
         except CodecError as exc:
-            raise PeerError(f"{what()}: rejected: {exc}") from exc
+            raise PeerError(f"{what}: rejected: {exc}") from exc
         if list(array.shape) != shape:
-            raise PeerError(f"{what()}: shape {list(array.shape)}, but the block takes {shape}; hint: re-export all "
+            raise PeerError(f"{what}: shape {list(array.shape)}, but the block takes {shape}; hint: re-export all "
                             "blocks together")
         return array
 
