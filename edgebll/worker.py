@@ -424,7 +424,7 @@ class Worker:
             if result.message is not None:
                 frame = encode_message(result.message, eval_codec, -1, self.rank, sender=self.name)
                 wait(self.comm.Isend(frame, dest=self.rank + 1, tag=_VALIDATION), timeout=self.worker.peer_timeout,
-                     what=lambda: f"{self.name}: the validation batch from image {first}, to rank {self.rank + 1},",
+                     what=lambda: f"{self.name}: the validation batch from image {first}, to rank {self.rank + 1}",
                      peer=self.rank + 1)
         self.state.validation[epoch] = [correct, labelled, loss, len(self.val_labels)]
 
@@ -432,7 +432,7 @@ class Worker:
         from mpi4py import MPI
 
         status = MPI.Status()
-        what = f"{self.name}: the validation batch from image {first}, from rank {self.rank - 1},"
+        what = f"{self.name}: the validation batch from image {first}, from rank {self.rank - 1}"
         deadline = time.monotonic() + self.worker.peer_timeout
         while not self.comm.Iprobe(source=self.rank - 1, tag=_VALIDATION, status=status):
             if time.monotonic() > deadline:
