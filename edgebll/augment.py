@@ -16,6 +16,13 @@ CUTOUT_STREAM = 0xC0_7007
 """Third seed word: keeps cutout's random stream apart from the shuffling's (seed, epoch)."""
 
 
+def check_cutout(size: int, inputs_shape: tuple[int, ...], model: str) -> None:
+    """Refuse ``--cutout`` for inputs that are not images [N, C, H, W] (the sequence task's tokens)."""
+    if size and len(inputs_shape) != 4:
+        raise EdgeBLLError(f"--cutout zeroes squares of images [N, C, H, W]; this run's inputs are "
+                           f"{list(inputs_shape)} ({model}); hint: drop --cutout")
+
+
 def cutout(images: np.ndarray, size: int, *, seed: int, step: int) -> np.ndarray:
     """A copy of ``images`` [B, C, H, W] with one ``size``-pixel square per image zeroed on every channel."""
     if size < 1:

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from edgebll.errors import DataError
+from edgebll.errors import DataError, EdgeBLLError
 
 DEFAULT_DATA_DIR: str = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "EDGEBLL_DATA_DIR"
@@ -203,6 +203,14 @@ def _check_subset_size(n: int, available: int) -> None:
             f"asked for the first {n} samples but the dataset holds only {available}; "
             f"hint: pass a limit of at most {available}, or none to use all samples"
         )
+
+
+def full_batches(samples: int, batch_size: int) -> int:
+    """Full batches of ``batch_size`` in ``samples`` (training drops the last partial one); refuses none."""
+    _check_batch_size(batch_size)
+    if samples // batch_size == 0:
+        raise EdgeBLLError(f"{samples} training samples make no full batch of {batch_size}")
+    return samples // batch_size
 
 
 def _check_batch_size(batch_size: int) -> None:

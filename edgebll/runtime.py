@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll import codec as message_codec
-from edgebll.augment import cutout
-from edgebll.data import InMemoryDataset
+from edgebll.augment import check_cutout, cutout
+from edgebll.data import InMemoryDataset, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
@@ -179,13 +179,9 @@ class Runtime:
             setattr(config, key, value)
         config.validate()
         data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.get("data"))
-        if config.cutout and data.arrays()[0].ndim != 4:
-            raise EdgeBLLError(f"--cutout zeroes squares of images [N, C, H, W]; this run's inputs are "
-                               f"{list(data.arrays()[0].shape)} ({self.config['model']}); hint: drop --cutout")
+        check_cutout(config.cutout, data.arrays()[0].shape, self.config["model"])
         batch = int(self.config["batch_size"])
-        steps_per_epoch = data.num_batches(batch, drop_last=True)
-        if steps_per_epoch == 0:
-            raise EdgeBLLError(f"{len(data)} training samples make no full batch of {batch}")
+        steps_per_epoch = full_batches(len(data), batch)
         total = steps_per_epoch * config.epochs
         base_lr = float(config.lr if config.lr is not None else self.config["lr"])
         start = self._start_step(config.resume)

@@ -54,6 +54,13 @@ def training_data(data: InMemoryDataset | None, data_dir: str | None, limit: int
     return (data.subset(limit) if limit is not None else data), validation
 
 
+def eval_side(runner: BlockRunner, labels: np.ndarray) -> np.ndarray:
+    """A block's side input at evaluation: the labels, or for a BLL forward block a zero prior (in the
+    manifest's per-sample shape, e.g. ``[T, C]`` for per-token heads), which feeds only its loss."""
+    prior = runner.manifest.input("prior")
+    return labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
+
+
 def chain_accuracy(runners: Sequence[BlockRunner], data: InMemoryDataset, send: Send, *, batch_size: int = 500,
                    progress: bool = False, desc: str = "eval") -> tuple[list[float], float]:
     """Per-block accuracy of the forward chain's eval graphs on ``data``, and the last block's mean loss.
@@ -69,9 +76,7 @@ def chain_accuracy(runners: Sequence[BlockRunner], data: InMemoryDataset, send: 
                           disable=not progress):
         h = x
         for k, runner in enumerate(runners):
-            prior = runner.manifest.input("prior")
-            side = labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
-            result = runner.eval_step(h, side)
+            result = runner.eval_step(h, eval_side(runner, labels))
             correct[k] += count_correct(result.logits, labels)
             if result.message is not None:
                 h = send(result.message, k)

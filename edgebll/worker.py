@@ -40,8 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll import codec as message_codec
-from edgebll.augment import cutout
-from edgebll.data import epoch_order
+from edgebll.augment import check_cutout, cutout
+from edgebll.data import epoch_order, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, ManifestError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_run_config, write_json_atomic
@@ -49,12 +49,24 @@ from edgebll.metrics import count_correct
 from edgebll.runner import TRAINED_DIR, BlockRunner
 from edgebll.runtime import TRAIN_NAME, TrainConfig, encode_message, mix_weight
 from edgebll.schedule import learning_rate
-from edgebll.validation import training_data
+from edgebll.validation import eval_side, training_data
 
 PROGRESS_NAME = "progress.json"
 """Run-level marker: the last step that every rank has checkpointed (written by rank 0)."""
 RANKS_DIR = "ranks"
 """``RUN/ranks/rank-K.json``: pid and host of each rank, so a launcher can name a rank that died."""
+
+
+HISTORY_DIR = "history"
+WORKER_STATE = "worker.json"
+FAULT_ENV = "EDGEBLL_INJECT_FAULT"
+"""For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step), ``hang:RANK:STEP`` (it
+stops answering there), or at that step it sends a frame with a flipped byte (``corrupt``), an
+envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
+
+_ACTIVATION, _FEEDBACK, _CONTROL, _MARK, _VALIDATION = 11, 12, 13, 14, 15
+VALIDATION_BATCH = 500
+"""Validation batch: the in-process runtime's, so both count the same batches (the eval graphs take any batch)."""
 
 
 def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -71,16 +83,6 @@ def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return found
-HISTORY_DIR = "history"
-WORKER_STATE = "worker.json"
-FAULT_ENV = "EDGEBLL_INJECT_FAULT"
-"""For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step), ``hang:RANK:STEP`` (it
-stops answering there), or at that step it sends a frame with a flipped byte (``corrupt``), an
-envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
-
-_ACTIVATION, _FEEDBACK, _CONTROL, _MARK, _VALIDATION = 11, 12, 13, 14, 15
-VALIDATION_BATCH = 500
-"""Validation batch: the in-process runtime's, so both count the same batches (the eval graphs take any batch)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -308,6 +310,17 @@ class Worker:
             for link, spec in ((self.up_send, runner.manifest.output("message")),
                                (self.down_send, feedback.manifest.output("message") if feedback else None))
             if link is not None and spec is not None)
+        # --val-split: the held-out batches go up on links of their own (never counted as training traffic)
+        self.val_send = self.val_recv = None
+        if self.val_labels is not None:
+            if self.rank > 0:
+                shape = [VALIDATION_BATCH, *runner.manifest.inputs[0].per_sample_shape()]
+                self.val_recv = FrameReceiver(self.comm, peer=self.rank - 1, tag=_VALIDATION,
+                                              describe="validation activation", **common,
+                                              capacity=message_codec.frame_nbytes(shape, self.train.codec, **options))
+            if self.rank < self.blocks - 1:
+                self.val_send = FrameSender(self.comm, peer=self.rank + 1, tag=_VALIDATION,
+                                            describe="validation activation", **common)
         self._expected_x = [self.batch, *runner.manifest.inputs[0].per_sample_shape()]
         self._expected_beta = ([self.batch, *feedback.manifest.inputs[0].per_sample_shape()]
                                if feedback is not None else None)
@@ -399,56 +412,34 @@ class Worker:
 
         The forward chain's eval graphs alone (a BLL prior is zero), batch by batch: rank k takes
         rank k-1's codec frame, counts its block's correct labels and sends its message on. The
-        frames are those of the in-process validation (step -1: no stochastic rounding), on their
-        own tag, so they never mix with training frames; the counts travel in the rank's state.
+        frames are those of the in-process validation (step -1: no stochastic rounding), on links
+        of their own, so they never mix with training frames; their envelopes number the batches
+        across epochs. The counts travel in the rank's state.
         """
+        assert self.val_labels is not None
         eval_codec = TrainConfig(codec=self.train.codec, granularity=self.train.granularity,
                                  group_size=self.train.group_size)
-        prior = self.runner.manifest.input("prior")
         expected = self.runner.manifest.inputs[0].per_sample_shape()
+        batches = -(-len(self.val_labels) // VALIDATION_BATCH)
         correct = loss = 0.0
         labelled = 0
-        assert self.val_labels is not None
-        for first in range(0, len(self.val_labels), VALIDATION_BATCH):
+        for i, first in enumerate(range(0, len(self.val_labels), VALIDATION_BATCH)):
             labels = self.val_labels[first:first + VALIDATION_BATCH]
-            if self.rank == 0:
+            number = epoch * batches + i
+            if self.val_recv is None:
                 assert self.val_inputs is not None
                 x = self.val_inputs[first:first + VALIDATION_BATCH]
             else:
-                x = self._receive_validation(first, [len(labels), *expected])
-            side = labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
-            result = self.runner.eval_step(x, side)
+                x = self._receive(self.val_recv, number, [len(labels), *expected])
+            result = self.runner.eval_step(x, eval_side(self.runner, labels))
             correct += count_correct(result.logits, labels)
             labelled += labels.size
             loss += result.loss * len(labels)
-            if result.message is not None:
-                frame = encode_message(result.message, eval_codec, -1, self.rank, sender=self.name)
-                wait(self.comm.Isend(frame, dest=self.rank + 1, tag=_VALIDATION), timeout=self.worker.peer_timeout,
-                     what=lambda: f"{self.name}: the validation batch from image {first}, to rank {self.rank + 1}",
-                     peer=self.rank + 1)
+            if self.val_send is not None:
+                assert result.message is not None
+                self.val_send.send(encode_message(result.message, eval_codec, -1, self.rank, sender=self.name),
+                                   number)
         self.state.validation[epoch] = [correct, labelled, loss, len(self.val_labels)]
-
-    def _receive_validation(self, first: int, shape: list[int]) -> np.ndarray:
-        from mpi4py import MPI
-
-        status = MPI.Status()
-        what = f"{self.name}: the validation batch from image {first}, from rank {self.rank - 1}"
-        deadline = time.monotonic() + self.worker.peer_timeout
-        while not self.comm.Iprobe(source=self.rank - 1, tag=_VALIDATION, status=status):
-            if time.monotonic() > deadline:
-                raise PeerError(f"{what}: nothing within {self.worker.peer_timeout:g} s; rank {self.rank - 1} "
-                                f"(block {self.rank - 1}) has died or hangs")
-            time.sleep(1e-4)
-        frame = bytearray(status.Get_count(MPI.BYTE))
-        self.comm.Recv(frame, source=self.rank - 1, tag=_VALIDATION)
-        try:
-            array = message_codec.decode(memoryview(frame))
-        except CodecError as exc:
-            raise PeerError(f"{what}: rejected: {exc}") from exc
-        if list(array.shape) != shape:
-            raise PeerError(f"{what}: shape {list(array.shape)}, but the block takes {shape}; hint: re-export all "
-                            "blocks together")
-        return array
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property
@@ -506,14 +497,18 @@ class Worker:
             self._control_sends.append(self.comm.isend(step, dest=rank, tag=_MARK))
         self._prune(step)
 
+    def _post_control_recv(self) -> None:
+        """The next control receive: rank 0 hears saves and results from anyone, the others marks from rank 0."""
+        self._control_recv = self.comm.irecv(source=0 if self.rank else _ANY_SOURCE(), tag=_MARK if self.rank
+                                             else _CONTROL)
+
     def _poll(self) -> None:
         """Handle control messages that have arrived (rank 0: saves and results; others: marks)."""
         while True:
             done, message = self._control_recv.test()
             if not done:
                 break
-            self._control_recv = self.comm.irecv(source=0 if self.rank else _ANY_SOURCE(), tag=_MARK if self.rank
-                                                 else _CONTROL)
+            self._post_control_recv()
             if self.rank == 0:
                 self._on_control(message)
             else:
@@ -535,12 +530,9 @@ class Worker:
             raise ManifestError(f"{self.name}: the checkpoint holds step {self.runner.progress['step']}, expected "
                                 f"{start}; hint: --restart")
         self.labels, self.inputs = self._labels()
-        if self.train.cutout and self.inputs is not None and self.inputs.ndim != 4:
-            raise EdgeBLLError(f"--cutout zeroes squares of images [N, C, H, W]; this run's inputs are "
-                               f"{list(self.inputs.shape)} ({self.config['model']}); hint: drop --cutout")
-        self.steps_per_epoch = len(self.labels) // self.batch
-        if self.steps_per_epoch == 0:
-            raise EdgeBLLError(f"{len(self.labels)} training samples make no full batch of {self.batch}")
+        if self.inputs is not None:
+            check_cutout(self.train.cutout, self.inputs.shape, self.config["model"])
+        self.steps_per_epoch = full_batches(len(self.labels), self.batch)
         self.total = self.steps_per_epoch * self.train.epochs
         self.base_lr = float(self.train.lr if self.train.lr is not None else self.config["lr"])
         self._order_epoch = -1
@@ -549,19 +541,18 @@ class Worker:
         self._saved: dict[int, set[int]] = {}
         self._done: dict[int, dict[str, Any]] = {}
         self._marked = start
-        self._control_recv = self.comm.irecv(source=0 if self.rank else _ANY_SOURCE(), tag=_MARK if self.rank
-                                             else _CONTROL)
+        self._post_control_recv()
         began = time.perf_counter()
         self._train_loop(start)
         elapsed = time.perf_counter() - began
-        for link in (self.up_send, self.down_send):
+        for link in (self.up_send, self.down_send, self.val_send):
             if link is not None:
                 link.flush()
         self._control({"kind": "done", "rank": self.rank, "seconds": elapsed, "steps": self.total - start,
                        "state": self.state.to_json(), "link_buffer_bytes": self.link_buffer_bytes})
         summary = self._finish(start, elapsed) if self.rank == 0 else None
         self._drain_controls()
-        for link in (self.up_recv, self.down_recv):
+        for link in (self.up_recv, self.down_recv, self.val_recv):
             if link is not None:
                 link.cancel()
         return summary
