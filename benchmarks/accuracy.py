@@ -26,8 +26,9 @@ from edgebll.export import export_model  # noqa: E402
 METHODS = ("bp", "bwbpf", "bll")
 
 
-def run_one(method: str, args: argparse.Namespace, seed: int, workdir: Path) -> dict:
-    """Export, train and evaluate one method with one seed; returns the row for the table."""
+def run_one(job: tuple[str, int], args: argparse.Namespace, workdir: Path) -> dict:
+    """Export, train and evaluate one (method, seed); returns the row for the table."""
+    method, seed = job
     out = export_model(args.model, out=workdir / f"{method}-{seed}", method=method,
                        blocks=1 if method == "bp" else args.blocks, batch_size=args.batch_size, lr=args.lr,
                        seed=seed, progress=False)
@@ -41,10 +42,6 @@ def run_one(method: str, args: argparse.Namespace, seed: int, workdir: Path) -> 
             "message_bytes_per_step": sum(train["message_bytes_per_step"]) + sum(train["feedback_bytes_per_step"]),
             "validation_accuracy": train["epochs"][-1].get("validation_accuracy"),
             "train_seconds": train["seconds"]}
-
-
-def run_job(job: tuple[str, int], args: argparse.Namespace, workdir: Path) -> dict:
-    return run_one(job[0], args, job[1], workdir)
 
 
 def render(rows: list[dict], args: argparse.Namespace, machine: dict) -> str:
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="accuracy")
+        rows = run_all(run_one, jobs, args, Path(tmp), jobs=args.jobs, desc="accuracy")
     publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
 
 

@@ -23,6 +23,7 @@ paper's comparison:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -135,7 +136,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, machine: dict[s
                f"{args.codec} messages" if args.backend == "ort" else f"torch reference on {args.device}, fp32 messages")
     return (f"# Pred-Sim vs bp, bwbpf, bll: test accuracy by method and K\n\n"
             f"{model}, Fashion-MNIST, {args.epochs} epoch(s) on {train_images:,} training images "
-            f"(validation: the last {args.val_split:,} training images), {len(test_images(args)):,} test images "
+            f"(validation: the last {args.val_split:,} training images), {len(load_test(args.data_dir, args.test_limit)):,} test images "
             f"(final epoch), batch {args.batch_size}, AdamW lr {args.lr} cosine, cutout {args.cutout or 'off'}, "
             f"seeds {args.seeds}; {backend}; {args.threads or 'ORT-chosen'} thread(s); "
             f"machine: {describe_machine(machine)}.\n"
@@ -162,26 +163,21 @@ def curve_table(rows: list[dict[str, Any]]) -> str:
                              "r" * (len(curves) + 1)))
 
 
-_TEST_CACHE: dict[tuple[str | None, int | None], Dataset] = {}
+@functools.cache
+def load_test(data_dir: str | None, limit: int | None) -> Dataset:
+    return load_fashion_mnist("test", data_dir, limit=limit)
 
 
-def test_images(args: argparse.Namespace) -> Dataset:
-    key = (args.data_dir, args.test_limit)
-    if key not in _TEST_CACHE:
-        _TEST_CACHE[key] = load_fashion_mnist("test", args.data_dir, limit=args.test_limit)
-    return _TEST_CACHE[key]
-
-
-_TRAIN_CACHE: dict[tuple[str | None, int | None, int], tuple[Dataset, Dataset | None]] = {}
+@functools.cache
+def load_split(data_dir: str | None, limit: int | None, val_split: int) -> tuple[Dataset, Dataset | None]:
+    """Loaded and split once per process: every run sees the same training and validation images."""
+    return training_data(None, data_dir, limit, val_split)
 
 
 def run_job(job: tuple[str, int, int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """One row of the table: ``job`` = (variant, K, seed), trained on the backend ``args`` names."""
     variant, k, seed = job
-    key = (args.data_dir, args.limit, args.val_split)
-    if key not in _TRAIN_CACHE:  # split once per process: every run sees the same training and validation images
-        _TRAIN_CACHE[key] = training_data(None, args.data_dir, args.limit, args.val_split)
-    data, test = _TRAIN_CACHE[key], test_images(args)
+    data, test = load_split(args.data_dir, args.limit, args.val_split), load_test(args.data_dir, args.test_limit)
     if args.backend == "torch" and args.threads:
         torch.set_num_threads(args.threads)
     row = run_ort(variant, k, args, seed, data, test, workdir) if args.backend == "ort" else \
