@@ -8,6 +8,7 @@ accuracy is that of the final epoch. Writes benchmarks/results/<name>.{json,md}.
     python benchmarks/predsim_accuracy.py                                   # vgg8b, K = 2 4 7, 1 epoch, all data
     python benchmarks/predsim_accuracy.py --width 32 --limit 4096 --threads 1  # a CPU-sized look
     python benchmarks/predsim_accuracy.py --backend torch --device cuda --epochs 100 --cutout 14   # on a GPU
+    python benchmarks/predsim_accuracy.py --backend torch --device cuda --precision bf16 ...        # faster there
 
 ``--backend ort`` (default) trains through the edgebll runtime (ONNX Runtime artifacts, in
 process, messages through the codec); ``--backend torch`` trains the same blocks in torch
@@ -90,13 +91,20 @@ def run_torch(variant: str, blocks: int, args: argparse.Namespace, seed: int, da
     method, head = VARIANTS[variant]
     plans = plan_blocks(build_model(make_model(args, seed)), method, blocks, head=head)
     reference = TorchReference([p.module for p in plans if p.kind == "forward"], OptimizerConfig(), args.device,
-                               feedback=[p.module for p in plans if p.kind == "feedback"])
+                               feedback=[p.module for p in plans if p.kind == "feedback"], precision=args.precision)
     train_set, validation = data
     curve: list[float] = []
     began = time.perf_counter()
+
+    def epoch_end(epoch: int, ref: TorchReference) -> None:
+        curve.append(ref.evaluate(test)[-1])
+        # printed as it comes, so a run cut short (a device's time limit) still leaves its curve in the log
+        tqdm.write(f"{variant} K={blocks} seed {seed} epoch {epoch + 1}/{args.epochs}: test {curve[-1]:.4f} "
+                   f"({time.perf_counter() - began:.0f} s)")
+        sys.stdout.flush()
+
     steps = reference.fit(train_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                          cutout_size=args.cutout, progress=False,
-                          on_epoch_end=lambda epoch, ref: curve.append(ref.evaluate(test)[-1]))
+                          cutout_size=args.cutout, progress=False, on_epoch_end=epoch_end)
     seconds = time.perf_counter() - began  # includes the per-epoch test passes
     per_block = reference.evaluate(test)
     return {"test_accuracy": per_block[-1], "per_block_accuracy": per_block,
@@ -133,7 +141,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, machine: dict[s
         f"vgg8b at width {w} (conv {w}-{2 * w}-{2 * w}-{4 * w}-{4 * w}-{4 * w}, fc {8 * w}; the paper's is 128)"
     train_images = args.limit or (60000 - args.val_split)
     backend = ("edgebll runtime (ONNX Runtime, in process), "
-               f"{args.codec} messages" if args.backend == "ort" else f"torch reference on {args.device}, fp32 messages")
+               f"{args.codec} messages" if args.backend == "ort" else
+               f"torch reference on {args.device}, fp32 messages, {args.precision} compute")
     return (f"# Pred-Sim vs bp, bwbpf, bll: test accuracy by method and K\n\n"
             f"{model}, Fashion-MNIST, {args.epochs} epoch(s) on {train_images:,} training images "
             f"(validation: the last {args.val_split:,} training images), {len(load_test(args.data_dir, args.test_limit)):,} test images "
@@ -206,15 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="ORT threads per block (default: ORT decides)")
     parser.add_argument("--backend", choices=("ort", "torch"), default="ort", help="(default: ort)")
     parser.add_argument("--device", default="cpu", help="torch backend: cpu or cuda (default: cpu)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="torch backend: bf16 runs the blocks under autocast (default: fp32)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's)")
     parser.add_argument("--name", default="predsim_accuracy", help="results file name (default: predsim_accuracy)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process (default: 1; with N > 1 give --threads "
                              "so that N x threads <= cores)")
     args = parser.parse_args(argv)
+    if args.backend == "ort" and (args.precision != "fp32" or args.device != "cpu"):
+        parser.error("--precision and --device are for --backend torch (the runtime computes in fp32 on the CPU)")
     jobs = [(v, 1 if v == "bp" else k, s) for s in args.seeds for v in args.methods
-            for k in ([1] if v == "bp" else args.blocks)
-]
+            for k in ([1] if v == "bp" else args.blocks)]
     with tempfile.TemporaryDirectory() as tmp:  # each process loads the data once
         rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="predsim_accuracy")
     publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))

@@ -25,9 +25,19 @@ def check_cutout(size: int, inputs_shape: tuple[int, ...], model: str) -> None:
 
 def cutout(images: np.ndarray, size: int, *, seed: int, step: int) -> np.ndarray:
     """A copy of ``images`` [B, C, H, W] with one ``size``-pixel square per image zeroed on every channel."""
+    batch, _, height, width = images.shape
+    keep = cutout_keep(batch, height, width, size, seed=seed, step=step)
+    return images * keep[:, None].astype(images.dtype)
+
+
+def cutout_keep(batch: int, height: int, width: int, size: int, *, seed: int, step: int) -> np.ndarray:
+    """Step ``step``'s cutout as a mask [B, H, W]: False inside each image's square, True elsewhere.
+
+    The torch reference path multiplies its (device-resident) batch by this mask, so it cuts
+    exactly the pixels the runtime cuts.
+    """
     if size < 1:
         raise EdgeBLLError(f"--cutout must be a square side of at least 1 pixel, got {size}")
-    batch, _, height, width = images.shape
     rng = np.random.default_rng((seed, step, CUTOUT_STREAM))
     centre_y = rng.integers(0, height, batch)
     centre_x = rng.integers(0, width, batch)
@@ -36,5 +46,4 @@ def cutout(images: np.ndarray, size: int, *, seed: int, step: int) -> np.ndarray
     cols = np.arange(width)[None, :]
     inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)  # [B, H]
     inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)  # [B, W]
-    keep = ~(inside_rows[:, :, None] & inside_cols[:, None, :])  # [B, H, W]
-    return images * keep[:, None].astype(images.dtype)
+    return ~(inside_rows[:, :, None] & inside_cols[:, None, :])
