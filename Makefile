@@ -45,6 +45,7 @@ bench: setup data
 	$(PY) benchmarks/step_speed.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory_k_sweep.py --threads 1
+	$(PY) benchmarks/eval_memory.py
 	$(PY) benchmarks/pipeline_scaling.py
 	$(PY) benchmarks/accuracy.py --seeds 0 1 2 --threads 1 --name accuracy_seeds
 	$(PY) benchmarks/accuracy.py --epochs 3 --seeds 0 1 2 --threads 1 --jobs 2 --name accuracy_3epochs

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N test samples only")
     p.add_argument("--codec", default=None, help="message codec (default: the one used in training)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images (or sequences) per eval step (default: the run's training batch size, which "
+                        "the memory profile covers; larger batches need more memory on the device)")
     _add_common(p)
 
     p = sub.add_parser("export-inference", help="one deployable ONNX model of a trained run's forward chain (host)",
@@ -359,7 +362,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "eval":
         runtime = Runtime.from_run(args.run, threads=args.threads)
-        summary = runtime.evaluate(data_dir=args.data_dir, limit=args.limit, codec=args.codec, progress=progress)
+        summary = runtime.evaluate(data_dir=args.data_dir, limit=args.limit, codec=args.codec,
+                                   batch_size=args.batch_size, progress=progress)
         print(json.dumps(summary, indent=1))
         return 0
     if args.command == "demo":

@@ -106,7 +106,8 @@ class _GraphMemory:
 
 def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None, *, codec: str = "int8",
                         codec_backend: str = "auto", memory_pattern: bool | None = None,
-                        manifest: BlockManifest | None = None, in_flight: int = 0) -> MemoryEstimate:
+                        manifest: BlockManifest | None = None, in_flight: int = 0,
+                        validation: bool = False) -> MemoryEstimate:
     """Estimate the peak memory of training the block in ``block`` (its folder or its manifest.json).
 
     ``batch_size`` defaults to the one it was exported with. ``codec`` is the message codec
@@ -116,6 +117,8 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
     manifest when it is not written yet (the exporter's case); only training_model.onnx is read.
     ``in_flight``: the MPI transport's ``--max-in-flight``; each link of the block then holds up to
     that many frames (with their envelopes) besides the ones counted in ``messages`` (0: in process).
+    ``validation``: the MPI run validates (``--val-split``), so a forward block's links have a
+    second ring of that many frames, for the held-out batches (the same batch size).
     """
     block_dir = Path(block)
     if block_dir.name == MANIFEST_NAME:
@@ -138,7 +141,8 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
         activations=graph.peak,
         allocator=int(arena),
         messages=message_bytes(manifest, batch, codec=codec, backend=codec_backend)
-        + in_flight * link_frame_bytes(manifest, batch, codec=codec),
+        + in_flight * link_frame_bytes(manifest, batch, codec=codec)
+        * (2 if validation and getattr(manifest, "kind", "forward") == "forward" else 1),
         runtime=RUNTIME_BYTES,
         saved_for_backward=graph.saved,
         guessed_shapes=tuple(graph.guessed),

@@ -93,8 +93,9 @@ def _inputs(manifest: Any, batch: int, seed: int = 0) -> list[Any]:
 
 
 def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_size: int | None, lr: float,
-                 save: bool) -> dict[str, Any]:
-    """Train ``block_dir`` for ``steps`` steps as a device would; returns the measurements."""
+                 save: bool, mode: str = "train") -> dict[str, Any]:
+    """Train ``block_dir`` for ``steps`` steps as a device would (``mode`` "eval": run its eval graph
+    instead, as ``edgebll eval`` does); returns the measurements."""
     _import_runtime()
     imported = _status()
     from edgebll import codec as message_codec
@@ -106,13 +107,16 @@ def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_
     batch = batch_size or manifest.batch_size
     arrays = _inputs(manifest, batch)
     kind = getattr(manifest, "kind", "forward")
+    if mode == "eval" and kind != "forward":
+        raise EdgeBLLError(f"{block_dir} is a {kind} block: only forward blocks are evaluated (BLL's feedback "
+                           "blocks are not needed at test time)")
     # a block but the first receives its message as a frame (the one a neighbour would send)
     frame_in = message_codec.encode(arrays[0], codec) if (manifest.index > 0 or kind != "forward") else None
     times = []
     for _ in range(steps):
         began = time.perf_counter()
         x = message_codec.decode(frame_in) if frame_in is not None else arrays[0]
-        result = runner.train_step(x, *arrays[1:], lr)
+        result = runner.eval_step(x, *arrays[1:]) if mode == "eval" else runner.train_step(x, *arrays[1:], lr)
         frame_out = message_codec.encode(result.message, codec) if result.message is not None else None
         times.append(time.perf_counter() - began)
         del x, result, frame_out  # a device loop drops this step's buffers before the next message arrives
@@ -120,7 +124,7 @@ def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_
         runner.save(epoch=0)
     end = _status()
     return {
-        "index": manifest.index, "kind": kind, "batch_size": batch, "steps": steps, "threads": threads,
+        "index": manifest.index, "kind": kind, "mode": mode, "batch_size": batch, "steps": steps, "threads": threads,
         "codec": codec, "status_after_import": imported, "status_after_load": loaded, "status": end,
         "step_ms": round(1000 * statistics.median(times[1:] or times), 2), "first_step_ms": round(1000 * times[0], 2),
     }
@@ -147,7 +151,8 @@ def _child_main(args: argparse.Namespace) -> int:
             result: dict[str, Any] = {"status": _status()}
         else:
             result = _train_child(args.block, steps=args.steps, threads=args.threads, codec=args.codec,
-                                  batch_size=args.batch_size, lr=args.lr, save=args.save)
+                                  batch_size=args.batch_size, lr=args.lr, save=args.save,
+                                  mode="eval" if args.eval else "train")
     except Exception as exc:
         if args.cap and _is_out_of_memory(exc):
             os.write(2, message.encode() + b"\n")
@@ -197,6 +202,8 @@ class BlockMeasurement:
     """Median step time after the first (decode, train step, encode)."""
     first_step_ms: float
     steps: int
+    mode: str = "train"
+    """"train" (training steps) or "eval" (the eval graph: what `edgebll eval` runs)."""
 
 
 def _run_child(arguments: list[str], *, cap: int | None, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -223,8 +230,9 @@ def measure_baseline(*, timeout: float = 300) -> Baseline:
 def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: int = 5, threads: int = 0,
                   codec: str = "int8", batch_size: int | None = None, lr: float = 1e-3, budget: int | None = None,
                   cap: int | None = None, estimate: int | None = None, save: bool = False, index: int | None = None,
-                  timeout: float = 600) -> BlockMeasurement:
-    """Train ``block_dir`` for ``steps`` steps in a child and measure it.
+                  timeout: float = 600, mode: str = "train") -> BlockMeasurement:
+    """Train ``block_dir`` for ``steps`` steps in a child and measure it (``mode="eval"``: its eval
+    graph instead, no update, as ``edgebll eval`` and ``--val-split`` run it).
 
     ``budget``: resident bytes the block may use above the baseline, enforced as the RLIMIT_AS of
     :func:`address_space_cap`; or ``cap``: an RLIMIT_AS in bytes. Either raises MemoryCapError when
@@ -234,6 +242,10 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
         raise EdgeBLLError(f"--steps must be at least 2 (the first step warms up), got {steps}")
     if budget is not None and cap is not None:
         raise EdgeBLLError("give a resident budget or an address-space cap, not both")
+    if mode not in ("train", "eval"):
+        raise EdgeBLLError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if save and mode == "eval":
+        raise EdgeBLLError("an eval measurement trains nothing to save; drop save=True")
     if budget is not None:
         cap = address_space_cap(budget, baseline)
     arguments = ["block", str(block_dir), "--steps", str(steps), "--threads", str(threads), "--codec", codec,
@@ -243,6 +255,7 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
     arguments += ["--budget", str(budget)] if budget else []
     arguments += ["--index", str(index)] if index is not None else []
     arguments += ["--save"] if save else []
+    arguments += ["--eval"] if mode == "eval" else []
     done = _run_child(arguments, cap=cap, timeout=timeout)
     if cap and done.returncode != 0:
         # OOM_EXIT with our message, or a crash (a C++ allocation failure can abort): both mean it did not fit
@@ -254,7 +267,7 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
     return BlockMeasurement(
         index=data["index"], kind=data["kind"], measured_peak_bytes=data["status"]["VmHWM"] - baseline.rss_bytes,
         peak_rss_bytes=data["status"]["VmHWM"], peak_virtual_bytes=data["status"]["VmPeak"],
-        step_ms=data["step_ms"], first_step_ms=data["first_step_ms"], steps=data["steps"],
+        step_ms=data["step_ms"], first_step_ms=data["first_step_ms"], steps=data["steps"], mode=data["mode"],
     )
 
 
@@ -508,6 +521,7 @@ def _child_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save", action="store_true", help="save trained/checkpoint at the end")
+    p.add_argument("--eval", action="store_true", help="run the eval graph instead of training steps")
     p.add_argument("--cap", type=int, default=None, help="RLIMIT_AS in bytes, set before anything is imported")
     p.add_argument("--estimate", type=int, default=None, help="estimated peak (for the out-of-memory message)")
     p.add_argument("--budget", type=int, default=None, help="resident budget the cap stands for (for the message)")

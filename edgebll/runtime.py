@@ -237,7 +237,8 @@ class Runtime:
             if validation is not None:
                 checked = time.perf_counter()
                 record["validation_accuracy"], record["validation_loss"] = chain_accuracy(
-                    self.runners, validation, self._eval_send(config.codec, config.granularity, config.group_size))
+                    self.runners, validation, self._eval_send(config.codec, config.granularity, config.group_size),
+                    batch_size=batch)
                 validating += time.perf_counter() - checked  # not training time: kept out of samples_per_s
             history.append(record)
         bar.close()
@@ -302,12 +303,13 @@ class Runtime:
 
     def evaluate(self, *, data: InMemoryDataset | None = None, data_dir: str | None = None, limit: int | None = None,
                  codec: str | None = None, granularity: str | None = None, progress: bool = True,
-                 batch_size: int = 500) -> dict[str, Any]:
+                 batch_size: int | None = None) -> dict[str, Any]:
         """Test accuracy of every block's head through the eval graphs; writes and returns ``eval.json``.
 
         Accuracy is per label: per image, or per token for a sequence model (``samples`` counts
         sequences). ``data`` defaults to the test split of run.json's dataset.
 
+        ``batch_size`` defaults to the run's training batch size, which the memory profile covers.
         The messages go through the codec the run was trained with (from train.json), unless given.
         BLL evaluates the forward chain alone: the feedback blocks are not needed at test time (the
         prior input of a forward block only feeds its loss, so it is zero here).
@@ -321,12 +323,15 @@ class Runtime:
             data = data.subset(limit)
         began = time.perf_counter()
         send = self._eval_send(codec, granularity, int(trained.get("group_size", 64)))
+        if batch_size is not None and batch_size < 1:
+            raise EdgeBLLError(f"the eval batch size must be at least 1, got {batch_size}")
+        batch_size = batch_size or int(self.config["batch_size"])
         per_block, loss = chain_accuracy(self.runners, data, send, batch_size=batch_size, progress=progress)
         summary = {
             "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": loss,
             "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],
             "model": self.config["model"], "blocks": self.num_blocks,
-            "trained_epochs": self.runners[-1].progress["epoch"], "seconds": round(time.perf_counter() - began, 3),
+            "trained_epochs": self.runners[-1].progress["epoch"], "batch_size": batch_size, "seconds": round(time.perf_counter() - began, 3),
         }
         write_json_atomic(self.run_dir / EVAL_NAME, json.dumps(summary, indent=1))
         return summary

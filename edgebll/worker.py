@@ -65,7 +65,6 @@ stops answering there), or at that step it sends a frame with a flipped byte (``
 envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
 
 _ACTIVATION, _FEEDBACK, _CONTROL, _MARK, _VALIDATION = 11, 12, 13, 14, 15
-VALIDATION_BATCH = 500
 """Validation batch: the in-process runtime's, so both count the same batches (the eval graphs take any batch)."""
 
 
@@ -303,24 +302,30 @@ class Worker:
         if feedback is not None and self.rank > 0:
             self.down_send = FrameSender(self.comm, peer=self.rank - 1, tag=_FEEDBACK, describe="beta message",
                                          **common)
-        # what the links hold at most: depth frames on each side of each link (counted in train.json)
-        self.link_buffer_bytes = sum(depth * r.capacity for r in (self.up_recv, self.down_recv) if r is not None)
-        self.link_buffer_bytes += sum(depth * (ENVELOPE.size + message_codec.frame_nbytes(
-            [self.batch, *spec.per_sample_shape()], self.train.codec, **options))
-            for link, spec in ((self.up_send, runner.manifest.output("message")),
-                               (self.down_send, feedback.manifest.output("message") if feedback else None))
-            if link is not None and spec is not None)
         # --val-split: the held-out batches go up on links of their own (never counted as training traffic)
         self.val_send = self.val_recv = None
         if self.val_labels is not None:
             if self.rank > 0:
-                shape = [VALIDATION_BATCH, *runner.manifest.inputs[0].per_sample_shape()]
+                shape = [self.batch, *runner.manifest.inputs[0].per_sample_shape()]
                 self.val_recv = FrameReceiver(self.comm, peer=self.rank - 1, tag=_VALIDATION,
                                               describe="validation activation", **common,
                                               capacity=message_codec.frame_nbytes(shape, self.train.codec, **options))
             if self.rank < self.blocks - 1:
                 self.val_send = FrameSender(self.comm, peer=self.rank + 1, tag=_VALIDATION,
                                             describe="validation activation", **common)
+
+        def sent(spec: Any) -> int:
+            return ENVELOPE.size + message_codec.frame_nbytes([self.batch, *spec.per_sample_shape()], self.train.codec,
+                                                              **options)
+
+        # what the links hold at most: depth frames on each side of each link, the validation rings
+        # included (counted in train.json; memory.estimate_peak_bytes(in_flight=depth, validation=...))
+        receivers = (self.up_recv, self.down_recv, self.val_recv)
+        self.link_buffer_bytes = sum(depth * r.capacity for r in receivers if r is not None)
+        up = runner.manifest.output("message")
+        senders = ((self.up_send, up), (self.val_send, up),
+                   (self.down_send, feedback.manifest.output("message") if feedback else None))
+        self.link_buffer_bytes += sum(depth * sent(spec) for link, spec in senders if link is not None and spec is not None)
         self._expected_x = [self.batch, *runner.manifest.inputs[0].per_sample_shape()]
         self._expected_beta = ([self.batch, *feedback.manifest.inputs[0].per_sample_shape()]
                                if feedback is not None else None)
@@ -420,15 +425,15 @@ class Worker:
         eval_codec = TrainConfig(codec=self.train.codec, granularity=self.train.granularity,
                                  group_size=self.train.group_size)
         expected = self.runner.manifest.inputs[0].per_sample_shape()
-        batches = -(-len(self.val_labels) // VALIDATION_BATCH)
+        batches = -(-len(self.val_labels) // self.batch)
         correct = loss = 0.0
         labelled = 0
-        for i, first in enumerate(range(0, len(self.val_labels), VALIDATION_BATCH)):
-            labels = self.val_labels[first:first + VALIDATION_BATCH]
+        for i, first in enumerate(range(0, len(self.val_labels), self.batch)):
+            labels = self.val_labels[first:first + self.batch]
             number = epoch * batches + i
             if self.val_recv is None:
                 assert self.val_inputs is not None
-                x = self.val_inputs[first:first + VALIDATION_BATCH]
+                x = self.val_inputs[first:first + self.batch]
             else:
                 x = self._receive(self.val_recv, number, [len(labels), *expected])
             result = self.runner.eval_step(x, eval_side(self.runner, labels))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgebll.cli import main
+from edgebll.runner import BlockRunner
 
 
 @pytest.mark.parametrize("command", ["export", "train", "eval", "demo"])
@@ -55,6 +56,16 @@ def test_train_then_resume_then_eval(run_copy: Path, tmp_path: Path, capsys: pyt
     evaluation = json.loads((run_copy / "eval.json").read_text())
     # eval uses the codec the run was trained with (the resumed epoch used the default, int8)
     assert evaluation["samples"] == 32 and evaluation["trained_epochs"] == 2 and evaluation["codec"] == "int8"
+    # eval steps take the run's training batch (the size the memory profile covers), or --batch-size
+    assert evaluation["batch_size"] == json.loads((run_copy / "run.json").read_text())["batch_size"]
+    seen: list[int] = []
+    eval_step = BlockRunner.eval_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BlockRunner, "eval_step", lambda self, x, side: seen.append(len(x)) or eval_step(self, x, side))
+        assert main(["eval", str(run_copy), *common, "--limit", "32", "--batch-size", "12"]) == 0
+    assert set(seen) == {12, 8} and json.loads((run_copy / "eval.json").read_text())["batch_size"] == 12
+    assert main(["eval", str(run_copy), *common, "--batch-size", "0"]) == 2
+    assert "the eval batch size must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_blocks_auto_needs_a_board(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

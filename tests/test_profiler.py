@@ -132,6 +132,23 @@ def test_estimate_within_25_percent_of_the_measurement(wide_run: Path, tiny_run:
 
 
 @pytest.mark.slow
+def test_an_eval_step_at_the_training_batch_needs_less_than_a_training_step(wide_run: Path, tiny_bll_run: Path,
+                                                                             baseline) -> None:  # type: ignore[no-untyped-def]
+    """What `edgebll eval` and --val-split run (the eval graph, at the run's batch) fits where training fits;
+    at 8x the batch it does not: the reason eval no longer takes 500-image batches."""
+    block = wide_run / "block-0"
+    train = measure_block(block, baseline, steps=3, threads=1)
+    evaluated = measure_block(block, baseline, steps=3, threads=1, mode="eval")
+    large = measure_block(block, baseline, steps=3, threads=1, mode="eval", batch_size=8 * 64)
+    assert (train.mode, evaluated.mode) == ("train", "eval")
+    assert evaluated.measured_peak_bytes < train.measured_peak_bytes < large.measured_peak_bytes
+    with pytest.raises(EdgeBLLError, match="is a feedback block: only forward blocks are evaluated"):
+        measure_block(tiny_bll_run / "block-0" / "feedback", baseline, steps=2, mode="eval")
+    with pytest.raises(EdgeBLLError, match="mode must be 'train' or 'eval', got 'infer'"):
+        measure_block(block, baseline, mode="infer")
+
+
+@pytest.mark.slow
 def test_bll_feedback_blocks_are_found_fed_and_estimated(tiny_bll_run: Path, baseline) -> None:  # type: ignore[no-untyped-def]
     from edgebll.profiler import _block_dirs, _inputs
 

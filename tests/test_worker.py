@@ -104,7 +104,7 @@ def test_mpi_run_ends_with_the_in_process_weights(bll_run: Path, tmp_path: Path,
 def test_validation_over_mpi_counts_what_the_in_process_runtime_counts(bll_run: Path, tmp_path: Path) -> None:
     """--val-split over MPI: the same held-out images through the forward chain of ranks, every epoch, and a
     resume keeps the epochs already validated."""
-    reference = in_process(bll_run, tmp_path, epochs=2, val_split=700)  # 700: a last batch shorter than 500
+    reference = in_process(bll_run, tmp_path, epochs=2, val_split=700)  # 700: a last batch shorter than 16
     run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
     crashed = mpi_train(run, "--epochs", "2", "--val-split", "700", "--checkpoint-every", "3",
                         env={"EDGEBLL_INJECT_FAULT": "kill:2:12"})
@@ -214,6 +214,22 @@ def test_the_estimate_counts_what_the_links_hold(tiny_run: Path, tmp_path: Path)
         extra = (estimate_peak_bytes(run / f"block-{k}", in_flight=3).total
                  - estimate_peak_bytes(run / f"block-{k}").total)
         assert extra == held[k], k
+
+
+def test_validation_links_are_counted_and_use_the_training_batch(tiny_run: Path, tmp_path: Path) -> None:
+    """--val-split over MPI sends the held-out images in batches of the training size (so validation never
+    needs more memory than a training step) on a second ring per link, which train.json and the estimate count."""
+    from edgebll.memory import estimate_peak_bytes
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    done = mpi_train(run, "--max-in-flight", "3", "--codec", "int8", "--val-split", "40")
+    assert done.returncode == 0, done.stdout + done.stderr
+    held = json.loads((run / "train.json").read_text())["link_buffer_bytes_per_rank"]
+    for k in range(3):
+        extra = (estimate_peak_bytes(run / f"block-{k}", in_flight=3, validation=True).total
+                 - estimate_peak_bytes(run / f"block-{k}").total)
+        assert extra == held[k] == 2 * (estimate_peak_bytes(run / f"block-{k}", in_flight=3).total
+                                       - estimate_peak_bytes(run / f"block-{k}").total), k
 
 
 def test_a_rank_that_hangs_is_named_by_its_neighbour_after_the_peer_timeout(bll_run: Path, tmp_path: Path) -> None:
