@@ -54,6 +54,7 @@ bench: setup data
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 4 7 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_vgg8b_w32
 	$(PY) benchmarks/predsim_accuracy.py --model cnn-small --blocks 2 4 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_cnn_small
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 4 --epochs 3 --methods bp bwbpf-conv bwbpf-mlp predsim bll --val-split 5000 --threads 1 --jobs 2 --name predsim_accuracy_vgg8b_w32_3epochs
+	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 --epochs 3 --methods bwbpf-conv bwbpf-mlp predsim bll --val-split 5000 --threads 1 --jobs 2 --name predsim_accuracy_vgg8b_w32_3epochs_k2
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 7 --epochs 3 --methods bwbpf-conv predsim bll --val-split 5000 --threads 1 --jobs 2 --name predsim_accuracy_vgg8b_w32_3epochs_k7
 
 clean:
