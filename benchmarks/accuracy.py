@@ -36,7 +36,7 @@ def run_one(job: tuple[str, int], args: argparse.Namespace, workdir: Path) -> di
     bll = dict(mix_start=args.mix_start, mix_end=args.mix_end, feedback_lr_scale=args.feedback_lr_scale)
     train = runtime.train(epochs=args.epochs, codec=args.codec, limit=args.limit, seed=seed, val_split=args.val_split,
                           progress=False, **(bll if method == "bll" else {}))
-    evaluation = runtime.evaluate(limit=args.test_limit, progress=False)
+    evaluation = runtime.evaluate(limit=args.test_limit, batch_size=args.eval_batch_size, progress=False)
     return {"method": method, "seed": seed, "test_accuracy": evaluation["test_accuracy"],
             "per_block_accuracy": evaluation["per_block_accuracy"], "samples_per_s": train["samples_per_s"],
             "message_bytes_per_step": sum(train["message_bytes_per_step"]) + sum(train["feedback_bytes_per_step"]),
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="training images (default: all 60,000)")
     parser.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
     parser.add_argument("--threads", type=int, default=0, help="ORT threads per block (default: ORT decides)")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="test images per eval step (default: the training batch; results before 2026-12-01 "
+                             "used 500, which changes int8 per-tensor scales a little)")
     parser.add_argument("--name", default="accuracy", help="results file name (default: accuracy)")
     parser.add_argument("--val-split", type=int, default=0,
                         help="hold out the last N training images and report each block's accuracy on them (for "

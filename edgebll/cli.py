@@ -83,7 +83,8 @@ WORKER_EXAMPLE = """\
 examples:
   mpiexec -n 4 edgebll worker runs/a --epochs 1       # 4 ranks on this host, rank k trains block k
   edgebll train runs/a --transport mpi -n 4            # the same, started for you (one rank per core)
-  mpiexec -f hosts -n 4 edgebll worker runs/a          # one rank per board; hosts lists one board per line
+  edgebll train runs/a --transport mpi --hosts hosts   # one rank per board; hosts lists one board per line
+  mpiexec -f hosts -n 4 edgebll worker runs/a          # the same, started by hand
 """
 
 
@@ -179,9 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="start over from the exported weights")
     p.add_argument("--transport", choices=("inprocess", "mpi"), default="inprocess",
                    help="inprocess: every block in this process, one after another (default); mpi: one rank per "
-                        "block on this host, pipelined (`mpiexec ... edgebll worker` for several boards)")
+                        "block, pipelined, on this host or the boards of --hosts")
     p.add_argument("-n", "--ranks", type=int, default=None, metavar="N",
                    help="mpi: number of ranks (default and only choice: the run's number of blocks)")
+    p.add_argument("--hosts", default=None, metavar="FILE",
+                   help="mpi: run the ranks on the boards of FILE, one `host` or `host:slots` per line (MPICH's "
+                        "hosts file; rank 0, on the first board, reads the data and writes train.json); every "
+                        "board needs edgebll and the run folder at the same path (default: this host)")
     _add_worker_options(p)
     _add_common(p)
 
@@ -349,11 +354,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         from edgebll.launch import train_mpi
 
         train_mpi(args.run, _train_config(args), _worker_config(args), ranks=args.ranks, threads=args.threads,
-                  data_dir=args.data_dir, restart=args.restart, progress=progress)
+                  data_dir=args.data_dir, restart=args.restart, progress=progress, hosts=args.hosts)
         return 0
     if args.command == "train":
-        if args.ranks is not None:
-            raise EdgeBLLError("-n/--ranks needs --transport mpi")
+        if args.ranks is not None or args.hosts is not None:
+            raise EdgeBLLError(f"{'-n/--ranks' if args.ranks is not None else '--hosts'} needs --transport mpi")
         runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart)
         summary = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
         last = summary["epochs"][-1]

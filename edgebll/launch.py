@@ -2,8 +2,9 @@
 
 The worker entry point turns any user error on one rank into a one-line message naming the rank
 and ends the whole job (``MPI.Abort``): the other ranks would otherwise wait for it until their
-peer timeout. The launcher runs ``mpiexec`` on this host, passes its output through, and when a
-rank dies (``kill -9``, out of memory) names it from the pid that mpiexec reports.
+peer timeout. The launcher runs ``mpiexec`` on this host (or across the boards of a hosts file),
+passes its output through, and when a rank dies (``kill -9``, out of memory) names it from the pid
+that mpiexec reports.
 """
 
 from __future__ import annotations
@@ -90,11 +91,14 @@ def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | No
 
 def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None, *, ranks: int | None = None,
               threads: int = 0, data_dir: str | None = None, restart: bool = False,
-              progress: bool = True) -> dict[str, Any]:
-    """Train ``run_dir`` on one MPI rank per block on this host; returns train.json's content.
+              progress: bool = True, hosts: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train ``run_dir`` on one MPI rank per block; returns train.json's content.
 
     ``train`` is an ``edgebll.TrainConfig``, ``worker`` an ``edgebll.worker.WorkerConfig`` (defaults
-    when None). The Python face of ``edgebll train RUN --transport mpi``.
+    when None). The ranks run on this host, or on the boards of ``hosts`` (an MPICH hosts file, see
+    :func:`read_hosts`; every board holds the run folder at the same path, and rank 0, on the first
+    board, reads the data and writes train.json). The Python face of ``edgebll train RUN --transport
+    mpi [--hosts FILE]``.
     """
     from edgebll.manifest import load_run_config
     from edgebll.runtime import TrainConfig
@@ -108,13 +112,42 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     if ranks != blocks:
         raise EdgeBLLError(f"{run_dir} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "
                            "hint: re-export with --blocks N to use N devices")
+    boards = read_hosts(hosts, ranks) if hosts is not None else None
     # each rank is bound to one core: ORT would otherwise start a thread per core of the machine on it
     threads = threads or 1
     launch(str(run_dir), ranks, worker_argv(train, worker, threads=threads, data_dir=data_dir, restart=restart,
-                                            progress=progress))
+                                            progress=progress), hosts=hosts)
     from edgebll.runtime import TRAIN_NAME
 
-    return json.loads((Path(run_dir) / TRAIN_NAME).read_text())
+    summary = Path(run_dir) / TRAIN_NAME
+    if not summary.is_file() and boards:  # rank 0 ran on another board: its train.json is there
+        print(f"edgebll: trained; rank 0 ran on {boards[0]}, so train.json is in {run_dir} there (list this "
+              "machine first in the hosts file to have it here)", file=sys.stderr)
+        return {}
+    return json.loads(summary.read_text())
+
+
+def read_hosts(path: str | os.PathLike, ranks: int) -> list[str]:
+    """The board of every rank, from an MPICH hosts file: one ``host`` or ``host:slots`` per line, ``#``
+    comments. Ranks fill the slots in order (rank 0 on the first line); a file with fewer slots than
+    ranks is refused, since MPICH would put two blocks on one board."""
+    file = Path(path)
+    if not file.is_file():
+        raise EdgeBLLError(f"--hosts {path}: no such file; hint: write one board per line (host or host:slots)")
+    boards: list[str] = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        host, _, slots = entry.partition(":")
+        if not host or (slots and (not slots.isdigit() or int(slots) < 1)) or " " in entry:
+            raise EdgeBLLError(f"--hosts {path}, line {number}: {entry!r} is not host or host:slots "
+                               "(slots a whole number >= 1)")
+        boards += [host] * (int(slots) if slots else 1)
+    if len(boards) < ranks:
+        raise EdgeBLLError(f"--hosts {path} lists {len(boards)} slot(s) for {ranks} ranks (one per block); hint: "
+                           "one line per board, or host:N for a board that takes N blocks")
+    return boards[:ranks]
 
 
 def find_mpiexec() -> str:
@@ -175,16 +208,24 @@ class _FirstExit:
                 os.close(fd)
 
 
-def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool = True) -> int:
-    """Start ``ranks`` workers on this host with mpiexec; returns 0, or raises naming the rank that failed."""
+def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool = True,
+           hosts: str | os.PathLike | None = None) -> int:
+    """Start ``ranks`` workers with mpiexec, on this host or the boards of ``hosts`` (MPICH's ``-f``);
+    returns 0, or raises naming the rank that failed."""
     import_mpi()
     from edgebll.worker import RANKS_DIR
 
     command = [find_mpiexec(), "-n", str(ranks)]
+    shutil.rmtree(Path(run_dir) / RANKS_DIR, ignore_errors=True)  # pids of an earlier run would mislead
+    if hosts is not None:
+        # mpiexec's own parser stops at a comment after a host name: it gets one plain line per rank
+        machinefile = Path(run_dir) / RANKS_DIR / "hosts"
+        machinefile.parent.mkdir(parents=True, exist_ok=True)
+        machinefile.write_text("".join(f"{board}\n" for board in read_hosts(hosts, ranks)))
+        command += ["-f", str(machinefile)]
     if bind:
         command += ["-bind-to", "core"]  # one rank per core, as one block per board would be
     command += [sys.executable, "-m", "edgebll", "worker", run_dir, *worker_args]
-    shutil.rmtree(Path(run_dir) / RANKS_DIR, ignore_errors=True)  # pids of an earlier run would mislead
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first_exit = _FirstExit(Path(run_dir), ranks, process)
     tail = bytearray()
@@ -198,11 +239,11 @@ def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool =
     if code == 0:
         return 0
     raise TrainingError(explain_failure(Path(run_dir), tail.decode(errors="replace"), code, ranks, first_exit.rank,
-                                        first_exit.when))
+                                        first_exit.when, hosts=hosts))
 
 
 def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exit: int | None = None,
-                    first_exit_at: float | None = None) -> str:
+                    first_exit_at: float | None = None, hosts: str | os.PathLike | None = None) -> str:
     """One line: which rank failed and how, what is safe on disk, how to go on.
 
     ``first_exit``: the rank whose process ended first, where the launcher could see it, at
@@ -243,6 +284,6 @@ def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exi
     saved = json.loads(progress.read_text())["step"] if progress.is_file() else None
     safe = (f"every rank's checkpoint of step {saved} is complete ({progress})" if saved is not None
             else "no step was checkpointed by every rank yet")
-    again = "--resume" if saved is not None else "--restart"
+    again = ("--resume" if saved is not None else "--restart") + (f" --hosts {hosts}" if hosts is not None else "")
     return (f"{run_dir}: the MPI run on {ranks} ranks failed (exit code {code}): {who}; {safe}; hint: fix the cause "
             f"and continue with `edgebll train {run_dir} --transport mpi -n {ranks} {again}`")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgebll.errors import EdgeBLLError
 from edgebll.runner import BlockRunner
 from edgebll.runtime import Runtime
 from tests.conftest import require_real_data
@@ -281,3 +283,37 @@ def test_the_failure_names_whoever_went_first(tmp_path: Path, recorded_at: float
     line = explain_failure(tmp_path, "", 2, 2, first_exit=1, first_exit_at=first_exit_at)
     assert expected in line, line
     assert line.endswith("--transport mpi -n 2 --restart`")
+
+
+def test_a_hosts_file_places_one_rank_per_slot(tiny_run: Path, tmp_path: Path) -> None:
+    """--hosts: MPICH's hosts file, here this machine three times over; the weights are the in-process ones."""
+    reference = in_process(tiny_run, tmp_path, epochs=1)
+    run = Path(shutil.copytree(tiny_run, tmp_path / "mpi"))
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"# three boards\n{socket.gethostname()}   # rank 0: block 0 and the data\n\nlocalhost:2\n")
+    done = mpi_train(run, "--hosts", str(hosts))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(reference, run)
+    assert json.loads((run / "train.json").read_text())["ranks"] == 3
+
+
+def test_a_bad_hosts_file_is_refused(tmp_path: Path) -> None:
+    from edgebll.launch import explain_failure, read_hosts
+
+    hosts = tmp_path / "hosts"
+    with pytest.raises(EdgeBLLError, match="no such file; hint: write one board per line"):
+        read_hosts(hosts, 2)
+    hosts.write_text("pi1\npi2:2  # two blocks\n")
+    assert read_hosts(hosts, 3) == ["pi1", "pi2", "pi2"] and read_hosts(hosts, 2) == ["pi1", "pi2"]
+    with pytest.raises(EdgeBLLError, match=r"lists 3 slot\(s\) for 4 ranks \(one per block\)"):
+        read_hosts(hosts, 4)
+    for bad in ("pi1:0", "pi1:two", ":3", "pi1 pi2"):
+        hosts.write_text(f"{bad}\n")
+        with pytest.raises(EdgeBLLError, match=f"line 1: '{bad}' is not host or host:slots"):
+            read_hosts(hosts, 1)
+    assert explain_failure(tmp_path, "", 1, 2, hosts="hosts").endswith("-n 2 --restart --hosts hosts`")
+
+
+def test_hosts_needs_the_mpi_transport(tiny_run: Path) -> None:
+    done = edgebll("train", str(tiny_run), "--hosts", "hosts", "--no-progress")
+    assert done.returncode == 2 and "--hosts needs --transport mpi" in done.stderr
