@@ -331,7 +331,8 @@ class Runtime:
             "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": loss,
             "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],
             "model": self.config["model"], "blocks": self.num_blocks,
-            "trained_epochs": self.runners[-1].progress["epoch"], "batch_size": batch_size, "seconds": round(time.perf_counter() - began, 3),
+            "trained_epochs": self.runners[-1].progress["epoch"], "batch_size": batch_size,
+            "seconds": round(time.perf_counter() - began, 3),
         }
         write_json_atomic(self.run_dir / EVAL_NAME, json.dumps(summary, indent=1))
         return summary

@@ -65,7 +65,6 @@ stops answering there), or at that step it sends a frame with a flipped byte (``
 envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
 
 _ACTIVATION, _FEEDBACK, _CONTROL, _MARK, _VALIDATION = 11, 12, 13, 14, 15
-"""Validation batch: the in-process runtime's, so both count the same batches (the eval graphs take any batch)."""
 
 
 def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
