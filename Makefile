@@ -1,6 +1,7 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
-# make bench: run every benchmark (~3 h on 2 cores; writes benchmarks/results/*.json and .md)
+# make bench: run every benchmark (~3.5 h on 2 cores; writes benchmarks/results/*.json and .md)
+# make device-carry: what a GPU machine with torch but nothing else needs (benchmarks/gpu_session.sh)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEVICE_VENV := .venv-device
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test bench clean device-carry
 
 setup: $(VENV)/.installed $(DEVICE_VENV)/.installed
 
@@ -59,3 +60,14 @@ bench: setup data
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build runs
+
+# For a GPU machine with Python 3.12 and torch but no edgebll: the edgebll wheel (py3, with the
+# native codec), the cp312 training wheels it needs there, and the dataset files.
+device-carry: setup data
+	rm -rf .whl .fmnist
+	$(PY) -m pip wheel -q --no-deps . -w .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl onnxruntime-training-cpu==1.19.2 onnx==1.17.0
+	mkdir -p .fmnist && cp $(DATA_DIR)/*-ubyte.gz .fmnist/
+	du -sh .whl .fmnist
