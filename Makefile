@@ -50,6 +50,7 @@ bench: setup data
 	$(PY) benchmarks/pipeline_scaling.py
 	$(PY) benchmarks/accuracy.py --seeds 0 1 2 --threads 1 --name accuracy_seeds
 	$(PY) benchmarks/accuracy.py --epochs 3 --seeds 0 1 2 --threads 1 --jobs 2 --name accuracy_3epochs
+	$(PY) benchmarks/accuracy.py --epochs 3 --seeds 3 4 --threads 1 --jobs 2 --eval-batch-size 500 --name accuracy_3epochs_seeds34
 	$(PY) benchmarks/codec_accuracy.py --threads 1
 	$(PY) benchmarks/sequence_task.py --threads 1
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 4 7 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_vgg8b_w32
