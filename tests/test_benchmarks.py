@@ -25,6 +25,7 @@ def test_benchmark_help(script: Path) -> None:
     assert done.stdout.startswith(f"usage: {script.name}"), done.stdout
 
 
+@pytest.mark.slow
 def test_the_gpu_session_script_runs_on_the_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu_session.sh end to end on the CPU, tiny (the same script a GPU machine runs), and its refusals."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
