@@ -112,7 +112,6 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     if ranks != blocks:
         raise EdgeBLLError(f"{run_dir} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "
                            "hint: re-export with --blocks N to use N devices")
-    boards = read_hosts(hosts, ranks) if hosts is not None else None
     # each rank is bound to one core: ORT would otherwise start a thread per core of the machine on it
     threads = threads or 1
     launch(str(run_dir), ranks, worker_argv(train, worker, threads=threads, data_dir=data_dir, restart=restart,
@@ -120,8 +119,8 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     from edgebll.runtime import TRAIN_NAME
 
     summary = Path(run_dir) / TRAIN_NAME
-    if not summary.is_file() and boards:  # rank 0 ran on another board: its train.json is there
-        print(f"edgebll: trained; rank 0 ran on {boards[0]}, so train.json is in {run_dir} there (list this "
+    if not summary.is_file() and hosts is not None:  # rank 0 ran on another board: its train.json is there
+        print(f"edgebll: trained; rank 0 ran on {read_hosts(hosts, ranks)[0]}, so train.json is in {run_dir} there (list this "
               "machine first in the hosts file to have it here)", file=sys.stderr)
         return {}
     return json.loads(summary.read_text())
