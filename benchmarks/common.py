@@ -189,11 +189,12 @@ def write_results(name: str, data: dict[str, Any], markdown: str, results_dir: P
 
 
 def publish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]],
-            render: Callable[[dict[str, Any]], str]) -> tuple[Path, Path]:
+            render: Callable[[dict[str, Any]], str], results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     """The end of a benchmark: describe the machine, write ``<name>.json`` (machine, settings, rows) and
-    ``<name>.md`` (``render(machine)``), print the table and where both went."""
+    ``<name>.md`` (``render(machine)``) in ``results_dir``, print the table and where both went."""
     machine = machine_info()
-    json_path, md_path = write_results(name, {"machine": machine, "settings": settings, "rows": rows}, render(machine))
+    json_path, md_path = write_results(name, {"machine": machine, "settings": settings, "rows": rows}, render(machine),
+                                       results_dir)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return json_path, md_path

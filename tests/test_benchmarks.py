@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,63 @@ def test_the_gpu_session_script_runs_on_the_cpu(tmp_path: Path) -> None:
     bare = subprocess.run(["bash", str(alone / script.name), "resnet18"], capture_output=True, text=True, timeout=60,
                           env={**env, "PYTHON": "/usr/bin/env"})  # a "python" that imports nothing
     assert bare.returncode == 2 and "hint: run make device-carry" in bare.stderr
+
+
+def _accuracy_result(path: Path, seeds: list[int], accuracies: dict[str, list[float]], **settings: object) -> Path:
+    """A results file shaped like benchmarks/accuracy.py's, with the given test accuracies (fractions)."""
+    recipe = {"model": "cnn-small", "blocks": 4, "epochs": 10, "batch_size": 64, "lr": 0.002, "codec": "int8",
+              "limit": None, "test_limit": None, "eval_batch_size": None, "val_split": 0, "mix_start": 2.0,
+              "mix_end": 0.5, "feedback_lr_scale": 10.0, "seeds": seeds, "threads": 1, "jobs": 2, "name": path.stem}
+    recipe.update(settings)
+    recipe = {k: v for k, v in recipe.items() if v != "absent"}
+    rows = [{"method": m, "seed": s, "test_accuracy": a, "per_block_accuracy": [a]}
+            for m, accs in accuracies.items() for s, a in zip(seeds, accs)]
+    machine = {"cpu_model": "test CPU", "command": f"accuracy.py --name {path.stem}"}
+    path.write_text(json.dumps({"machine": machine, "settings": recipe, "rows": rows}))
+    return path
+
+
+def test_pool_accuracy_pools_seeds_across_runs_and_pairs_them(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    import pool_accuracy
+
+    a = _accuracy_result(tmp_path / "a.json", [0], {"bp": [0.9372], "bwbpf": [0.9320], "bll": [0.9334]})
+    b = _accuracy_result(tmp_path / "b.json", [1, 2], {"bwbpf": [0.9347, 0.9300], "bll": [0.9361, 0.9290]})
+    pool_accuracy.main([str(a), str(b), "--out", str(tmp_path / "out"), "--name", "pooled"])
+    data = json.loads((tmp_path / "out" / "pooled.json").read_text())
+    methods = {m["method"]: m for m in data["settings"]["methods"]}
+    assert methods["bll"]["seeds"] == [0, 1, 2] and methods["bp"]["seeds"] == [0]
+    assert abs(methods["bll"]["mean"] - (93.34 + 93.61 + 92.90) / 3) < 1e-9
+    pair = data["settings"]["pairs"][0]
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("bll", "bwbpf", [0, 1, 2])
+    assert [round(d, 2) for d in pair["differences"]] == [0.14, 0.14, -0.10] and pair["ahead_or_level"] == 2
+    assert abs(pair["standard_error"] - statistics.stdev(pair["differences"]) / 3 ** 0.5) < 1e-9
+    md = (tmp_path / "out" / "pooled.md").read_text()
+    assert "| bll − bwbpf | +0.06 ± 0.08 | +0.14 / +0.14 / -0.10 | 0 1 2 | 2 of 3 |" in md
+    assert "| bll − bp | -0.38 | -0.38 | 0 | 0 of 1 |" in md
+
+
+def test_pool_accuracy_refuses_other_recipes_and_repeated_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    import pool_accuracy
+
+    out = ["--out", str(tmp_path / "out")]
+    ten = _accuracy_result(tmp_path / "ten.json", [0], {"bll": [0.93]})
+    three = _accuracy_result(tmp_path / "three.json", [1], {"bll": [0.92]}, epochs=3)
+    with pytest.raises(SystemExit, match=r"different recipes.*\n  epochs: 10 in ten.json vs 3 in three.json$"):
+        pool_accuracy.main([str(ten), str(three), *out])
+    again = _accuracy_result(tmp_path / "again.json", [0], {"bll": [0.94]})
+    with pytest.raises(SystemExit, match=r"bll seed 0 is in both ten.json and again.json"):
+        pool_accuracy.main([str(ten), str(again), *out])
+    # Results written before --eval-batch-size existed were evaluated at 500: they pool with 500, not with the default.
+    legacy = _accuracy_result(tmp_path / "legacy.json", [2], {"bll": [0.92]}, eval_batch_size="absent")
+    with pytest.raises(SystemExit, match=r"eval_batch_size: 64 in ten.json vs 500 in legacy.json"):
+        pool_accuracy.main([str(ten), str(legacy), *out])
+    at500 = _accuracy_result(tmp_path / "at500.json", [3], {"bll": [0.93]}, eval_batch_size=500)
+    pool_accuracy.main([str(legacy), str(at500), *out])
+    assert (tmp_path / "out" / "accuracy_pooled.md").is_file()
+    with pytest.raises(SystemExit, match=r"no results file 'missing' \(looked for .*missing.json\)"):
+        pool_accuracy.main(["missing", *out])
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match=r"other.json is not a results file of benchmarks/accuracy.py"):
+        pool_accuracy.main([str(tmp_path / "other.json"), *out])
