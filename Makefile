@@ -51,6 +51,7 @@ bench: setup data
 	$(PY) benchmarks/accuracy.py --seeds 0 1 2 --threads 1 --name accuracy_seeds
 	$(PY) benchmarks/accuracy.py --epochs 3 --seeds 0 1 2 --threads 1 --jobs 2 --name accuracy_3epochs
 	$(PY) benchmarks/accuracy.py --epochs 3 --seeds 3 4 --threads 1 --jobs 2 --eval-batch-size 500 --name accuracy_3epochs_seeds34
+	$(PY) benchmarks/pool_accuracy.py accuracy_3epochs accuracy_3epochs_seeds34 --name accuracy_3epochs_pooled
 	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 0 --threads 1 --jobs 3 --name accuracy_10epochs
 	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 1 --methods bwbpf bll --threads 1 --jobs 2 --name accuracy_10epochs_seed1
 	$(PY) benchmarks/codec_accuracy.py --threads 1

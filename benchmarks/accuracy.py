@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, publish, run_all  # noqa: E402
+from common import describe_machine, keep_path, markdown_table, publish, run_all  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
 from edgebll.export import export_model  # noqa: E402
@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
                              "so that N x threads <= cores, and read samples/s as measured side by side)")
     args = parser.parse_args(argv)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
+    keep = keep_path(args.name)  # finished runs survive a crash; rerunning the command reuses them
+    same = {k: v for k, v in vars(args).items() if k not in ("seeds", "methods", "jobs")}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run_all(run_one, jobs, args, Path(tmp), jobs=args.jobs, desc="accuracy")
-    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
+        rows = run_all(run_one, jobs, args, Path(tmp), jobs=args.jobs, desc="accuracy", keep=keep, settings=same)
+    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine), keep=keep)
 
 
 if __name__ == "__main__":

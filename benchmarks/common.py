@@ -189,34 +189,107 @@ def write_results(name: str, data: dict[str, Any], markdown: str, results_dir: P
 
 
 def publish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]],
-            render: Callable[[dict[str, Any]], str], results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+            render: Callable[[dict[str, Any]], str], results_dir: Path = RESULTS_DIR,
+            keep: Path | None = None) -> tuple[Path, Path]:
     """The end of a benchmark: describe the machine, write ``<name>.json`` (machine, settings, rows) and
-    ``<name>.md`` (``render(machine)``) in ``results_dir``, print the table and where both went."""
+    ``<name>.md`` (``render(machine)``) in ``results_dir``, print the table and where both went, and
+    delete ``keep`` (``run_all``'s finished runs, now in the results)."""
     machine = machine_info()
     json_path, md_path = write_results(name, {"machine": machine, "settings": settings, "rows": rows}, render(machine),
                                        results_dir)
+    if keep is not None:
+        keep.unlink(missing_ok=True)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return json_path, md_path
 
 
-def run_all(fn: Callable[..., Any], items: Sequence[Any], *args: Any, jobs: int = 1, desc: str = "runs") -> list[Any]:
+def keep_path(name: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """Where ``run_all`` keeps the finished runs of benchmark ``name`` until ``publish`` writes its results."""
+    results = results_dir / name  # a name may be a path (gpu_session.sh writes to $OUT/NAME)
+    return results.with_name(f".{results.name}.partial.jsonl")
+
+
+def _load_kept(keep: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Finished results in ``keep`` by item key; refuses a file written under other settings."""
+    kept: dict[str, Any] = {}
+    with keep.open(encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if lines and lines[0].get("settings") != json.loads(json.dumps(settings)):
+        old = lines[0].get("settings") or {}
+        differ = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+                           for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+        raise SystemExit(f"{keep} holds finished runs of other settings ({differ}); rerun with those settings to "
+                         f"finish them, or delete the file to start over")
+    for line in lines[1:]:
+        kept[json.dumps(line["item"])] = line["result"]
+    return kept
+
+
+def run_all(fn: Callable[..., Any], items: Sequence[Any], *args: Any, jobs: int = 1, desc: str = "runs",
+            keep: Path | None = None, settings: dict[str, Any] | None = None) -> list[Any]:
     """``[fn(item, *args) for item in items]`` with a progress bar, ``jobs`` at a time in separate processes.
 
     The processes are spawned, not forked (ORT's thread pools do not survive a fork); ``fn`` must be
     a module-level function. The results come back in ``items``' order.
+
+    With ``keep`` (a JSON-lines file), every result is written there as soon as its run ends, and a
+    rerun under the same ``settings`` reuses the results already there: a benchmark of hours that
+    dies (a crash, a session's end) loses only the runs in flight. A run that fails does not stop
+    the others; the first failure is raised once they are done. The caller deletes ``keep`` once the
+    results are published.
     """
     from tqdm import tqdm
 
     if jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {jobs}")
-    if jobs == 1:
-        return [fn(item, *args) for item in tqdm(items, desc=desc, unit="run")]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    kept: dict[str, Any] = {}
+    if keep is not None:
+        if keep.is_file():
+            kept = _load_kept(keep, settings or {})
+        else:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text(json.dumps({"settings": settings or {}}) + "\n", encoding="utf-8")
+    results: dict[str, Any] = {key: kept[key] for key in map(_item_key, items) if key in kept}
+    todo = [item for item in items if _item_key(item) not in results]
+    if results:
+        print(f"{desc}: reusing {len(results)} finished run(s) from {keep}; {len(todo)} to go")
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, item, *args) for item in items]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run"):
-            pass
-        return [f.result() for f in futures]
+    def done(item: Any, result: Any) -> None:
+        results[_item_key(item)] = result
+        if keep is not None:
+            with keep.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"item": item, "result": result}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    failures: list[tuple[Any, BaseException]] = []
+    if jobs == 1:
+        for item in tqdm(todo, desc=desc, unit="run"):
+            try:
+                done(item, fn(item, *args))
+            except Exception as exc:  # noqa: BLE001 (one process: a failure ends the benchmark at once)
+                failures.append((item, exc))
+                break
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, item, *args): item for item in todo}
+            for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run"):
+                try:
+                    done(futures[future], future.result())
+                except Exception as exc:  # noqa: BLE001 (reported below, after the other runs end)
+                    failures.append((futures[future], exc))
+                    print(f"{desc}: run {futures[future]!r} failed: {exc!r}", file=sys.stderr)
+    if failures:
+        where = f"; the {len(results)} finished are in {keep}, and the same command reruns only the rest" if keep else ""
+        raise RuntimeError(f"{len(failures)} of {len(items)} run(s) failed, first {failures[0][0]!r}{where}") \
+            from failures[0][1]
+    return [results[_item_key(item)] for item in items]
+
+
+def _item_key(item: Any) -> str:
+    """An item as ``keep`` stores it (tuples become lists in JSON)."""
+    return json.dumps(json.loads(json.dumps(item)))

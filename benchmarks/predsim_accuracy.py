@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, publish, run_all  # noqa: E402
+from common import describe_machine, keep_path, markdown_table, publish, run_all  # noqa: E402
 
 from edgebll import Runtime  # noqa: E402
 from edgebll.data import Dataset, load_fashion_mnist  # noqa: E402
@@ -227,9 +227,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--precision and --device are for --backend torch (the runtime computes in fp32 on the CPU)")
     jobs = [(v, 1 if v == "bp" else k, s) for s in args.seeds for v in args.methods
             for k in ([1] if v == "bp" else args.blocks)]
+    keep = keep_path(args.name)  # finished runs survive a crash; rerunning the command reuses them
+    same = {k: v for k, v in vars(args).items() if k not in ("seeds", "methods", "blocks", "jobs")}
     with tempfile.TemporaryDirectory() as tmp:  # each process loads the data once
-        rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="predsim_accuracy")
-    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine))
+        rows = run_all(run_job, jobs, args, Path(tmp), jobs=args.jobs, desc="predsim_accuracy", keep=keep,
+                       settings=same)
+    publish(args.name, vars(args), rows, lambda machine: render(rows, args, machine), keep=keep)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,34 @@ def test_pool_accuracy_refuses_other_recipes_and_repeated_seeds(tmp_path: Path, 
     (tmp_path / "other.json").write_text('{"rows": []}')
     with pytest.raises(SystemExit, match=r"other.json is not a results file of benchmarks/accuracy.py"):
         pool_accuracy.main([str(tmp_path / "other.json"), *out])
+
+
+def _square_unless_three(item: int, calls: Path) -> int:
+    """A run for run_all: squares its item, fails on 3 (module level, so spawned processes can import it)."""
+    with calls.open("a") as f:
+        f.write(f"{item}\n")
+    if item == 3:
+        raise ValueError("three fails")
+    return item * item
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_all_keeps_finished_runs_and_reruns_only_the_rest(tmp_path: Path, jobs: int) -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    from common import keep_path, publish, run_all
+
+    keep, calls = keep_path("study", tmp_path), tmp_path / "calls"
+    assert keep == tmp_path / ".study.partial.jsonl"
+    assert keep_path("/elsewhere/study", tmp_path) == Path("/elsewhere/.study.partial.jsonl")
+    with pytest.raises(RuntimeError, match=r"1 of 5 run\(s\) failed, first 3"):
+        run_all(_square_unless_three, [0, 1, 2, 3, 4], calls, jobs=jobs, keep=keep, settings={"epochs": 2})
+    # With one process the failure stops the benchmark (4 never runs); with two, the other runs finish.
+    assert sorted(int(x) for x in calls.read_text().split()) == ([0, 1, 2, 3] if jobs == 1 else [0, 1, 2, 3, 4])
+    calls.unlink()
+    with pytest.raises(SystemExit, match=r"holds finished runs of other settings \(epochs: 2 there, 3 now\)"):
+        run_all(_square_unless_three, [0, 1, 2, 4], calls, jobs=jobs, keep=keep, settings={"epochs": 3})
+    assert run_all(_square_unless_three, [4, 0, 1, 2], calls, jobs=jobs, keep=keep, settings={"epochs": 2}) == [16, 0, 1, 4]
+    ran = calls.read_text().split() if calls.exists() else []
+    assert ran == ([] if jobs == 2 else ["4"])  # only what had not finished ran again
+    publish("study", {}, [], lambda machine: "table", results_dir=tmp_path, keep=keep)
+    assert not keep.exists() and (tmp_path / "study.md").read_text() == "table\n"
