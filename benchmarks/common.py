@@ -235,9 +235,9 @@ def run_all(fn: Callable[..., Any], items: Sequence[Any], *args: Any, jobs: int 
 
     With ``keep`` (a JSON-lines file), every result is written there as soon as its run ends, and a
     rerun under the same ``settings`` reuses the results already there: a benchmark of hours that
-    dies (a crash, a session's end) loses only the runs in flight. A run that fails does not stop
-    the others; the first failure is raised once they are done. The caller deletes ``keep`` once the
-    results are published.
+    dies (a crash, a session's end) loses only the runs in flight; ``publish(..., keep=keep)``
+    deletes the file once the results are written. A failed run is raised as a RuntimeError: with
+    one job at once, the benchmark stops there; with several, once the runs already started end.
     """
     from tqdm import tqdm
 
