@@ -237,7 +237,7 @@ def run_all(fn: Callable[..., Any], items: Sequence[Any], *args: Any, jobs: int 
     rerun under the same ``settings`` reuses the results already there: a benchmark of hours that
     dies (a crash, a session's end) loses only the runs in flight; ``publish(..., keep=keep)``
     deletes the file once the results are written. A failed run is raised as a RuntimeError: with
-    one job at once, the benchmark stops there; with several, once the runs already started end.
+    one job at once, the benchmark stops there; with several, after all the other runs have ended.
     """
     from tqdm import tqdm
 
