@@ -210,6 +210,11 @@ def keep_path(name: str, results_dir: Path = RESULTS_DIR) -> Path:
     return results.with_name(f".{results.name}.partial.jsonl")
 
 
+def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between settings ``a`` and ``b`` (a key missing on one side differs)."""
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def _load_kept(keep: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Finished results in ``keep`` by item key; refuses a file written under other settings."""
     kept: dict[str, Any] = {}
@@ -218,7 +223,7 @@ def _load_kept(keep: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if lines and lines[0].get("settings") != json.loads(json.dumps(settings)):
         old = lines[0].get("settings") or {}
         differ = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
-                           for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+                           for k in differing_settings(old, settings))
         raise SystemExit(f"{keep} holds finished runs of other settings ({differ}); rerun with those settings to "
                          f"finish them, or delete the file to start over")
     for line in lines[1:]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, describe_machine, markdown_table, publish  # noqa: E402
+from common import RESULTS_DIR, describe_machine, differing_settings, markdown_table, publish  # noqa: E402
 
 # Settings that vary between runs of one study without changing what is measured.
 NOT_RECIPE = ("seeds", "methods", "jobs", "threads", "name")
@@ -75,7 +75,7 @@ def load(sources: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]], list
             shared, first = mine_recipe, path.name
         else:
             differ = [f"{k}: {shared.get(k)!r} in {first} vs {mine_recipe.get(k)!r} in {path.name}"
-                      for k in sorted(set(shared) | set(mine_recipe)) if shared.get(k) != mine_recipe.get(k)]
+                      for k in differing_settings(shared, mine_recipe)]
             if differ:
                 raise SystemExit("pool_accuracy: these runs used different recipes, so their accuracies are not one "
                                  "sample; pool only runs of one recipe:\n  " + "\n  ".join(differ))
