@@ -125,8 +125,8 @@ def render(shared: dict[str, Any], per_method: list[dict[str, Any]], pairs: list
     compared = [[f"{p['a']} − {p['b']}", f"{p['mean']:+.2f}{pm(p['standard_error'])}",
                  " / ".join(f"{d:+.2f}" for d in p["differences"]), " ".join(map(str, p["seeds"])),
                  f"{p['ahead_or_level']} of {len(p['seeds'])}"] for p in pairs]
-    bll = "" if "mix_start" not in shared else (f"; bll: mix {shared['mix_start']} to {shared['mix_end']}, feedback lr "
-                                                f"x{shared['feedback_lr_scale']:g}")
+    bll = "" if not any(p["method"] == "bll" for p in per_method) else (
+        f"; bll: mix {shared['mix_start']} to {shared['mix_end']}, feedback lr x{shared['feedback_lr_scale']:g}")
     machines = sorted({describe_machine(d["machine"]) for d in described})
     runs = "\n".join(f"- `{d['source']}`: `python benchmarks/{d['command']}`" for d in described)
     return (f"# Accuracy, pooled over runs: bp vs bwbpf vs bll\n\n"

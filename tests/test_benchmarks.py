@@ -84,7 +84,7 @@ def test_pool_accuracy_pools_seeds_across_runs_and_pairs_them(tmp_path: Path) ->
     assert "| bll − bp | -0.38 | -0.38 | 0 | 0 of 1 |" in md
 
 
-def test_pool_accuracy_refuses_other_recipes_and_repeated_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_pool_accuracy_refuses_other_recipes_and_repeated_seeds(tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCHMARKS[0].parent))
     import pool_accuracy
 
