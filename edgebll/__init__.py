@@ -1,7 +1,7 @@
 """edgebll: block-local training on edge devices.
 
-The device runtime (this package) imports only numpy, onnxruntime-training and the standard
-library; the host-side exporter lives in ``edgebll.export`` and needs torch and onnx.
+The device runtime (this package) imports only numpy, onnxruntime (plain, or the training build
+where it is installed) and the standard library; the host-side exporter lives in ``edgebll.export`` and needs torch and onnx.
 
     from edgebll.export import export_model      # host
     from edgebll import Runtime                   # device

@@ -1,7 +1,8 @@
 """``edgebll`` command line: export, train, eval, demo.
 
 Host commands (export, demo) need the ``export`` extra (torch, onnx); train and eval need only
-numpy and onnxruntime-training, as on a board.
+numpy and onnxruntime (``--backend``: the training build, or the portable graphs on plain
+onnxruntime), as on a board.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebll import __version__
+from edgebll.backends import add_backend_options
 from edgebll.errors import EdgeBLLError
 
 DEMO_EXAMPLE = """\
@@ -117,6 +119,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides; "
                    "1 per rank with --transport mpi, which binds each rank to a core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_backend_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prints each block's estimated peak memory and refuses a block that does not fit")
     p.add_argument("--budget", default=None, help="instead of --device: a custom board's training budget, e.g. 300MB")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--portable", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write each block's portable training step (standard ONNX ops, for boards with plain "
+                        "onnxruntime: `--backend portable`); --no-portable exports faster (default: --portable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train every block of a run with its local loss",
@@ -312,7 +318,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
         options = dict(method=args.method, batch_size=args.batch_size, head=args.head, latent=args.latent,
                        optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay), lr=lr,
-                       seed=args.seed, overwrite=args.overwrite,
+                       seed=args.seed, overwrite=args.overwrite, portable=args.portable,
                        predsim=export.PredSimConfig(beta=args.predsim_beta, max_features=args.predsim_features))
         devices = _devices(args)
         if args.blocks == "auto":
@@ -349,24 +355,27 @@ def run(argv: Sequence[str] | None = None) -> int:
         from edgebll.launch import run_worker
 
         return run_worker(args.run, _train_config(args), _worker_config(args), threads=args.threads,
-                          data_dir=args.data_dir, restart=args.restart, progress=progress)
+                          data_dir=args.data_dir, restart=args.restart, progress=progress, backend=args.backend,
+                          provider=args.provider)
     if args.command == "train" and args.transport == "mpi":
         from edgebll.launch import train_mpi
 
         train_mpi(args.run, _train_config(args), _worker_config(args), ranks=args.ranks, threads=args.threads,
-                  data_dir=args.data_dir, restart=args.restart, progress=progress, hosts=args.hosts)
+                  data_dir=args.data_dir, restart=args.restart, progress=progress, hosts=args.hosts,
+                  backend=args.backend, provider=args.provider)
         return 0
     if args.command == "train":
         if args.ranks is not None or args.hosts is not None:
             raise EdgeBLLError(f"{'-n/--ranks' if args.ranks is not None else '--hosts'} needs --transport mpi")
-        runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart)
+        runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart,
+                                   backend=args.backend, provider=args.provider)
         summary = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
         last = summary["epochs"][-1]
         print(f"trained {summary['steps']} steps · train accuracy per block {last['accuracy']} · "
               f"{summary['samples_per_s']} samples/s · wrote {Path(args.run) / 'train.json'}")
         return 0
     if args.command == "eval":
-        runtime = Runtime.from_run(args.run, threads=args.threads)
+        runtime = Runtime.from_run(args.run, threads=args.threads, backend=args.backend, provider=args.provider)
         summary = runtime.evaluate(data_dir=args.data_dir, limit=args.limit, codec=args.codec,
                                    batch_size=args.batch_size, progress=progress)
         print(json.dumps(summary, indent=1))
@@ -375,8 +384,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         export = _load_exporter()
         began = time.perf_counter()
         export.export_model(args.model, out=args.out, method="bwbpf", blocks=args.blocks, batch_size=args.batch_size,
-                            head=args.head, lr=2e-3, overwrite=True, progress=progress)
-        runtime = Runtime.from_run(args.out, threads=args.threads)
+                            head=args.head, lr=2e-3, overwrite=True, progress=progress,
+                            portable=args.backend == "portable")  # the demo trains here: other graphs would idle
+        runtime = Runtime.from_run(args.out, threads=args.threads, backend=args.backend, provider=args.provider)
         train = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
         evaluation = runtime.evaluate(data_dir=args.data_dir, progress=progress)
         _print_table(train, evaluation)

@@ -35,7 +35,7 @@ def import_mpi() -> Any:
 
 
 def run_worker(run_dir: str, train: Any, worker: Any, *, threads: int, data_dir: str | None, restart: bool,
-               progress: bool) -> int:
+               progress: bool, backend: str = "auto", provider: str = "cpu") -> int:
     """The body of ``edgebll worker``: this rank's share of the run; rank 0 prints the summary."""
     MPI = import_mpi()
     from edgebll.worker import Worker
@@ -43,7 +43,7 @@ def run_worker(run_dir: str, train: Any, worker: Any, *, threads: int, data_dir:
     comm = MPI.COMM_WORLD
     try:
         summary = Worker(run_dir, comm, train, worker, threads=threads, data_dir=data_dir, restart=restart,
-                         progress=progress).run()
+                         progress=progress, backend=backend, provider=provider).run()
     except EdgeBLLError as exc:
         line = f"rank {comm.Get_rank()}: error: {type(exc).__name__}: {exc}"
         print(f"edgebll worker: {line}", file=sys.stderr, flush=True)
@@ -74,7 +74,7 @@ def _record_error(run_dir: Path, rank: int, line: str) -> None:
 
 
 def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | None = None, restart: bool = False,
-                progress: bool = True) -> list[str]:
+                progress: bool = True, backend: str = "auto", provider: str = "cpu") -> list[str]:
     """A TrainConfig and a WorkerConfig as ``edgebll worker`` options (what every rank must be told)."""
     valued = {"--epochs": train.epochs, "--codec": train.codec, "--granularity": train.granularity,
               "--group-size": train.group_size, "--rounding": train.rounding, "--lr": train.lr,
@@ -83,7 +83,8 @@ def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | No
               "--mix-end": train.mix_end, "--feedback-lr-scale": train.feedback_lr_scale, "--cutout": train.cutout,
               "--val-split": train.val_split,
               "--max-in-flight": worker.max_in_flight, "--peer-timeout": worker.peer_timeout,
-              "--feedback-lookahead": worker.feedback_lookahead, "--data-dir": data_dir, "--threads": threads}
+              "--feedback-lookahead": worker.feedback_lookahead, "--data-dir": data_dir, "--threads": threads,
+              "--backend": backend, "--provider": provider}
     out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
     flags = {"--resume": train.resume, "--restart": restart, "--sync": worker.sync, "--no-progress": not progress}
     return out + [flag for flag, on in flags.items() if on]
@@ -91,14 +92,16 @@ def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | No
 
 def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None, *, ranks: int | None = None,
               threads: int = 0, data_dir: str | None = None, restart: bool = False,
-              progress: bool = True, hosts: str | os.PathLike | None = None) -> dict[str, Any]:
+              progress: bool = True, hosts: str | os.PathLike | None = None, backend: str = "auto",
+              provider: str = "cpu") -> dict[str, Any]:
     """Train ``run_dir`` on one MPI rank per block; returns train.json's content.
 
     ``train`` is an ``edgebll.TrainConfig``, ``worker`` an ``edgebll.worker.WorkerConfig`` (defaults
     when None). The ranks run on this host, or on the boards of ``hosts`` (an MPICH hosts file, see
     :func:`read_hosts`; every board holds the run folder at the same path, and rank 0, on the first
     board, reads the data and writes train.json). The Python face of ``edgebll train RUN --transport
-    mpi [--hosts FILE]``.
+    mpi [--hosts FILE]``. ``backend`` and ``provider`` choose every rank's runtime (see
+    :func:`edgebll.backends.open_block`).
     """
     from edgebll.manifest import load_run_config
     from edgebll.runtime import TrainConfig
@@ -115,7 +118,7 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     # each rank is bound to one core: ORT would otherwise start a thread per core of the machine on it
     threads = threads or 1
     launch(str(run_dir), ranks, worker_argv(train, worker, threads=threads, data_dir=data_dir, restart=restart,
-                                            progress=progress), hosts=hosts)
+                                            progress=progress, backend=backend, provider=provider), hosts=hosts)
     from edgebll.runtime import TRAIN_NAME
 
     summary = Path(run_dir) / TRAIN_NAME

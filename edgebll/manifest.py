@@ -68,6 +68,57 @@ class BatchNormStat:
     unbiased one, so the runtime rescales ORT's biased update by n/(n-1), n = batch * spatial."""
 
 
+TRAIN_FILE = "portable_train.onnx"
+EVAL_FILE = "portable_eval.onnx"
+STATE_FILE = "portable_state.npz"
+PORTABLE_FILES = (TRAIN_FILE, EVAL_FILE, STATE_FILE)
+OPSET = 18
+"""The ai.onnx opset of the portable graphs (IR version 10): run here by onnxruntime 1.19.2 and 1.32.0."""
+NEXT = "next:"
+"""Prefix of the train graph's output that carries a state tensor's next value."""
+
+
+def param_key(name: str) -> str:
+    return f"param:{name}"
+
+
+def buffer_key(name: str) -> str:
+    return f"buffer:{name}"
+
+
+def exp_avg_key(name: str) -> str:
+    return f"exp_avg:{name}"
+
+
+def exp_avg_sq_key(name: str) -> str:
+    return f"exp_avg_sq:{name}"
+
+
+@dataclass(kw_only=True, slots=True)
+class PortableSchema:
+    """What the manifest says of a block's portable graphs."""
+
+    parameters: list[str]
+    """Trained tensors, in the graphs' input order."""
+    buffers: list[str]
+    """Tensors the forward reads but the optimizer does not train (BatchNorm statistics, frozen weights)."""
+    optimizer_state: list[str] = field(default_factory=list)
+    """Per-parameter optimizer tensors: ["exp_avg", "exp_avg_sq"] for AdamW, [] for SGD."""
+    opset: int = OPSET
+    num_state_bytes: int = 0
+
+    def state_keys(self) -> list[str]:
+        """Every state tensor, in the train graph's input order."""
+        keys = [param_key(n) for n in self.parameters] + [buffer_key(n) for n in self.buffers]
+        for kind in self.optimizer_state:
+            keys += [f"{kind}:{n}" for n in self.parameters]
+        return keys
+
+    def model_keys(self) -> list[str]:
+        """The state the eval graph reads: parameters and buffers."""
+        return [param_key(n) for n in self.parameters] + [buffer_key(n) for n in self.buffers]
+
+
 @dataclass(kw_only=True, slots=True)
 class BlockManifest:
     """Everything a device needs to know about one exported block."""
@@ -91,6 +142,17 @@ class BlockManifest:
     device: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
     """File name -> sha256 hex digest."""
+    portable: PortableSchema | None = None
+    """The portable graphs' state layout (``PORTABLE_FILES``); None when the block was exported without them."""
+
+    def backends(self) -> list[str]:
+        """The backends whose files the manifest lists: "ort-training" and/or "portable"."""
+        found = []
+        if all(name in self.files for name in ARTIFACT_FILES):
+            found.append("ort-training")
+        if self.portable is not None and all(name in self.files for name in PORTABLE_FILES):
+            found.append("portable")
+        return found
 
     def input(self, role: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.role == role), None)
@@ -117,6 +179,8 @@ class BlockManifest:
             data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
             data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
             data["bn_stats"] = [BatchNormStat(**s) for s in data.get("bn_stats", [])]
+            if data.get("portable") is not None:
+                data["portable"] = PortableSchema(**data["portable"])
             manifest = cls(**data)
         except (KeyError, TypeError) as exc:
             known = sorted(f.name for f in fields(cls))
@@ -167,8 +231,8 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
     manifest = BlockManifest.from_dict(data, str(path))
-    missing = [name for name in ARTIFACT_FILES if name not in manifest.files]
-    if missing:
+    if not manifest.backends():
+        missing = [name for name in ARTIFACT_FILES if name not in manifest.files]
         raise ManifestError(f"{path}: lists no hash for {missing}")
     if verify_files:
         for name, expected in manifest.files.items():

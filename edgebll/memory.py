@@ -30,7 +30,10 @@ from batch-size sweeps of one model (cnn-small) with the memory pattern on and o
 ``benchmarks/results/memory.json``. Everything else comes from the graph.
 
 Needs the ``onnx`` package (imported here, when an estimate is made); it comes with
-onnxruntime-training as a dependency on the devices as on the host.
+onnxruntime-training as a dependency on the host; a board with plain onnxruntime installs it for
+estimates (``pip install onnx``). The estimate reads the training build's graph: for the portable
+backend it is the same model's memory as ORT's training session plans it, not yet the portable
+graph's own.
 """
 
 from __future__ import annotations

@@ -25,6 +25,14 @@ _HINT = (
 )
 
 
+def training_available() -> bool:
+    """Whether the installed onnxruntime has the training API (onnxruntime-training), without importing it."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return os.path.isdir(os.path.join(spec.submodule_search_locations[0], "training", "api"))
+
+
 def training_api() -> Any:
     """Return the ``onnxruntime.training.api`` module, importing it without torch if possible."""
     if "onnxruntime.training.api" in sys.modules:

@@ -61,15 +61,18 @@ def _status() -> dict[str, int]:
     return values
 
 
-def _import_runtime() -> None:
-    """What both the baseline child and a block child import before anything is measured."""
+def _import_runtime(backend: str = "auto") -> None:
+    """What both the baseline child and a block child import before anything is measured (``backend``: the
+    training API, or plain onnxruntime for the portable graphs)."""
     import numpy  # noqa: F401
 
     from edgebll import codec  # noqa: F401
-    from edgebll.ort_training import training_api
-    from edgebll.runner import BlockRunner  # noqa: F401
+    from edgebll.backends import open_block  # noqa: F401
+    from edgebll.ort_training import training_api, training_available
 
-    training_api()
+    if backend == "ort-training" or (backend == "auto" and training_available()):
+        training_api()
+    import onnxruntime  # noqa: F401
 
 
 def _inputs(manifest: Any, batch: int, seed: int = 0) -> list[Any]:
@@ -93,15 +96,15 @@ def _inputs(manifest: Any, batch: int, seed: int = 0) -> list[Any]:
 
 
 def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_size: int | None, lr: float,
-                 save: bool, mode: str = "train") -> dict[str, Any]:
+                 save: bool, mode: str = "train", backend: str = "auto") -> dict[str, Any]:
     """Train ``block_dir`` for ``steps`` steps as a device would (``mode`` "eval": run its eval graph
     instead, as ``edgebll eval`` does); returns the measurements."""
-    _import_runtime()
+    _import_runtime(backend)
     imported = _status()
     from edgebll import codec as message_codec
-    from edgebll.runner import BlockRunner
+    from edgebll.backends import open_block
 
-    runner = BlockRunner(block_dir, threads=threads, load_trained=False)
+    runner = open_block(block_dir, threads=threads, load_trained=False, backend=backend)
     loaded = _status()
     manifest = runner.manifest
     batch = batch_size or manifest.batch_size
@@ -125,7 +128,7 @@ def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_
     end = _status()
     return {
         "index": manifest.index, "kind": kind, "mode": mode, "batch_size": batch, "steps": steps, "threads": threads,
-        "codec": codec, "status_after_import": imported, "status_after_load": loaded, "status": end,
+        "codec": codec, "backend": runner.backend, "status_after_import": imported, "status_after_load": loaded, "status": end,
         "step_ms": round(1000 * statistics.median(times[1:] or times), 2), "first_step_ms": round(1000 * times[0], 2),
     }
 
@@ -147,12 +150,12 @@ def _child_main(args: argparse.Namespace) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (args.cap, args.cap))
     try:
         if args.what == "baseline":
-            _import_runtime()
+            _import_runtime(args.backend)
             result: dict[str, Any] = {"status": _status()}
         else:
             result = _train_child(args.block, steps=args.steps, threads=args.threads, codec=args.codec,
                                   batch_size=args.batch_size, lr=args.lr, save=args.save,
-                                  mode="eval" if args.eval else "train")
+                                  mode="eval" if args.eval else "train", backend=args.backend)
     except Exception as exc:
         if args.cap and _is_out_of_memory(exc):
             os.write(2, message.encode() + b"\n")
@@ -221,16 +224,16 @@ def _result(done: subprocess.CompletedProcess[str], what: str) -> dict[str, Any]
     return json.loads(lines[-1])
 
 
-def measure_baseline(*, timeout: float = 300) -> Baseline:
+def measure_baseline(*, timeout: float = 300, backend: str = "auto") -> Baseline:
     """Peak memory of an idle child with the runtime imported, measured as the blocks are."""
-    status = _result(_run_child(["baseline"], cap=None, timeout=timeout), "the idle baseline")["status"]
+    status = _result(_run_child(["baseline", "--backend", backend], cap=None, timeout=timeout), "the idle baseline")["status"]
     return Baseline(rss_bytes=status["VmHWM"], virtual_bytes=status["VmPeak"])
 
 
 def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: int = 5, threads: int = 0,
                   codec: str = "int8", batch_size: int | None = None, lr: float = 1e-3, budget: int | None = None,
                   cap: int | None = None, estimate: int | None = None, save: bool = False, index: int | None = None,
-                  timeout: float = 600, mode: str = "train") -> BlockMeasurement:
+                  timeout: float = 600, mode: str = "train", backend: str = "auto") -> BlockMeasurement:
     """Train ``block_dir`` for ``steps`` steps in a child and measure it (``mode="eval"``: its eval
     graph instead, no update, as ``edgebll eval`` and ``--val-split`` run it).
 
@@ -249,7 +252,7 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
     if budget is not None:
         cap = address_space_cap(budget, baseline)
     arguments = ["block", str(block_dir), "--steps", str(steps), "--threads", str(threads), "--codec", codec,
-                 "--lr", repr(lr)]
+                 "--lr", repr(lr), "--backend", backend]
     arguments += ["--batch-size", str(batch_size)] if batch_size else []
     arguments += ["--estimate", str(estimate)] if estimate else []
     arguments += ["--budget", str(budget)] if budget else []
@@ -300,8 +303,11 @@ def _block_dirs(run_dir: Path) -> list[Path]:
 
 def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, threads: int = 0, codec: str = "int8",
                 batch_size: int | None = None, bp_run: str | os.PathLike | None = None, enforce_budget: bool = False,
-                plot: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Measure and estimate every block of ``run_dir`` on this machine; write profile.json (and .png)."""
+                plot: bool = True, progress: bool = True, backend: str = "auto") -> dict[str, Any]:
+    """Measure and estimate every block of ``run_dir`` on this machine; write profile.json (and .png).
+
+    ``backend``: the runtime that trains the blocks (see :func:`edgebll.backends.open_block`).
+    """
     from edgebll.manifest import load_block_manifest, load_run_config, write_json_atomic
     from edgebll.memory import estimate_peak_bytes, runner_uses_memory_pattern
 
@@ -311,7 +317,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
     if bp_run is not None and len(bp_dirs) != 1:
         raise EdgeBLLError(f"--bp-run {bp_run}: expected a bp run (one block), found {len(bp_dirs)} blocks; hint: "
                            "edgebll export --method bp --blocks 1 --model <same model> --batch-size <same>")
-    baseline = measure_baseline()
+    baseline = measure_baseline(backend=backend)
     allowance = device.budget_bytes - baseline.rss_bytes
     if allowance <= 0:
         raise EdgeBLLError(f"device {device.name}: budget {device.budget_bytes} bytes is less than the idle runtime "
@@ -328,7 +334,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
         try:
             measured = measure_block(folder, baseline, steps=steps, threads=threads, codec=codec,
                                      batch_size=batch_size, budget=budget, estimate=estimate.total,
-                                     index=manifest.index)
+                                     index=manifest.index, backend=backend)
         except MemoryCapError as exc:
             entry.update(measured_peak_bytes=None, step_ms=None, fits=False, error=str(exc))
         else:
@@ -348,6 +354,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
         "format_version": 1, "run": str(run_dir), "model": config.get("model"), "method": config.get("method"),
         "num_blocks": int(config["blocks"]), "device": device.to_dict(),
         "batch_size": batch_size or int(config["batch_size"]), "codec": codec, "steps": steps, "threads": threads,
+        "backend": backend,
         "memory_pattern": runner_uses_memory_pattern(), "enforce_budget": enforce_budget,
         "address_space_cap_bytes": address_space_cap(allowance, baseline) if enforce_budget else None,
         "baseline": asdict(baseline), "blocks": blocks, "bp": bp, "machine": _machine(),
@@ -435,6 +442,8 @@ def format_profile_table(profile: dict[str, Any]) -> str:
 
 def add_commands(sub: Any) -> None:
     """Add ``devices`` and ``profile`` to the ``edgebll`` command line."""
+    from edgebll.backends import add_backend_options
+
     p = sub.add_parser("devices", help="list the device profiles (RAM, training budget, cores, link)",
                        description="The shipped device profiles (devices/boards/*.toml).")
     p.add_argument("--json", action="store_true", help="print them as JSON")
@@ -459,6 +468,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip RUN/profile.png")
     p.add_argument("--json", action="store_true", help="print profile.json instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    add_backend_options(p)
 
 
 def _this_machine(budget: str | None, cores: int | None) -> Any:
@@ -496,7 +506,7 @@ def run_command(args: argparse.Namespace) -> int:
     device = load_profile(args.device) if args.device else _this_machine(args.budget, args.cores)
     profile = profile_run(args.run, device, steps=args.steps, threads=args.threads, codec=args.codec,
                           batch_size=args.batch_size, bp_run=args.bp_run, enforce_budget=args.enforce_budget,
-                          plot=not args.no_plot, progress=not args.no_progress)
+                          plot=not args.no_plot, progress=not args.no_progress, backend=args.backend)
     if args.json:
         print(json.dumps(profile, indent=1))
         return 0
@@ -512,7 +522,9 @@ def _child_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edgebll.profiler child",
                                      description="One measurement in this process (used by `edgebll profile`).")
     sub = parser.add_subparsers(dest="what", required=True)
-    sub.add_parser("baseline", help="import the runtime and report memory").add_argument("--cap", type=int, default=None)
+    baseline = sub.add_parser("baseline", help="import the runtime and report memory")
+    baseline.add_argument("--cap", type=int, default=None)
+    baseline.add_argument("--backend", default="auto")
     p = sub.add_parser("block", help="train one block for a few steps and report memory and step time")
     p.add_argument("block")
     p.add_argument("--steps", type=int, default=5)
@@ -522,6 +534,7 @@ def _child_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save", action="store_true", help="save trained/checkpoint at the end")
     p.add_argument("--eval", action="store_true", help="run the eval graph instead of training steps")
+    p.add_argument("--backend", default="auto", help="the runtime that trains the block (see edgebll.backends)")
     p.add_argument("--cap", type=int, default=None, help="RLIMIT_AS in bytes, set before anything is imported")
     p.add_argument("--estimate", type=int, default=None, help="estimated peak (for the out-of-memory message)")
     p.add_argument("--budget", type=int, default=None, help="resident budget the cap stands for (for the message)")

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgebll.errors import ManifestError, TrainingError
-from edgebll.manifest import BlockManifest, load_block_manifest, sha256_file, write_json_atomic
-from edgebll.ort_training import training_api
+from edgebll.manifest import BlockManifest, TensorSpec, load_block_manifest, sha256_file, write_json_atomic
+from edgebll.ort_training import training_api, training_available
 
 TRAINED_DIR = "trained"
 """Sub-folder of a block folder holding the trained checkpoint (the exported files stay untouched)."""
+TRAINED_FILES = ("checkpoint", "checkpoint.json", "portable_state.npz", "portable_state.json")
+"""What ``trained/`` may hold: each backend's state and its sidecar (see ``BlockRunner.trained_files``)."""
 
 
 @dataclass(slots=True)
@@ -36,7 +39,11 @@ class StepResult:
 
 
 class BlockRunner:
-    """Train and evaluate one exported block on this device."""
+    """Train and evaluate one exported block on this device with onnxruntime-training's API."""
+
+    backend = "ort-training"
+    trained_files = ("checkpoint", "checkpoint.json")
+    """The files in ``trained/`` that make this block's trained state (the checkpoint and its sidecar)."""
 
     def __init__(self, block_dir: str | os.PathLike, *, threads: int = 0, verify_files: bool = True,
                  load_trained: bool = True) -> None:
@@ -52,7 +59,7 @@ class BlockRunner:
         checkpoint = self.block_dir / "checkpoint"
         trained = self.block_dir / TRAINED_DIR / "checkpoint"
         if load_trained and trained.is_file():
-            self.progress = _verify_trained(trained)
+            self.progress = verify_trained(trained)
             checkpoint = trained
         self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
         self.module = api.Module(str(self.block_dir / "training_model.onnx"), self.state,
@@ -84,16 +91,7 @@ class BlockRunner:
         return f"{'feedback ' if self.manifest.kind == 'feedback' else ''}block {self.index}"
 
     def _check_inputs(self, *arrays: np.ndarray) -> None:
-        where = f"{self.name} ({self.block_dir})"
-        batch = arrays[0].shape[0] if arrays[0].ndim else None
-        for spec, array in zip(self._inputs, arrays):
-            if array.dtype != np.dtype(spec.dtype):
-                raise TrainingError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
-            want = spec.per_sample_shape()
-            if array.ndim != len(want) + 1 or list(array.shape[1:]) != want or array.shape[0] != batch:
-                raise TrainingError(f"{where}: input {spec.name!r} has shape {list(array.shape)} but the block takes "
-                                    f"[{', '.join(map(str, [batch, *want]))}]; hint: the previous block and this one "
-                                    "come from different exports; re-export both with the same --blocks")
+        check_step_inputs(self.name, self.block_dir, self._inputs, *arrays)
 
     def train_step(self, x: np.ndarray, side: np.ndarray, lr: float) -> StepResult:
         """One local step: forward, local loss, backward, optimizer update at learning rate ``lr``.
@@ -150,22 +148,10 @@ class BlockRunner:
     def save(self, *, epoch: int) -> Path:
         """Write ``trained/checkpoint`` atomically (temp file, fsync, rename), with the optimizer state."""
         api = training_api()
-        folder = self.block_dir / TRAINED_DIR
-        folder.mkdir(exist_ok=True)
-        final, tmp, sidecar = folder / "checkpoint", folder / ".checkpoint.tmp", folder / "checkpoint.json"
-        previous = _read_sidecar(sidecar) if final.is_file() else None
         self.progress["epoch"] = epoch
-        api.CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        # Two files cannot be replaced at once: the sidecar goes first and names both the new checkpoint
-        # and the one still in place, so a crash between the two renames leaves a complete pair either way.
-        info = {**self.progress, "sha256": sha256_file(tmp)}
-        if previous is not None:
-            info["previous"] = {k: previous[k] for k in ("epoch", "step", "sha256")}
-        write_json_atomic(sidecar, json.dumps(info))
-        os.replace(tmp, final)
-        return final
+        return save_trained(self.block_dir / TRAINED_DIR / "checkpoint", self.progress,
+                            lambda tmp: api.CheckpointState.save_checkpoint(self.state, str(tmp),
+                                                                            include_optimizer_state=True))
 
     def export_for_inference(self, path: str | os.PathLike) -> Path:
         """A plain ONNX inference model (input ``x``; outputs ``logits`` and, but for the last block, ``y``)."""
@@ -175,9 +161,24 @@ class BlockRunner:
         return Path(path)
 
 
+def check_step_inputs(name: str, block_dir: Path, specs: list[TensorSpec], *arrays: np.ndarray) -> None:
+    """Refuse a step's inputs whose dtype or per-sample shape is not the manifest's, or whose batches differ."""
+    where = f"{name} ({block_dir})"
+    batch = arrays[0].shape[0] if arrays[0].ndim else None
+    for spec, array in zip(specs, arrays):
+        if array.dtype != np.dtype(spec.dtype):
+            raise TrainingError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
+        want = spec.per_sample_shape()
+        if array.ndim != len(want) + 1 or list(array.shape[1:]) != want or array.shape[0] != batch:
+            raise TrainingError(f"{where}: input {spec.name!r} has shape {list(array.shape)} but the block takes "
+                                f"[{', '.join(map(str, [batch, *want]))}]; hint: the previous block and this one "
+                                "come from different exports; re-export both with the same --blocks")
+
+
 def session_options(threads: int) -> "SessionOptions":  # noqa: F821 (onnxruntime is imported lazily)
     """ORT session options of every block: ``threads`` intra-op threads (0: ORT decides)."""
-    training_api()  # registers the torch-free onnxruntime.training package before onnxruntime loads
+    if training_available():
+        training_api()  # registers the torch-free onnxruntime.training package before onnxruntime loads
     from onnxruntime import SessionOptions
 
     options = SessionOptions()
@@ -191,6 +192,32 @@ def session_options(threads: int) -> "SessionOptions":  # noqa: F821 (onnxruntim
     return options
 
 
+def save_trained(final: Path, progress: dict[str, int], write: Callable[[Path], None]) -> Path:
+    """Write a trained state to ``final`` through ``write(tmp)``, atomically, with its sidecar (``sidecar_of``).
+
+    The temp file is fsync'd before the rename. Two files cannot be replaced at once: the sidecar
+    goes first and names both the new state and the one still in place, so a crash between the two
+    renames leaves a complete pair either way.
+    """
+    final.parent.mkdir(exist_ok=True)
+    tmp, sidecar = final.with_name(f".{final.name}.tmp"), sidecar_of(final)
+    previous = _read_sidecar(sidecar) if final.is_file() else None
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    info = {**progress, "sha256": sha256_file(tmp)}
+    if previous is not None:
+        info["previous"] = {k: previous[k] for k in ("epoch", "step", "sha256")}
+    write_json_atomic(sidecar, json.dumps(info))
+    os.replace(tmp, final)
+    return final
+
+
+def sidecar_of(state_file: Path) -> Path:
+    """The JSON next to a trained state that holds its progress and sha256 (``checkpoint`` -> ``checkpoint.json``)."""
+    return state_file.with_name(f"{state_file.name.split('.')[0]}.json")
+
+
 def _read_sidecar(sidecar: Path) -> dict | None:
     try:
         return json.loads(sidecar.read_text())
@@ -198,9 +225,9 @@ def _read_sidecar(sidecar: Path) -> dict | None:
         return None
 
 
-def _verify_trained(checkpoint: Path) -> dict[str, int]:
-    """The progress (epoch, step) of a trained checkpoint, checked against its sidecar's sha256."""
-    sidecar = checkpoint.with_name("checkpoint.json")
+def verify_trained(checkpoint: Path) -> dict[str, int]:
+    """The progress (epoch, step) of a trained state file, checked against its sidecar's sha256."""
+    sidecar = sidecar_of(checkpoint)
     try:
         info = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -24,7 +24,8 @@ from edgebll.errors import CodecError, EdgeBLLError, TrainingError
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
-from edgebll.runner import TRAINED_DIR, BlockRunner
+from edgebll.backends import Runner, open_block
+from edgebll.runner import TRAINED_DIR
 from edgebll.schedule import SCHEDULES, learning_rate
 from edgebll.validation import Send, chain_accuracy, training_data
 
@@ -125,8 +126,8 @@ def mix_weight(config: TrainConfig, step: int, total: int) -> float:
 class Runtime:
     """All blocks of one run, trained in this process."""
 
-    def __init__(self, run_dir: str | os.PathLike, runners: list[BlockRunner], config: dict[str, Any],
-                 feedback: list[BlockRunner] | None = None) -> None:
+    def __init__(self, run_dir: str | os.PathLike, runners: list[Runner], config: dict[str, Any],
+                 feedback: list[Runner] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.runners = runners
         self.feedback = feedback or []
@@ -135,16 +136,21 @@ class Runtime:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, threads: int = 0, load_trained: bool = True,
-                 verify_files: bool = True) -> Runtime:
-        """Load and validate every block of ``run_dir`` (an ``edgebll export`` output folder)."""
+                 verify_files: bool = True, backend: str = "auto", provider: str = "cpu") -> Runtime:
+        """Load and validate every block of ``run_dir`` (an ``edgebll export`` output folder).
+
+        ``backend``: "ort-training", "portable" (plain onnxruntime) or "auto" (the training build
+        where it is installed, else the portable graphs); ``provider``: "cpu" or "cuda".
+        """
         config = load_run_config(run_dir)
         blocks = int(config["blocks"])
-        load = dict(threads=threads, load_trained=load_trained, verify_files=verify_files)
-        runners = [BlockRunner(Path(run_dir) / block_dir_name(k), **load) for k in range(blocks)]
+        load = dict(threads=threads, load_trained=load_trained, verify_files=verify_files, backend=backend,
+                    provider=provider)
+        runners = [open_block(Path(run_dir) / block_dir_name(k), **load) for k in range(blocks)]
         check_chain([r.manifest for r in runners], run_dir)
         feedback = []
         if config["method"] == "bll":
-            feedback = [BlockRunner(Path(run_dir) / block_dir_name(k) / FEEDBACK_DIR, **load) for k in range(blocks - 1)]
+            feedback = [open_block(Path(run_dir) / block_dir_name(k) / FEEDBACK_DIR, **load) for k in range(blocks - 1)]
         return cls(run_dir, runners, config, feedback)
 
     @property
@@ -152,7 +158,7 @@ class Runtime:
         return bool(self.feedback)
 
     @property
-    def all_runners(self) -> list[BlockRunner]:
+    def all_runners(self) -> list[Runner]:
         return self.runners + self.feedback
 
     @property

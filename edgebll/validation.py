@@ -16,7 +16,7 @@ from edgebll.data import InMemoryDataset
 from edgebll.errors import EdgeBLLError
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
-from edgebll.runner import BlockRunner
+from edgebll.backends import Runner
 
 _Samples = TypeVar("_Samples", bound=InMemoryDataset)
 
@@ -54,14 +54,14 @@ def training_data(data: InMemoryDataset | None, data_dir: str | None, limit: int
     return (data.subset(limit) if limit is not None else data), validation
 
 
-def eval_side(runner: BlockRunner, labels: np.ndarray) -> np.ndarray:
+def eval_side(runner: Runner, labels: np.ndarray) -> np.ndarray:
     """A block's side input at evaluation: the labels, or for a BLL forward block a zero prior (in the
     manifest's per-sample shape, e.g. ``[T, C]`` for per-token heads), which feeds only its loss."""
     prior = runner.manifest.input("prior")
     return labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
 
 
-def chain_accuracy(runners: Sequence[BlockRunner], data: InMemoryDataset, send: Send, *, batch_size: int,
+def chain_accuracy(runners: Sequence[Runner], data: InMemoryDataset, send: Send, *, batch_size: int,
                    progress: bool = False, desc: str = "eval") -> tuple[list[float], float]:
     """Per-block accuracy of the forward chain's eval graphs on ``data``, and the last block's mean loss.
 

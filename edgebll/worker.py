@@ -46,7 +46,8 @@ from edgebll.errors import CodecError, EdgeBLLError, ManifestError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
-from edgebll.runner import TRAINED_DIR, BlockRunner
+from edgebll.backends import Runner, open_block
+from edgebll.runner import TRAINED_DIR, TRAINED_FILES
 from edgebll.runtime import TRAIN_NAME, TrainConfig, encode_message, mix_weight
 from edgebll.schedule import learning_rate
 from edgebll.validation import eval_side, training_data
@@ -158,10 +159,12 @@ class Worker:
     """The part of a distributed run that one rank executes: its block (and feedback block)."""
 
     def __init__(self, run_dir: str | os.PathLike, comm: Any, train: TrainConfig, worker: WorkerConfig, *,
-                 threads: int = 0, data_dir: str | None = None, restart: bool = False, progress: bool = True) -> None:
+                 threads: int = 0, data_dir: str | None = None, restart: bool = False, progress: bool = True,
+                 backend: str = "auto", provider: str = "cpu") -> None:
         self.run_dir, self.comm, self.train, self.worker = Path(run_dir), comm, train, worker
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.threads, self.data_dir, self.restart, self.progress = threads, data_dir, restart, progress
+        self.backend, self.provider = backend, provider
         self.config = load_run_config(run_dir)
         self.blocks = int(self.config["blocks"])
         self.is_bll = self.config["method"] == "bll"
@@ -228,10 +231,11 @@ class Worker:
         state = None
         for folder in self._runner_dirs():
             saved = folder / TRAINED_DIR / HISTORY_DIR / f"step-{start}"
-            if not (saved / "checkpoint").is_file():
+            kept = [name for name in TRAINED_FILES if (saved / name).is_file()]
+            if not kept:
                 raise ManifestError(f"{self.name}: {saved} is missing, but {PROGRESS_NAME} says every rank saved step "
                                     f"{start}; hint: copy that folder from where the block trained, or --restart")
-            for name in ("checkpoint", "checkpoint.json"):
+            for name in kept:
                 tmp = folder / TRAINED_DIR / f".{name}.restore"
                 shutil.copyfile(saved / name, tmp)
                 os.replace(tmp, folder / TRAINED_DIR / name)
@@ -240,12 +244,13 @@ class Worker:
         assert state is not None and state.step == start
         return state
 
-    def _load_runners(self) -> tuple[BlockRunner, BlockRunner | None]:
-        runner = BlockRunner(self._block_dir(), threads=self.threads)
+    def _load_runners(self) -> tuple[Runner, Runner | None]:
+        load = dict(threads=self.threads, backend=self.backend, provider=self.provider)
+        runner = open_block(self._block_dir(), **load)
         if runner.index != self.rank or runner.manifest.num_blocks != self.blocks:
             raise ManifestError(f"{self.name}: {self._block_dir()} holds block {runner.index} of "
                                 f"{runner.manifest.num_blocks}; hint: re-export all blocks together")
-        feedback = BlockRunner(self._block_dir(feedback=True), threads=self.threads) if self.has_feedback else None
+        feedback = open_block(self._block_dir(feedback=True), **load) if self.has_feedback else None
         return runner, feedback
 
     def _labels(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -281,7 +286,7 @@ class Worker:
         self.val_labels = val_labels
         return labels, inputs
 
-    def _links(self, runner: BlockRunner, feedback: BlockRunner | None) -> None:
+    def _links(self, runner: Runner, feedback: Runner | None) -> None:
         depth, timeout = self.worker.max_in_flight, self.worker.peer_timeout
         options = dict(granularity=self.train.granularity, group_size=self.train.group_size)
         self.up_send = self.up_recv = self.down_send = self.down_recv = None
@@ -447,7 +452,7 @@ class Worker:
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property
-    def _own_runners(self) -> list[BlockRunner]:
+    def _own_runners(self) -> list[Runner]:
         """The blocks this rank trains: its forward block, and its feedback block where it has one."""
         return [self.runner] + ([self.feedback_runner] if self.feedback_runner is not None else [])
 
@@ -462,7 +467,7 @@ class Worker:
             tmp = trained / HISTORY_DIR / f".step-{step}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name in ("checkpoint", "checkpoint.json"):
+            for name in runner.trained_files:
                 os.link(trained / name, tmp / name)  # the saved files are never rewritten in place: links are safe
             if runner is self.runner:
                 write_json_atomic(tmp / WORKER_STATE, self.state.to_json())

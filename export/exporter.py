@@ -25,14 +25,15 @@ from tqdm import tqdm
 from edgebll.errors import ExportError
 from edgebll.memory import estimate_peak_bytes
 from edgebll.manifest import (
-    ARTIFACT_FILES, FEEDBACK_DIR, MANIFEST_NAME, METHODS, RUN_NAME, BlockManifest, block_dir_name, sha256_file,
-    write_json_atomic,
+    ARTIFACT_FILES, FEEDBACK_DIR, MANIFEST_NAME, METHODS, PORTABLE_FILES, RUN_NAME, BlockManifest, block_dir_name,
+    sha256_file, write_json_atomic,
 )
 
 from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, generate_block_artifacts
 from .heads import make_head
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
+from .portable import export_portable
 from .partition import balanced_split, check_bounds, unit_costs
 from .predsim import PredSimBlock, PredSimConfig
 
@@ -167,6 +168,7 @@ def export_model(
     overwrite: bool = False,
     progress: bool = True,
     bounds: Sequence[int] | None = None,
+    portable: bool = True,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
@@ -179,6 +181,8 @@ def export_model(
     mix of its prediction and similarity terms (default: 0.01 / 0.99). ``lr`` is stored in
     ``run.json`` as the default for ``edgebll train``. ``bounds`` (``[0, b1, ..., n]``,
     ``len(bounds) == blocks + 1``) sets the unit boundaries instead of the MAC-balanced split.
+    ``portable`` also writes every block's portable training step (standard ONNX ops: plain
+    onnxruntime trains it, on boards where onnxruntime-training does not install).
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")
@@ -194,26 +198,32 @@ def export_model(
     predsim.validate()
     plans = plan_blocks(spec, method, blocks, head, latent, predsim, bounds=bounds)
     out.mkdir(parents=True, exist_ok=True)
-    for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
-        folder = out / block_dir_name(plan.index)
-        export_block(plan, folder / FEEDBACK_DIR if plan.kind == "feedback" else folder, num_blocks=blocks,
-                     method=method, model_name=spec.name, batch_size=batch_size, optimizer=config)
-    run = {
-        "format_version": 1, "model": spec.name, "method": method, "blocks": blocks, "batch_size": batch_size,
-        # a sequence model's heads are per-token read-outs whatever --head says
-        "head": "token" if spec.label_shape else head, "latent": latent if method == "bll" else None,
-        "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(spec.input_shape),
-        "num_classes": spec.num_classes, "data": spec.data,
-        "units": [p.units for p in plans if p.kind == "forward"],
-        "predsim": asdict(predsim) if method == "predsim" else None,
-    }
-    write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
+    try:  # a layer refused half-way leaves no half-written run behind
+        for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
+            folder = out / block_dir_name(plan.index)
+            export_block(plan, folder / FEEDBACK_DIR if plan.kind == "feedback" else folder, num_blocks=blocks,
+                         method=method, model_name=spec.name, batch_size=batch_size, optimizer=config, portable=portable)
+        run = {
+            "format_version": 1, "model": spec.name, "method": method, "blocks": blocks, "batch_size": batch_size,
+            # a sequence model's heads are per-token read-outs whatever --head says
+            "head": "token" if spec.label_shape else head, "latent": latent if method == "bll" else None,
+            "optimizer": config.to_dict(), "lr": lr, "seed": seed, "input_shape": list(spec.input_shape),
+            "num_classes": spec.num_classes, "data": spec.data,
+            "units": [p.units for p in plans if p.kind == "forward"],
+            "predsim": asdict(predsim) if method == "predsim" else None,
+            "backends": ["ort-training", "portable"] if portable else ["ort-training"],
+        }
+        write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
 def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: str, model_name: str,
-                 batch_size: int, optimizer: OptimizerConfig, trace_batch_size: int | None = None) -> BlockManifest:
-    """Write one graph's artifacts and manifest into ``block_dir``.
+                 batch_size: int, optimizer: OptimizerConfig, trace_batch_size: int | None = None,
+                 portable: bool = False) -> BlockManifest:
+    """Write one graph's artifacts and manifest into ``block_dir`` (``portable``: its portable graphs too).
 
     ``trace_batch_size``: the batch of the example inputs torch traces with (default ``batch_size``).
     The graph's batch axis is symbolic, so a small one exports the same graph faster; the manifest
@@ -223,11 +233,17 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
     onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
     trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
     generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
+    files = list(ARTIFACT_FILES)
+    schema = None
+    if portable:
+        where = f"{'feedback ' if plan.kind == 'feedback' else ''}block {plan.index} (units {plan.units})"
+        schema = export_portable(plan.module, plan.inputs, plan.outputs, block_dir, optimizer, where=where)
+        files += PORTABLE_FILES
     manifest = BlockManifest(
         index=plan.index, num_blocks=num_blocks, method=method, kind=plan.kind, model=model_name, units=plan.units,
         inputs=graph.inputs, outputs=graph.outputs, bn_stats=graph.bn_stats, optimizer=optimizer.to_dict(),
         batch_size=batch_size, num_parameters=sum(p.numel() for p in plan.module.parameters()),
-        estimated_peak_bytes=0, files={name: sha256_file(block_dir / name) for name in ARTIFACT_FILES},
+        estimated_peak_bytes=0, files={name: sha256_file(block_dir / name) for name in files}, portable=schema,
     )
     # the device-side estimator, from the training graph itself (see edgebll/memory.py for its calibration)
     manifest.estimated_peak_bytes = int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest).total)

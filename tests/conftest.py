@@ -39,8 +39,31 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)), nn.Sequential(*conv_bn_relu(8, 8, 2))]
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    export_model(units, out=out, blocks=3, batch_size=16, lr=0.01, progress=False)
+    export_model(units, out=out, blocks=3, batch_size=16, lr=0.01, progress=False, portable=False)
     return out
+
+
+def portable_units() -> list:
+    """Four units that cover the portable graph's backward decompositions: conv (strided), BatchNorm, max-pool,
+    linear, LayerNorm, GELU."""
+    from torch import nn
+
+    from edgebll.export.models import conv_bn_relu
+
+    return [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)), nn.Sequential(*conv_bn_relu(8, 8, 2)),
+            nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.LayerNorm(16), nn.GELU())]
+
+
+@pytest.fixture(scope="session")
+def tiny_portable_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``portable_units`` in 2 bwbpf blocks with their portable graphs, SGD, batch 8 (read-only: copy it to modify)."""
+    import torch
+
+    from edgebll.export import export_model
+
+    torch.manual_seed(0)
+    return export_model(portable_units(), out=tmp_path_factory.mktemp("portable") / "run", blocks=2, batch_size=8,
+                        optimizer="sgd", lr=0.05, progress=False)
 
 
 @pytest.fixture

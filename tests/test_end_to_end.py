@@ -23,7 +23,7 @@ def test_int8_training_learns_fashion_mnist(tmp_path: Path, method: str) -> None
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    edgebll("export", "--model", "cnn-small", "--method", method, "--blocks", "4", "--batch-size", "64",
+    edgebll("export", "--model", "cnn-small", "--method", method, "--blocks", "4", "--batch-size", "64", "--no-portable",
             "--out", str(run), "--no-progress")
     edgebll("train", str(run), "--epochs", "1", "--codec", "int8", "--limit", "8192", "--data-dir", str(data_dir),
             "--no-progress")

@@ -76,20 +76,20 @@ def test_unit_costs_count_conv_macs() -> None:
 ])
 def test_bad_export_options(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ExportError, match=match):
-        export_model("cnn-small", out=tmp_path / "r", progress=False, **kwargs)
+        export_model("cnn-small", out=tmp_path / "r", progress=False, **kwargs, portable=False)
 
 
 def test_unknown_model_and_bad_custom_units(tmp_path: Path) -> None:
     with pytest.raises(ExportError,
                        match=r"unknown model 'vgg99'; choose one of \['cnn-small', 'resnet18', 'transformer', 'vgg8b'\]"):
-        export_model("vgg99", out=tmp_path / "r", progress=False)
+        export_model("vgg99", out=tmp_path / "r", progress=False, portable=False)
     with pytest.raises(ExportError, match=r"custom model: item 1 is a str, not an nn.Module"):
-        export_model([nn.ReLU(), "conv"], out=tmp_path / "r", blocks=1, progress=False)
+        export_model([nn.ReLU(), "conv"], out=tmp_path / "r", blocks=1, progress=False, portable=False)
 
 
 def test_existing_output_is_not_overwritten_silently(tiny_run: Path) -> None:
     with pytest.raises(ExportError, match=r"already exists and is not empty; hint: .*--overwrite"):
-        export_model("cnn-small", out=tiny_run, progress=False)
+        export_model("cnn-small", out=tiny_run, progress=False, portable=False)
 
 
 def test_bp_is_one_block_with_the_classifier(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_bp_is_one_block_with_the_classifier(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     units = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.ReLU())]
-    run = export_model(units, out=tmp_path / "bp", method="bp", blocks=1, progress=False)
+    run = export_model(units, out=tmp_path / "bp", method="bp", blocks=1, progress=False, portable=False)
     m = load_block_manifest(run / "block-0")
     assert (m.method, m.num_blocks, m.units, m.output("message")) == ("bp", 1, ["unit0", "unit1"], None)
 
@@ -150,11 +150,11 @@ def test_export_cli_refuses_a_board_too_small(tmp_path: Path, capsys: pytest.Cap
     from edgebll.cli import main
 
     out = tmp_path / "run"
-    code = main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--budget", "60MB"])
+    code = main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--no-portable", "--budget", "60MB"])
     captured = capsys.readouterr()
     assert code == 2 and "NO" in captured.out
     assert "ExportError: block 0 needs about" in captured.err and not out.exists()  # nothing half-usable is left
-    assert main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--device", "rpi4-2gb"]) == 0
+    assert main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--no-portable", "--device", "rpi4-2gb"]) == 0
     assert capsys.readouterr().out.count(" yes") == 4
 
 
@@ -162,7 +162,7 @@ def test_export_cli_auto_says_which_board_takes_each_block(tmp_path: Path, capsy
     from edgebll.cli import main
 
     out = tmp_path / "run"
-    assert main(["export", "--model", "cnn-small", "--blocks", "auto", "--device", "rpi-zero-2w,rpi4-2gb", "--out",
+    assert main(["export", "--model", "cnn-small", "--blocks", "auto", "--no-portable", "--device", "rpi-zero-2w,rpi4-2gb", "--out",
                  str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "exported 1 block(s) of cnn-small (bwbpf)" in printed and "1 unit ranges estimated" in printed
@@ -248,4 +248,4 @@ def test_blocks_auto_with_predsim_starts_at_two_blocks_and_counts_its_heads(tmp_
 
 def test_predsim_refuses_per_token_labels(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="--method predsim compares the labels of whole samples; transformer"):
-        export_model("transformer", out=tmp_path / "t", method="predsim", blocks=2, progress=False)
+        export_model("transformer", out=tmp_path / "t", method="predsim", blocks=2, progress=False, portable=False)

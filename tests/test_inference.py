@@ -49,7 +49,7 @@ def test_bll_chain_needs_no_feedback_block(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2))]
-    run = export_model(units, out=tmp_path / "bll", method="bll", blocks=2, batch_size=8, progress=False)
+    run = export_model(units, out=tmp_path / "bll", method="bll", blocks=2, batch_size=8, progress=False, portable=False)
     model = onnx.load(chain_inference_model(run, tmp_path / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["x"]  # no prior, no target: the forward chain alone
 

@@ -148,10 +148,10 @@ def test_prediction_head_pools_to_the_feature_cap(shape: tuple[int, ...], kernel
 def test_predsim_export_options(tmp_path: Path) -> None:
     units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 4, stride=2))]
     with pytest.raises(ExportError, match=r"--method predsim needs at least 2 blocks"):
-        export_model(units, out=tmp_path / "a", method="predsim", blocks=1, progress=False)
+        export_model(units, out=tmp_path / "a", method="predsim", blocks=1, progress=False, portable=False)
     with pytest.raises(ExportError, match=r"--predsim-beta must be in \[0, 1\].*got 1.5"):
         export_model(units, out=tmp_path / "b", method="predsim", blocks=2, predsim=PredSimConfig(beta=1.5),
-                     progress=False)
+                     progress=False, portable=False)
 
 
 def test_cli_exports_trains_and_evaluates_predsim(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_cli_exports_trains_and_evaluates_predsim(tmp_path: Path) -> None:
     from edgebll.cli import main
 
     run, data = tmp_path / "run", ["--data-dir", str(require_real_data()), "--no-progress", "--threads", "1"]
-    assert main(["export", "--model", "cnn-small", "--method", "predsim", "--blocks", "2", "--batch-size", "16",
+    assert main(["export", "--model", "cnn-small", "--method", "predsim", "--blocks", "2", "--batch-size", "16", "--no-portable",
                  "--predsim-beta", "0.9", "--out", str(run), "--no-progress"]) == 0
     assert json.loads((run / "run.json").read_text())["predsim"] == {"beta": 0.9, "max_features": 2048}
     assert main(["train", str(run), "--limit", "64", *data]) == 0

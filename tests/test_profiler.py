@@ -41,7 +41,7 @@ def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     return export_model(_units(32), out=tmp_path_factory.mktemp("runs") / "wide", blocks=2, batch_size=64,
-                        progress=False)
+                        progress=False, portable=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def tiny_bp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)),
              nn.Sequential(*conv_bn_relu(8, 8, 2))]
     return export_model(units, out=tmp_path_factory.mktemp("runs") / "tiny-bp", method="bp", blocks=1, batch_size=16,
-                        lr=0.01, progress=False)
+                        lr=0.01, progress=False, portable=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def tiny_bll_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     units = _units(4)
     return export_model(units, out=tmp_path_factory.mktemp("runs") / "tiny-bll", method="bll", blocks=3,
-                        batch_size=16, lr=0.01, progress=False)
+                        batch_size=16, lr=0.01, progress=False, portable=False)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_activations_scale_with_the_batch_and_the_optimizer_counts(tiny_run: Pat
     from edgebll.export import export_model
 
     torch.manual_seed(0)
-    sgd = export_model(_units(4)[:1], out=tmp_path / "sgd", blocks=1, batch_size=16, optimizer="sgd", progress=False)
+    sgd = export_model(_units(4)[:1], out=tmp_path / "sgd", blocks=1, batch_size=16, optimizer="sgd", progress=False, portable=False)
     assert estimate_peak_bytes(sgd / "block-0").optimizer_state == 0
     with pytest.raises(EdgeBLLError, match="batch size must be at least 1"):
         estimate_peak_bytes(tiny_run / "block-0", 0)

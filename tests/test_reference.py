@@ -115,7 +115,7 @@ def test_bll_in_torch_trains_as_the_runtime_does(tmp_path: Path, cutout: int) ->
 
     model = spec()
     run = export_model(list(model.units), out=tmp_path / "run", method="bll", blocks=3, batch_size=16, lr=1e-2,
-                       input_shape=(1, 8, 8), progress=False)
+                       input_shape=(1, 8, 8), progress=False, portable=False)
     folders = [run / f"block-{k}" for k in range(3)] + [run / f"block-{k}" / "feedback" for k in range(2)]
     forward, feedback = bll_plans(spec())
     for module, folder in zip([*forward, *feedback], folders, strict=True):

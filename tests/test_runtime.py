@@ -127,7 +127,7 @@ def bll_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     units = [nn.Sequential(*conv_bn_relu(1, 4)), nn.Sequential(*conv_bn_relu(4, 8, 2)), nn.Sequential(*conv_bn_relu(8, 8, 2))]
     return export_model(units, method="bll", out=tmp_path_factory.mktemp("bll") / "run", blocks=3, batch_size=16,
-                        lr=0.01, progress=False)
+                        lr=0.01, progress=False, portable=False)
 
 
 def test_bll_run_layout(bll_run: Path) -> None:
@@ -174,7 +174,7 @@ def test_bll_needs_two_blocks(tmp_path: Path) -> None:
     from edgebll.export import export_model
 
     with pytest.raises(ExportError, match=r"--method bll needs at least 2 blocks"):
-        export_model("cnn-small", method="bll", blocks=1, out=tmp_path / "r", progress=False)
+        export_model("cnn-small", method="bll", blocks=1, out=tmp_path / "r", progress=False, portable=False)
 
 
 @pytest.mark.parametrize("cut_at", ["trained/checkpoint", "trained/checkpoint.json"])

@@ -63,7 +63,8 @@ def test_the_sequence_task_trains_through_the_cli(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-m", "edgebll", *args], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    edgebll("export", "--model", "transformer", "--method", "bll", "--blocks", "4", "--out", str(run), "--no-progress")
+    edgebll("export", "--model", "transformer", "--method", "bll", "--blocks", "4", "--out", str(run), "--no-progress",
+            "--no-portable")
     edgebll("train", str(run), "--epochs", "2", "--limit", "2048", "--threads", "1", "--no-progress")
     edgebll("eval", str(run), "--limit", "512", "--threads", "1", "--no-progress")
     config = json.loads((run / "run.json").read_text())
@@ -96,7 +97,7 @@ def test_validation_split_counts_tokens_on_the_sequence_task(tmp_path: Path) -> 
     from edgebll.sequence_data import ReversalTask, SequenceDataset, load_reversal
 
     run = export_model(transformer(TransformerConfig(layers=2, d_model=8, d_ff=16)), out=tmp_path / "t",
-                       method="bll", blocks=2, batch_size=16, progress=False)
+                       method="bll", blocks=2, batch_size=16, progress=False, portable=False)
     train = load_reversal("train", ReversalTask(), limit=96)
     summary = Runtime.from_run(run, threads=1).train(data=train, epochs=1, val_split=32, progress=False)
     assert summary["samples"] == 64

@@ -24,7 +24,7 @@ def one_batch() -> Dataset:
 
 
 def export_and_step(model: object, out: Path, method: str, blocks: int, **options: object) -> dict:
-    run = export_model(model, out=out, method=method, blocks=blocks, batch_size=BATCH, progress=False, **options)
+    run = export_model(model, out=out, method=method, blocks=blocks, batch_size=BATCH, progress=False, **options, portable=False)
     summary = Runtime.from_run(run, threads=1).train(data=one_batch(), epochs=1, progress=False)
     assert summary["steps"] == 1 and all(np.isfinite(summary["epochs"][0]["loss"])), summary["epochs"]
     return summary

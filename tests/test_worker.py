@@ -56,23 +56,23 @@ def mpi_train(run: Path, *args: str, ranks: int = 3, env: dict[str, str] | None 
                    "--no-progress", "--data-dir", str(require_real_data()), *args, env=env)
 
 
-def weights(run: Path, blocks: int = 3) -> dict[str, np.ndarray]:
+def weights(run: Path, blocks: int = 3, runner: type = BlockRunner) -> dict[str, np.ndarray]:
     folders = [run / f"block-{k}" for k in range(blocks)] + [p for p in sorted(run.glob("block-*/feedback"))]
     return {f"{folder.relative_to(run)}/{name}": value for folder in folders
-            for name, value in BlockRunner(folder).parameters().items()}
+            for name, value in runner(folder).parameters().items()}
 
 
-def assert_same_weights(a: Path, b: Path, blocks: int = 3) -> None:
-    wa, wb = weights(a, blocks), weights(b, blocks)
+def assert_same_weights(a: Path, b: Path, blocks: int = 3, runner: type = BlockRunner) -> None:
+    wa, wb = weights(a, blocks, runner), weights(b, blocks, runner)
     assert wa.keys() == wb.keys()
     for name in wa:
         np.testing.assert_allclose(wa[name], wb[name], atol=1e-6, err_msg=name)
 
 
-def in_process(run: Path, tmp_path: Path, **config: object) -> Path:
+def in_process(run: Path, tmp_path: Path, backend: str = "auto", **config: object) -> Path:
     reference = Path(shutil.copytree(run, tmp_path / "inprocess"))
-    Runtime.from_run(reference, threads=1).train(limit=LIMIT, data_dir=str(require_real_data()), progress=False,
-                                                 **config)
+    Runtime.from_run(reference, threads=1, backend=backend).train(limit=LIMIT, data_dir=str(require_real_data()),
+                                                                  progress=False, **config)
     return reference
 
 
@@ -147,6 +147,24 @@ def test_a_killed_rank_is_named_and_the_run_resumes_to_the_same_weights(bll_run:
     assert [e["samples_per_block"] for e in summary["epochs"]] == [[LIMIT] * 3, [LIMIT] * 3]
 
 
+def test_the_portable_backend_over_mpi_resumes_to_the_in_process_weights(bll_run: Path, tmp_path: Path) -> None:
+    """BLL's forward and feedback blocks on plain onnxruntime's portable graphs, pipelined over 3 ranks, a rank
+    killed and the run resumed: the weights are the in-process portable run's."""
+    from edgebll.portable import PortableRunner
+
+    reference = in_process(bll_run, tmp_path, backend="portable", epochs=2)
+    run = Path(shutil.copytree(bll_run, tmp_path / "mpi"))
+    crashed = mpi_train(run, "--epochs", "2", "--checkpoint-every", "3", "--backend", "portable",
+                        env={"EDGEBLL_INJECT_FAULT": "kill:1:11"})
+    assert crashed.returncode == 2, crashed.stdout + crashed.stderr
+    resumed = mpi_train(run, "--epochs", "2", "--checkpoint-every", "3", "--backend", "portable", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(reference, run, runner=PortableRunner)
+    for folder in [run / f"block-{k}" for k in range(3)] + sorted(run.glob("block-*/feedback")):
+        assert sorted(p.name for p in (folder / "trained").iterdir() if p.is_file()) == [
+            "portable_state.json", "portable_state.npz"]  # nothing of the training build was written
+
+
 @pytest.mark.parametrize(("fault", "says"), [
     ("corrupt", "rejected the activation frame from rank 0 for step 5: "),
     ("misstep", "the activation from rank 0 for step 5 was rejected: its envelope says magic b'EBLM', rank 0, step 6"),
@@ -195,7 +213,8 @@ def test_the_sequence_task_over_mpi_matches_in_process(tmp_path: Path) -> None:
     labels [N, T] are broadcast, accuracy is per token, and the weights are the single process's."""
     from edgebll.export import export_model
 
-    run = export_model("transformer", out=tmp_path / "t", method="bll", blocks=3, batch_size=16, progress=False)
+    run = export_model("transformer", out=tmp_path / "t", method="bll", blocks=3, batch_size=16, progress=False,
+                       portable=False)
     reference = in_process(run, tmp_path, epochs=1)
     done = mpi_train(run, "--epochs", "1")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,263 @@
+"""Train on an emulated aarch64 board what the host trains, and check the weights agree.
+
+No board needed: an arm64 Debian userland (Python 3.11) runs under qemu-user, with the aarch64
+wheels of numpy and onnxruntime (what ``pip install edgebll`` brings on a Pi) and the message codec
+cross-compiled for aarch64. For cnn-small bwbpf (2 blocks) and BLL (2 forward + 1 feedback block),
+exported here with their portable graphs, the board and the host each train the same Fashion-MNIST
+batches from the command line (``edgebll train --backend portable``) and evaluate; every state
+tensor must agree within 1e-4 and the eval accuracies must be equal.
+
+    python benchmarks/emulated_board.py            # what `make test-aarch64` runs
+
+Needs root and Debian's debootstrap, qemu-user-static, gcc-aarch64-linux-gnu and
+libc6-dev-arm64-cross (`make test-aarch64` installs them). The userland is cached outside the
+checkout (``$EDGEBLL_ARM64_ROOT``, default ``~/.cache/edgebll/arm64-bookworm``): the first run
+downloads it (about a minute, from the Debian mirror this machine's apt uses) and unpacks its
+packages without configuring them (python needs no more). The board's commands run in a chroot
+of it through binfmt_misc, registered here from qemu-user-static's own entry: under plain
+``qemu-aarch64 -L`` the board would read this machine's /proc/cpuinfo and /sys, and onnxruntime's
+CPU detection crashes on an x86 description.
+Writes benchmarks/results/emulated_board.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import describe_machine, machine_info, markdown_table, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = "bookworm"  # Debian 12: Python 3.11, the CPython of onnxruntime's newest aarch64 wheels
+BOARD_PACKAGES = ("numpy", "onnxruntime==1.32.0", "tqdm")  # the host's .venv-board has the same onnxruntime
+TOLERANCE = 1e-4
+TOOLS = {"debootstrap": "debootstrap", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+         "dpkg-deb": "dpkg", "qemu-aarch64-static": "qemu-user-static"}
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+BINFMT_ENTRY = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # qemu-user-static's registration line
+BOARD_PATH = ["/opt/edgebll", "/opt/edgebll-site"]  # PYTHONPATH inside the chroot
+DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses (deb822 ``URIs:`` or a one-line ``deb`` entry for debian)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for match in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", text, re.MULTILINE):
+            uri = match.group(1)
+            if uri.rstrip("/").endswith("/debian"):
+                return uri
+    raise SystemExit("no Debian mirror in /etc/apt/sources.list*: set one up for apt first")
+
+
+def check_tools() -> None:
+    missing = [package for tool, package in TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"missing tools; apt-get install -y {' '.join(missing)} libc6-dev-arm64-cross")
+    if os.geteuid() != 0:
+        raise SystemExit("debootstrap, binfmt_misc and chroot need root; run it as root (or with sudo)")
+
+
+def register_binfmt() -> None:
+    """Let the kernel run aarch64 binaries through qemu-aarch64-static (idempotent)."""
+    if (BINFMT / "qemu-aarch64").exists():
+        return
+    if not (BINFMT / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], check=True)
+    if not BINFMT_ENTRY.is_file():
+        raise SystemExit(f"{BINFMT_ENTRY} missing; apt-get install -y qemu-user-static")
+    (BINFMT / "register").write_text(BINFMT_ENTRY.read_text().strip())
+
+
+def userland(root: Path) -> Path:
+    """An arm64 Debian with python3 unpacked under ``root`` (made once; returns its python)."""
+    python = root / "usr" / "bin" / "python3"
+    if (root / ".edgebll-ready").is_file():
+        return python
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # --foreign downloads and unpacks without running arm64 code; the rest is unpacking the debs it fetched
+    subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase", "--foreign", "--include=python3",
+                    SUITE, str(root), apt_mirror()], check=True, stdout=subprocess.DEVNULL)
+    for deb in sorted((root / "var" / "cache" / "apt" / "archives").glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    if not python.exists():
+        raise SystemExit(f"{python} missing after unpacking the userland")
+    (root / ".edgebll-ready").write_text("ok\n")
+    return python
+
+
+def board_site(root: Path) -> Path:
+    """numpy, onnxruntime and tqdm for aarch64 CPython 3.11, installed by the host's pip into a folder."""
+    site = root / "opt" / "edgebll-site"
+    marker = site / ".installed"
+    if marker.is_file() and marker.read_text() == " ".join(BOARD_PACKAGES):
+        return site
+    shutil.rmtree(site, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), "--only-binary=:all:",
+                    "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",
+                    "--platform", "manylinux2014_aarch64", "--python-version", "3.11", "--implementation", "cp",
+                    *BOARD_PACKAGES], check=True)
+    marker.write_text(" ".join(BOARD_PACKAGES))
+    return site
+
+
+def board_package(root: Path) -> Path:
+    """This checkout's edgebll package with its codec cross-compiled for aarch64 (the CMake flags)."""
+    top = root / "opt" / "edgebll"
+    shutil.rmtree(top, ignore_errors=True)
+    shutil.copytree(REPO / "edgebll", top / "edgebll", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    subprocess.run(["aarch64-linux-gnu-gcc", "-std=c11", "-O3", "-fPIC", "-shared", "-fno-fast-math",
+                    "-ffp-contract=off", "-I", str(REPO / "csrc"), str(REPO / "csrc" / "codec.c"),
+                    str(REPO / "csrc" / "crc32.c"), "-o", str(top / "edgebll" / "libedgebll_codec.so")], check=True)
+    return top
+
+
+def on_board(root: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """``python3 ARGS`` on the board: a chroot of ``root`` (paths in ARGS are the chroot's)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(BOARD_PATH), "PYTHONNOUSERSITE": "1",
+           "HOME": "/root", "LANG": "C.UTF-8"}
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # resolved here: ``env`` has the board's PATH
+    return subprocess.run([chroot, str(root), "/usr/bin/python3", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def inside(root: Path, path: Path) -> str:
+    """``path`` (under ``root``) as the chroot sees it."""
+    return "/" + str(path.relative_to(root))
+
+
+def on_host(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=3600)
+
+
+def _checked(done: subprocess.CompletedProcess, what: str) -> str:
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def compare(host_run: Path, board_run: Path) -> dict[str, float]:
+    """Largest |board - host| over every trained state tensor, per block folder."""
+    worst = {}
+    for state in sorted(host_run.glob("block-*/**/trained/portable_state.npz")):
+        folder = state.parent.parent.relative_to(host_run)
+        with np.load(state) as host, np.load(board_run / folder / "trained" / "portable_state.npz") as board:
+            if sorted(host.files) != sorted(board.files):
+                raise SystemExit(f"{folder}: board and host saved different state tensors")
+            worst[str(folder)] = max(float(np.max(np.abs(board[k].astype(np.float64) - host[k]), initial=0.0))
+                                     for k in host.files)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=512, help="training images (default: 512, 16 steps of 32)")
+    parser.add_argument("--eval-limit", type=int, default=1000, help="test images to evaluate (default: 1000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    parser.add_argument("--data-dir", default=os.environ.get("EDGEBLL_DATA_DIR", str(DEFAULT_DATA)))
+    parser.add_argument("--root", default=os.environ.get("EDGEBLL_ARM64_ROOT",
+                                                         str(Path.home() / ".cache" / "edgebll" / "arm64-bookworm")),
+                        help="where the arm64 userland is cached (default: $EDGEBLL_ARM64_ROOT or "
+                             "~/.cache/edgebll/arm64-bookworm)")
+    parser.add_argument("--name", default="emulated_board", help="results file stem (default: emulated_board)")
+    args = parser.parse_args(argv)
+    check_tools()
+    register_binfmt()
+    began = time.perf_counter()
+    root = Path(args.root).expanduser()
+    userland(root)
+    board_site(root)
+    board_package(root)
+    data = root / "data" / "fashion-mnist"  # the board reads its own copy: a chroot sees nothing else
+    data.mkdir(parents=True, exist_ok=True)
+    for file in Path(args.data_dir).glob("*-ubyte*"):
+        if not (data / file.name).is_file():
+            shutil.copyfile(file, data / file.name)
+    facts = json.loads(_checked(on_board(root, "-c", (
+        "import json, platform, sys, numpy, onnxruntime\n"
+        "from edgebll import codec\n"
+        "from edgebll.ort_training import training_available\n"
+        "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
+        "'numpy': numpy.__version__, 'onnxruntime': onnxruntime.__version__, "
+        "'native_codec': codec.native_available(), 'training_build': training_available(), "
+        "'torch': 'torch' in sys.modules}))")), "the board's python").strip().splitlines()[-1])
+    if facts["machine"] != "aarch64" or not facts["native_codec"] or facts["training_build"]:
+        raise SystemExit(f"the emulated board is not what it should be: {facts}")
+
+    rows = []
+    (root / "work").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgebll-board-", dir=root / "work") as tmp:
+        for method in ("bwbpf", "bll"):
+            run = Path(tmp) / method
+            _checked(on_host("-m", "edgebll", "export", "--model", "cnn-small", "--method", method, "--blocks", "2",
+                             "--batch-size", str(args.batch_size), "--out", str(run), "--no-progress"), "export")
+            timings = {}
+            for side in ("host", "board"):
+                copy = Path(shutil.copytree(run, Path(tmp) / f"{method}-{side}"))
+                where, data_dir = (str(copy), str(data)) if side == "host" else (inside(root, copy), inside(root, data))
+                common = ["--backend", "portable", "--threads", "1", "--data-dir", data_dir, "--no-progress"]
+                train = ["-m", "edgebll", "train", where, "--epochs", "1", "--limit", str(args.limit), *common]
+                evaluate = ["-m", "edgebll", "eval", where, "--limit", str(args.eval_limit), *common]
+                started = time.perf_counter()
+                for command, what in ((train, "train"), (evaluate, "eval")):
+                    done = on_host(*command) if side == "host" else on_board(root, *command)
+                    _checked(done, f"{what} of {method} on the {side}")
+                timings[side] = time.perf_counter() - started
+            host_run, board_run = Path(tmp) / f"{method}-host", Path(tmp) / f"{method}-board"
+            worst = compare(host_run, board_run)
+            host_eval = json.loads((host_run / "eval.json").read_text())
+            board_eval = json.loads((board_run / "eval.json").read_text())
+            steps = json.loads((board_run / "train.json").read_text())["steps"]
+            rows.append({"method": method, "steps": steps, "graphs": len(worst), "max_abs_difference": max(worst.values()),
+                         "per_graph": worst, "host_accuracy": host_eval["per_block_accuracy"],
+                         "board_accuracy": board_eval["per_block_accuracy"],
+                         "host_seconds": round(timings["host"], 1), "board_seconds": round(timings["board"], 1)})
+    failed = [r["method"] for r in rows
+              if r["max_abs_difference"] > TOLERANCE or r["host_accuracy"] != r["board_accuracy"]]
+    machine = machine_info()
+    settings = {"model": "cnn-small", "blocks": 2, "batch_size": args.batch_size, "limit": args.limit,
+                "eval_limit": args.eval_limit, "tolerance": TOLERANCE, "suite": SUITE,
+                "board_packages": list(BOARD_PACKAGES), "total_seconds": round(time.perf_counter() - began, 1)}
+    table = markdown_table(
+        ["method", "steps", "graphs", "max abs difference", "host accuracy", "board accuracy", "host s", "board s"],
+        [[r["method"], r["steps"], r["graphs"], f"{r['max_abs_difference']:.1e}",
+          " / ".join(f"{a:.4f}" for a in r["host_accuracy"]), " / ".join(f"{a:.4f}" for a in r["board_accuracy"]),
+          r["host_seconds"], r["board_seconds"]] for r in rows], align="lrrrllrr")
+    markdown = (
+        "# Training on an emulated aarch64 board\n\n"
+        f"`python benchmarks/emulated_board.py` (`make test-aarch64`) on {describe_machine(machine)}. The board: "
+        f"Debian {SUITE} arm64 under qemu-user, {facts['machine']}, Python {facts['python']}, numpy "
+        f"{facts['numpy']}, onnxruntime {facts['onnxruntime']} (no training build, no torch), the codec "
+        "cross-compiled for aarch64.\n\n"
+        f"cnn-small in 2 blocks, batch {args.batch_size}, {args.limit} Fashion-MNIST training images (one epoch), "
+        f"`--backend portable`, int8 messages; then `edgebll eval --limit {args.eval_limit}`. "
+        f"\"max abs difference\": the largest |board − host| over every trained state tensor of every graph "
+        f"(weights, BatchNorm statistics, AdamW moments; tolerance {TOLERANCE:g}). Seconds: train + eval, wall "
+        "time (the board's under emulation, not a board's speed).\n\n" + table + "\n"
+        + (f"\n**Failed:** {', '.join(failed)}\n" if failed else "")
+    )
+    json_path, md_path = write_results(args.name, {"benchmark": "emulated_board", "machine": machine, "board": facts,
+                                                   "settings": settings, "rows": rows}, markdown)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path} in {settings['total_seconds']:.0f} s")
+    if failed:
+        raise SystemExit(f"the emulated board disagrees with the host for {failed}")
+
+
+if __name__ == "__main__":
+    main()

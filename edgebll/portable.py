@@ -1,0 +1,189 @@
+"""The portable backend: a block's whole training step as one standard-op ONNX graph, run by plain onnxruntime.
+
+The graphs (``portable_train.onnx``, ``portable_eval.onnx``) and the initial state
+(``portable_state.npz``) are written by ``edgebll.export.portable``. The train graph takes the
+message, the side input, ``lr``, ``step`` and the state (parameters, buffers, AdamW moments) and
+returns the block's outputs and the next state. :class:`PortableRunner` keeps that state in
+ORT-owned values between steps (nothing of the weights goes through numpy per step), adopts the
+next state only when the loss is finite, and saves it atomically with the same sidecar as
+:class:`~edgebll.runner.BlockRunner`. It needs numpy and the maintained ``onnxruntime`` (aarch64
+wheels, NVIDIA's Jetson build) — no training build, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
+from edgebll.manifest import (  # noqa: F401 (the portable contract, re-exported for the exporter)
+    EVAL_FILE, NEXT, OPSET, PORTABLE_FILES, STATE_FILE, TRAIN_FILE, BlockManifest, PortableSchema, buffer_key,
+    exp_avg_key, exp_avg_sq_key, load_block_manifest, param_key,
+)
+from edgebll.runner import TRAINED_DIR, StepResult, check_step_inputs, save_trained, session_options, verify_trained
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def save_state(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write state tensors as an uncompressed ``.npz`` (numpy reads it on any board)."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_state(path: Path, keys: list[str], where: str) -> dict[str, np.ndarray]:
+    """Read the ``keys`` of a state file, refusing a missing or malformed one with the key named."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise ManifestError(f"{where}: {path.name} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}; "
+                                    "hint: re-export the run")
+            return {k: np.ascontiguousarray(data[k]) for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ManifestError(f"{where}: cannot read {path} ({exc}); hint: re-export the run, or delete "
+                            f"{path.parent / TRAINED_DIR} to start from the exported weights") from exc
+
+
+class PortableRunner:
+    """Train and evaluate one exported block with plain onnxruntime (the same interface as BlockRunner)."""
+
+    backend = "portable"
+    trained_files = (STATE_FILE, "portable_state.json")
+    """The files in ``trained/`` that make this block's trained state (the state and its sidecar)."""
+
+    def __init__(self, block_dir: str | os.PathLike, *, threads: int = 0, verify_files: bool = True,
+                 load_trained: bool = True, provider: str = "cpu") -> None:
+        """Load ``block_dir``'s portable graphs; with ``load_trained`` resume from ``trained/portable_state.npz``.
+
+        ``provider``: "cpu", or "cuda" (onnxruntime-gpu, e.g. NVIDIA's build for a Jetson).
+        """
+        import onnxruntime
+
+        self.block_dir = Path(block_dir)
+        self.manifest: BlockManifest = load_block_manifest(self.block_dir, verify_files=verify_files)
+        where = f"{self.name} ({self.block_dir})"
+        schema = self.manifest.portable
+        if schema is None:
+            raise ManifestError(f"{where}: the block was exported without portable graphs; hint: re-export it with "
+                                "`edgebll export --portable` (the default), or train with --backend ort-training")
+        self.schema = schema
+        if provider not in PROVIDERS:
+            raise EdgeBLLError(f"unknown --provider {provider!r}; choose one of {list(PROVIDERS)}")
+        available = onnxruntime.get_available_providers()
+        if PROVIDERS[provider] not in available:
+            raise EdgeBLLError(f"--provider {provider}: this onnxruntime has no {PROVIDERS[provider]} (it has "
+                               f"{available}); hint: on a Jetson install NVIDIA's onnxruntime-gpu build for its "
+                               "JetPack (see devices/README.md), or use --provider cpu")
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        options = session_options(threads)
+        self.train_session = onnxruntime.InferenceSession(str(self.block_dir / TRAIN_FILE), options, providers=providers)
+        self.eval_session = onnxruntime.InferenceSession(str(self.block_dir / EVAL_FILE), options, providers=providers)
+        self.progress = {"epoch": 0, "step": 0}
+        state_file = self.block_dir / STATE_FILE
+        trained = self.block_dir / TRAINED_DIR / STATE_FILE
+        if load_trained and trained.is_file():
+            self.progress = verify_trained(trained)
+            state_file = trained
+        self._keys = schema.state_keys()
+        self._model_keys = schema.model_keys()
+        arrays = load_state(state_file, self._keys, where)
+        self.state = {k: onnxruntime.OrtValue.ortvalue_from_numpy(a, self.device, 0) for k, a in arrays.items()}
+        self._ortvalue = onnxruntime.OrtValue
+        outputs = [o.name for o in self.train_session.get_outputs()]
+        names = [t.name for t in self.manifest.outputs if t.role != "bn_stat"]
+        if outputs != names + [NEXT + k for k in self._keys]:
+            raise ManifestError(f"{where}: {TRAIN_FILE} outputs {outputs[:len(names)]} and {len(outputs) - len(names)} "
+                                f"state tensors; the manifest says {names} and {len(self._keys)}; hint: re-export the run")
+        self._names = names
+        roles = [t.role for t in self.manifest.outputs]
+        self._loss_at = roles.index("loss")
+        self._logits_at = roles.index("logits")
+        self._message_at = roles.index("message") if "message" in roles else None
+        self._metric_at = roles.index("metric") if "metric" in roles else None
+        self._inputs = self.manifest.inputs
+        if len(self._inputs) != 2:
+            raise ManifestError(f"{where}: expected 2 inputs (message and side input), the manifest lists "
+                                f"{[t.name for t in self._inputs]}")
+
+    @property
+    def index(self) -> int:
+        return self.manifest.index
+
+    @property
+    def name(self) -> str:
+        """"block k" or "feedback block k", for messages."""
+        return f"{'feedback ' if self.manifest.kind == 'feedback' else ''}block {self.index}"
+
+    def _run(self, session: Any, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
+        """Run ``session`` on OrtValues; the block's own outputs come back on the CPU, the state stays on the device."""
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, self.device if name.startswith(NEXT) else "cpu")
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _feeds(self, x: np.ndarray, side: np.ndarray) -> dict[str, Any]:
+        check_step_inputs(self.name, self.block_dir, self._inputs, x, side)
+        return {self._inputs[0].name: self._ortvalue.ortvalue_from_numpy(x, self.device, 0),
+                self._inputs[1].name: self._ortvalue.ortvalue_from_numpy(side, self.device, 0)}
+
+    def train_step(self, x: np.ndarray, side: np.ndarray, lr: float) -> StepResult:
+        """One local step: forward, local loss, backward and optimizer update, all in one graph run.
+
+        The next state is adopted only when the loss is finite, so a non-finite loss stops the block
+        before its update, as with the training build.
+        """
+        feeds = self._feeds(x, side)
+        feeds["lr"] = self._ortvalue.ortvalue_from_numpy(np.array(lr, np.float32), self.device, 0)
+        feeds["step"] = self._ortvalue.ortvalue_from_numpy(np.array(self.progress["step"] + 1, np.float32),
+                                                           self.device, 0)
+        feeds |= self.state
+        values = self._run(self.train_session, feeds, self._names + [NEXT + k for k in self._keys])
+        outputs = tuple(v.numpy() for v in values[:len(self._names)])
+        loss = float(outputs[self._loss_at])
+        if not np.isfinite(loss):
+            raise TrainingError(f"{self.name}: local loss is {loss} at step {self.progress['step']} "
+                                f"(epoch {self.progress['epoch']}); stopped before the optimizer step; "
+                                "hint: lower the learning rate (--lr)")
+        self.state = dict(zip(self._keys, values[len(self._names):]))
+        self.progress["step"] += 1
+        return self._result(outputs)
+
+    def eval_step(self, x: np.ndarray, side: np.ndarray) -> StepResult:
+        """Forward in eval mode (BatchNorm uses running statistics); no update."""
+        feeds = self._feeds(x, side) | {k: self.state[k] for k in self._model_keys}
+        values = self._run(self.eval_session, feeds, self._names)
+        return self._result(tuple(v.numpy() for v in values))
+
+    def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
+        message = outputs[self._message_at] if self._message_at is not None else None
+        metric = float(outputs[self._metric_at]) if self._metric_at is not None else None
+        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message, metric)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """A numpy copy of every state tensor, under its graph key (``param:NAME``, ``exp_avg:NAME``, …)."""
+        return {k: np.array(v.numpy()) for k, v in self.state.items()}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter and buffer, by the torch module's names."""
+        arrays = self.state_arrays()
+        return {key.split(":", 1)[1]: arrays[key] for key in self._model_keys}
+
+    def save(self, *, epoch: int) -> Path:
+        """Write ``trained/portable_state.npz`` atomically (temp file, fsync, rename), with the optimizer state."""
+        self.progress["epoch"] = epoch
+        arrays = self.state_arrays()
+        return save_trained(self.block_dir / TRAINED_DIR / STATE_FILE, self.progress,
+                            lambda tmp: save_state(tmp, arrays))
+
+    def export_for_inference(self, path: str | os.PathLike) -> Path:
+        raise EdgeBLLError(f"{self.name}: export-inference needs the training build (--backend ort-training) or the "
+                           "host's `edgebll export-inference`; the portable backend cannot write ONNX models yet")

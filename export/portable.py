@@ -1,0 +1,262 @@
+"""The portable training step: one ONNX graph of standard ``ai.onnx`` ops per block.
+
+The maintained ``onnxruntime`` (aarch64 wheels, Jetson's GPU build) has no training API and
+refuses ORT's training graphs (com.microsoft gradient and optimizer ops). A portable step graph
+needs neither: torch traces the whole step — forward, local loss, ``torch.autograd.grad``, the
+optimizer update and BatchNorm's running statistics — with ``make_fx`` into core ATen ops, and
+the dynamo ONNX exporter translates those. Two backward ops have no ONNX translation and are
+decomposed here into forward ops (``convolution_backward``: ConvTranspose and Conv;
+``max_pool2d_with_indices_backward``: torch's scatter-add decomposition).
+
+Graph contract (names in :mod:`edgebll.portable`): inputs ``x``, the side input, ``lr``, ``step``
+and every state tensor ``param:NAME``, ``buffer:NAME``, ``exp_avg:NAME``, ``exp_avg_sq:NAME``;
+outputs the block's own outputs (loss first) and the updated state under ``next:KEY``. The eval
+graph takes ``x``, the side input and the ``param:``/``buffer:`` state, and returns the block's
+outputs in eval mode. The batch axis is symbolic in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch._decomp import core_aten_decompositions, get_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from edgebll.errors import ExportError
+from edgebll.portable import (
+    EVAL_FILE, NEXT, OPSET, STATE_FILE, TRAIN_FILE, PortableSchema, buffer_key, exp_avg_key, exp_avg_sq_key,
+    param_key, save_state,
+)
+
+from .artifacts import GraphInput, OptimizerConfig
+
+aten = torch.ops.aten
+
+_MIN_BATCH = 2  # BatchNorm's batch statistics need two samples
+
+
+def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
+                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], transposed: bool,
+                         output_padding: Sequence[int], groups: int,
+                         output_mask: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+    """``aten.convolution_backward`` in forward convolutions, which ONNX has (Conv, ConvTranspose).
+
+    - input gradient: the transposed convolution of the output gradient with the same weight; the
+      output padding restores the rows a strided convolution dropped.
+    - weight gradient: a convolution whose "batch" is the input's channels and whose kernel is the
+      output gradient (channels and batch swapped), stride and dilation exchanged, cut to the
+      kernel size; groups stay groups (each group's samples are one group of channels).
+    - bias gradient: the output gradient summed over every axis but the channels.
+    """
+    if transposed:
+        raise NotImplementedError("the portable export has no gradient for transposed convolutions (nn.ConvTranspose1d/2d/3d) yet")
+    dims = input.dim() - 2
+    spatial = list(range(2, 2 + dims))
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        dropped = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                         + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, dropped, groups)
+    if output_mask[1]:
+        n, c_in, c_out = input.shape[0], input.shape[1], grad_output.shape[1]
+        samples = input.reshape(n, groups, c_in // groups, *input.shape[2:])
+        samples = samples.permute(2, 1, 0, *[3 + i for i in range(dims)]).reshape(c_in // groups, groups * n,
+                                                                                   *input.shape[2:])
+        kernel = grad_output.reshape(n, groups, c_out // groups, *grad_output.shape[2:])
+        kernel = kernel.permute(1, 2, 0, *[3 + i for i in range(dims)]).reshape(c_out, n, *grad_output.shape[2:])
+        full = aten.convolution(samples, kernel, None, dilation, padding, stride, False, [0] * dims, groups)
+        full = full[(slice(None), slice(None), *[slice(0, weight.shape[2 + i]) for i in range(dims)])]
+        grad_weight = full.transpose(0, 1)
+    if output_mask[2]:
+        grad_bias = grad_output.sum([0, *spatial])
+    return grad_input, grad_weight, grad_bias
+
+
+def decompositions() -> dict[Any, Callable[..., Any]]:
+    """Core ATen, batch norm in reductions (ORT's BatchNormalization ignores training mode), and the
+    two backward ops that have no ONNX translation."""
+    table = dict(core_aten_decompositions())
+    table.update(get_decompositions([
+        aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_functional,
+        aten._native_batch_norm_legit_no_training, aten.native_batch_norm_backward,
+        aten.max_pool2d_with_indices_backward,
+    ]))
+    table[aten.convolution_backward.default] = convolution_backward
+    return table
+
+
+def state_of(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable parameters, everything else the forward reads: buffers and frozen parameters)."""
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    others = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    others |= {n: b.detach() for n, b in module.named_buffers()}
+    return params, others
+
+
+def make_train_step(module: nn.Module, params: Sequence[str], buffers: Sequence[str],
+                    optimizer: OptimizerConfig) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``step(x, side, lr, step, *params, *buffers, *exp_avg, *exp_avg_sq) -> (*outputs, *next state)``.
+
+    AdamW is torch.optim.AdamW's formula (decoupled weight decay, bias-corrected moments); SGD is
+    torch.optim.SGD without momentum. A parameter that gets no gradient keeps its value and state,
+    as torch's optimizers skip it. Buffers come back as the train-mode forward left them.
+    """
+    n_params, n_buffers = len(params), len(buffers)
+    adamw = optimizer.name == "adamw"
+    beta1, beta2 = optimizer.betas
+
+    def step(x: torch.Tensor, side: torch.Tensor, lr: torch.Tensor, count: torch.Tensor,
+             *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights = [p.detach().requires_grad_() for p in state[:n_params]]
+        kept = [b.clone() for b in state[n_params:n_params + n_buffers]]  # the forward updates these in place
+        moments = state[n_params + n_buffers:]
+        outputs = torch.func.functional_call(module, {**dict(zip(params, weights)), **dict(zip(buffers, kept))},
+                                             (x, side))
+        grads = torch.autograd.grad(outputs[0], weights, allow_unused=True)
+        new_weights, new_m, new_v = [], [], []
+        for at, (p, g) in enumerate(zip(weights, grads)):
+            p = p.detach()
+            if not adamw:
+                new_weights.append(p if g is None else p - lr * g)
+                continue
+            m, v = moments[at], moments[n_params + at]
+            if g is not None:
+                p = p * (1 - lr * optimizer.weight_decay)
+                m = beta1 * m + (1 - beta1) * g
+                v = beta2 * v + (1 - beta2) * g * g
+                correction1 = 1 - beta1 ** count
+                correction2 = 1 - beta2 ** count
+                p = p - (lr / correction1) * m / (v.sqrt() / correction2.sqrt() + optimizer.eps)
+            new_weights.append(p)
+            new_m.append(m)
+            new_v.append(v)
+        return (*[o.detach() for o in outputs], *new_weights, *kept, *new_m, *new_v)
+
+    return step
+
+
+def make_eval_step(module: nn.Module, params: Sequence[str], buffers: Sequence[str]) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``step(x, side, *params, *buffers) -> outputs`` of the module in eval mode."""
+    names = [*params, *buffers]
+
+    def step(x: torch.Tensor, side: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.func.functional_call(module, dict(zip(names, state)), (x, side)))
+
+    return step
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter prints its stages and warns about deprecations and torchvision; none of it helps here."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _example(spec: GraphInput, batch_size: int) -> torch.Tensor:
+    if spec.dtype == "int64":
+        return torch.zeros(batch_size, *spec.shape, dtype=torch.int64)
+    return torch.randn(batch_size, *spec.shape)
+
+
+def _trace_batch(module: nn.Module, inputs: list[GraphInput]) -> int:
+    """A batch size for tracing that equals no other dimension of the block.
+
+    Symbolic tracing gives equal sizes one symbol ("duck sizing"): a batch of 64 beside 64
+    channels would tie the batch axis to the channel count and the export would fix it.
+    """
+    sizes = {int(d) for t in [*module.parameters(), *module.buffers()] for d in t.shape}
+    sizes |= {int(d) for spec in inputs for d in spec.shape}
+    return next(b for b in range(11, 10_000) if b not in sizes)
+
+
+def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_names: list[str],
+             output_names: list[str], batched: int, where: str) -> onnx.ModelProto:
+    """Trace ``function`` into core ATen (batch axis symbolic in the first ``batched`` inputs) and export it."""
+    from torch.export import Dim
+
+    try:
+        with _quiet_exporter():
+            graph = make_fx(function, decomposition_table=decompositions(), tracing_mode="symbolic")(*args)
+            batch = Dim("batch", min=_MIN_BATCH)
+            dynamic = [{0: batch} if at < batched else None for at in range(len(args))]
+            # optimize=False: onnxscript 0.7.2's optimizer deletes Add(x, 1e-8) (AdamW's eps), and every
+            # update of a parameter without gradient became 0/0 = NaN; onnxruntime folds constants itself
+            program = torch.onnx.export(graph, tuple(args), dynamo=True, opset_version=OPSET, input_names=input_names,
+                                        output_names=output_names, dynamic_shapes=dynamic, optimize=False)
+    except Exception as exc:  # the tracer and the exporter raise many kinds; all mean "cannot export this"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{where}: the portable training graph cannot be built ({type(exc).__name__}: {first}); "
+                          "hint: replace the layer named there, or export without --portable to train with "
+                          "onnxruntime-training only") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "graph.onnx"
+        program.save(str(path))
+        model = onnx.load(str(path))
+    foreign = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise ExportError(f"{where}: the portable graph uses non-standard ops {foreign}; hint: replace the layers "
+                          "that need them, or export without --portable")
+    return model
+
+
+def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[tuple[str, str]], block_dir: Path,
+                    optimizer: OptimizerConfig, *, where: str) -> PortableSchema:
+    """Write the portable train and eval graphs and the initial state (``PORTABLE_FILES``) into ``block_dir``.
+
+    Returns the schema for the manifest; ``where`` names the block and its units in errors.
+    """
+    if optimizer.name not in ("adamw", "sgd"):
+        raise ExportError(f"unknown optimizer {optimizer.name!r}; choose adamw or sgd")
+    module = module.train()
+    params, others = state_of(module)
+    names_out = [name for name, _ in outputs]
+    examples = [_example(spec, _trace_batch(module, inputs)) for spec in inputs]
+    side_names = [spec.name for spec in inputs]
+    if len(side_names) != 2:
+        raise ExportError(f"{where}: a portable block takes a message and a side input, got {side_names}")
+    state: dict[str, np.ndarray] = {}
+    state |= {param_key(n): t.numpy() for n, t in params.items()}
+    state |= {buffer_key(n): t.numpy() for n, t in others.items()}
+    moments: dict[str, np.ndarray] = {}
+    if optimizer.name == "adamw":
+        moments |= {exp_avg_key(n): np.zeros_like(t.numpy()) for n, t in params.items()}
+        moments |= {exp_avg_sq_key(n): np.zeros_like(t.numpy()) for n, t in params.items()}
+    keys = [*state, *moments]
+    tensors = [torch.from_numpy(np.array(a)) for a in [*state.values(), *moments.values()]]
+
+    train = make_train_step(module, list(params), list(others), optimizer)
+    scalars = [torch.tensor(1e-3), torch.tensor(1.0)]
+    train_model = _to_onnx(train, [*examples, *scalars, *tensors], [*side_names, "lr", "step", *keys],
+                           [*names_out, *[NEXT + k for k in keys]], 2, where)
+    eval_module = module.eval()
+    evaluate = make_eval_step(eval_module, list(params), list(others))
+    eval_model = _to_onnx(evaluate, [*examples, *tensors[:len(state)]], [*side_names, *state],
+                          names_out, 2, where)
+    module.train()
+    onnx.save(train_model, str(block_dir / TRAIN_FILE))
+    onnx.save(eval_model, str(block_dir / EVAL_FILE))
+    save_state(block_dir / STATE_FILE, {**state, **moments})
+    schema = PortableSchema(parameters=list(params), buffers=list(others),
+                            optimizer_state=(["exp_avg", "exp_avg_sq"] if moments else []), opset=OPSET,
+                            num_state_bytes=int(sum(a.nbytes for a in [*state.values(), *moments.values()])))
+    return schema
