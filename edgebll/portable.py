@@ -24,7 +24,7 @@ from edgebll.manifest import (  # noqa: F401 (the portable contract, re-exported
     EVAL_FILE, NEXT, OPSET, PORTABLE_FILES, STATE_FILE, TRAIN_FILE, BlockManifest, PortableSchema, buffer_key,
     exp_avg_key, exp_avg_sq_key, load_block_manifest, param_key,
 )
-from edgebll.runner import TRAINED_DIR, StepResult, check_step_inputs, save_trained, session_options, verify_trained
+from edgebll.runner import TRAINED_DIR, RunnerBase, StepResult, save_trained, session_options, verify_trained
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -49,7 +49,7 @@ def load_state(path: Path, keys: list[str], where: str) -> dict[str, np.ndarray]
                             f"{path.parent / TRAINED_DIR} to start from the exported weights") from exc
 
 
-class PortableRunner:
+class PortableRunner(RunnerBase):
     """Train and evaluate one exported block with plain onnxruntime (the same interface as BlockRunner)."""
 
     backend = "portable"
@@ -101,24 +101,7 @@ class PortableRunner:
             raise ManifestError(f"{where}: {TRAIN_FILE} outputs {outputs[:len(names)]} and {len(outputs) - len(names)} "
                                 f"state tensors; the manifest says {names} and {len(self._keys)}; hint: re-export the run")
         self._names = names
-        roles = [t.role for t in self.manifest.outputs]
-        self._loss_at = roles.index("loss")
-        self._logits_at = roles.index("logits")
-        self._message_at = roles.index("message") if "message" in roles else None
-        self._metric_at = roles.index("metric") if "metric" in roles else None
-        self._inputs = self.manifest.inputs
-        if len(self._inputs) != 2:
-            raise ManifestError(f"{where}: expected 2 inputs (message and side input), the manifest lists "
-                                f"{[t.name for t in self._inputs]}")
-
-    @property
-    def index(self) -> int:
-        return self.manifest.index
-
-    @property
-    def name(self) -> str:
-        """"block k" or "feedback block k", for messages."""
-        return f"{'feedback ' if self.manifest.kind == 'feedback' else ''}block {self.index}"
+        self._read_roles()  # BatchNorm statistics come last among the outputs: the roles' positions hold
 
     def _run(self, session: Any, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
         """Run ``session`` on OrtValues; the block's own outputs come back on the CPU, the state stays on the device."""
@@ -131,7 +114,7 @@ class PortableRunner:
         return binding.get_outputs()
 
     def _feeds(self, x: np.ndarray, side: np.ndarray) -> dict[str, Any]:
-        check_step_inputs(self.name, self.block_dir, self._inputs, x, side)
+        self._check_inputs(x, side)
         return {self._inputs[0].name: self._ortvalue.ortvalue_from_numpy(x, self.device, 0),
                 self._inputs[1].name: self._ortvalue.ortvalue_from_numpy(side, self.device, 0)}
 
@@ -162,11 +145,6 @@ class PortableRunner:
         feeds = self._feeds(x, side) | {k: self.state[k] for k in self._model_keys}
         values = self._run(self.eval_session, feeds, self._names)
         return self._result(tuple(v.numpy() for v in values))
-
-    def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
-        message = outputs[self._message_at] if self._message_at is not None else None
-        metric = float(outputs[self._metric_at]) if self._metric_at is not None else None
-        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message, metric)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """A numpy copy of every state tensor, under its graph key (``param:NAME``, ``exp_avg:NAME``, …)."""

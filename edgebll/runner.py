@@ -38,7 +38,43 @@ class StepResult:
     """A reported, undifferentiated quantity (BLL: the KL between posterior and forward distribution)."""
 
 
-class BlockRunner:
+class RunnerBase:
+    """What both backends' runners share: the manifest's roles, the input checks, names and results."""
+
+    block_dir: Path
+    manifest: BlockManifest
+
+    def _read_roles(self) -> None:
+        """Where the loss, logits, message and metric are among the outputs; refuse anything but two inputs."""
+        roles = [t.role for t in self.manifest.outputs]
+        self._loss_at = roles.index("loss")
+        self._logits_at = roles.index("logits")
+        self._message_at = roles.index("message") if "message" in roles else None
+        self._metric_at = roles.index("metric") if "metric" in roles else None
+        self._inputs = self.manifest.inputs
+        if len(self._inputs) != 2:
+            raise ManifestError(f"{self.name} ({self.block_dir}): expected 2 inputs (message and side input), "
+                                f"the manifest lists {[t.name for t in self._inputs]}")
+
+    @property
+    def index(self) -> int:
+        return self.manifest.index
+
+    @property
+    def name(self) -> str:
+        """"block k" or "feedback block k", for messages."""
+        return f"{'feedback ' if self.manifest.kind == 'feedback' else ''}block {self.index}"
+
+    def _check_inputs(self, *arrays: np.ndarray) -> None:
+        check_step_inputs(self.name, self.block_dir, self._inputs, *arrays)
+
+    def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
+        message = outputs[self._message_at] if self._message_at is not None else None
+        metric = float(outputs[self._metric_at]) if self._metric_at is not None else None
+        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message, metric)
+
+
+class BlockRunner(RunnerBase):
     """Train and evaluate one exported block on this device with onnxruntime-training's API."""
 
     backend = "ort-training"
@@ -70,28 +106,8 @@ class BlockRunner:
         if names != expected:
             raise ManifestError(f"block {self.index} ({self.block_dir}): training graph outputs {names}, manifest says "
                                 f"{expected}; hint: re-export the run")
-        roles = [t.role for t in self.manifest.outputs]
-        self._loss_at = roles.index("loss")
-        self._logits_at = roles.index("logits")
-        self._message_at = roles.index("message") if "message" in roles else None
-        self._metric_at = roles.index("metric") if "metric" in roles else None
+        self._read_roles()
         self._stats = [(names.index(s.output), s) for s in self.manifest.bn_stats]
-        self._inputs = self.manifest.inputs
-        if len(self._inputs) != 2:
-            raise ManifestError(f"block {self.index} ({self.block_dir}): expected 2 inputs (message and side input), "
-                                f"the manifest lists {[t.name for t in self._inputs]}")
-
-    @property
-    def index(self) -> int:
-        return self.manifest.index
-
-    @property
-    def name(self) -> str:
-        """"block k" or "feedback block k", for messages."""
-        return f"{'feedback ' if self.manifest.kind == 'feedback' else ''}block {self.index}"
-
-    def _check_inputs(self, *arrays: np.ndarray) -> None:
-        check_step_inputs(self.name, self.block_dir, self._inputs, *arrays)
 
     def train_step(self, x: np.ndarray, side: np.ndarray, lr: float) -> StepResult:
         """One local step: forward, local loss, backward, optimizer update at learning rate ``lr``.
@@ -120,11 +136,6 @@ class BlockRunner:
         self._check_inputs(x, side)
         self.module.eval()
         return self._result(self.module(x, side))
-
-    def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
-        message = outputs[self._message_at] if self._message_at is not None else None
-        metric = float(outputs[self._metric_at]) if self._metric_at is not None else None
-        return StepResult(float(outputs[self._loss_at]), outputs[self._logits_at], message, metric)
 
     def _write_back_batchnorm(self, outputs: tuple[np.ndarray, ...], batch: int) -> None:
         """Copy the updated running statistics into the state (ORT would keep the old ones forever).
