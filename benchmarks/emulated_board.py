@@ -166,9 +166,10 @@ def compare(host_run: Path, board_run: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=512, help="training images (default: 512, 16 steps of 32)")
-    parser.add_argument("--eval-limit", type=int, default=1000, help="test images to evaluate (default: 1000)")
-    parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    # emulation runs a cnn-small block step in tens of seconds: the defaults keep the run to minutes
+    parser.add_argument("--limit", type=int, default=128, help="training images (default: 128, 8 steps of 16)")
+    parser.add_argument("--eval-limit", type=int, default=256, help="test images to evaluate (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
     parser.add_argument("--data-dir", default=os.environ.get("EDGEBLL_DATA_DIR", str(DEFAULT_DATA)))
     parser.add_argument("--root", default=os.environ.get("EDGEBLL_ARM64_ROOT",
                                                          str(Path.home() / ".cache" / "edgebll" / "arm64-bookworm")),

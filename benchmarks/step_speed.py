@@ -232,9 +232,10 @@ def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: 
         x = rng.standard_normal((args.batch_size, *input_shape), dtype=np.float32)
         labels = rng.integers(0, spec.num_classes, size=args.batch_size, dtype=np.int64)
         peaks = {}
+        baseline = measure_baseline() if args.memory else None
         for backend in ("ort-training", "portable") if args.memory else ():
             progress.set_postfix_str(f"{name} block {k}: peak memory, {backend}")
-            measured = measure_block(run_dir / block_dir_name(k), measure_baseline(backend=backend), steps=4,
+            measured = measure_block(run_dir / block_dir_name(k), baseline, steps=4,
                                      threads=1, backend=backend)
             peaks[backend] = round(measured.peak_rss_bytes / 2**20, 1)
         for threads in args.threads:

@@ -61,17 +61,16 @@ def _status() -> dict[str, int]:
     return values
 
 
-def _import_runtime(backend: str = "auto") -> None:
-    """What both the baseline child and a block child import before anything is measured (``backend``: the
-    training API, or plain onnxruntime for the portable graphs)."""
+def _import_runtime() -> None:
+    """What both the baseline child and a block child import before anything is measured."""
     import numpy  # noqa: F401
 
     from edgebll import codec  # noqa: F401
     from edgebll.backends import open_block  # noqa: F401
     from edgebll.ort_training import training_api, training_available
 
-    if backend == "ort-training" or (backend == "auto" and training_available()):
-        training_api()
+    if training_available():  # also for the portable backend: without the torch-free shim, the training
+        training_api()         # build's onnxruntime/__init__ imports torch (+250 MB that a board never pays)
     import onnxruntime  # noqa: F401
 
 
@@ -99,7 +98,7 @@ def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_
                  save: bool, mode: str = "train", backend: str = "auto") -> dict[str, Any]:
     """Train ``block_dir`` for ``steps`` steps as a device would (``mode`` "eval": run its eval graph
     instead, as ``edgebll eval`` does); returns the measurements."""
-    _import_runtime(backend)
+    _import_runtime()
     imported = _status()
     from edgebll import codec as message_codec
     from edgebll.backends import open_block
@@ -150,7 +149,7 @@ def _child_main(args: argparse.Namespace) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (args.cap, args.cap))
     try:
         if args.what == "baseline":
-            _import_runtime(args.backend)
+            _import_runtime()
             result: dict[str, Any] = {"status": _status()}
         else:
             result = _train_child(args.block, steps=args.steps, threads=args.threads, codec=args.codec,
@@ -224,9 +223,9 @@ def _result(done: subprocess.CompletedProcess[str], what: str) -> dict[str, Any]
     return json.loads(lines[-1])
 
 
-def measure_baseline(*, timeout: float = 300, backend: str = "auto") -> Baseline:
+def measure_baseline(*, timeout: float = 300) -> Baseline:
     """Peak memory of an idle child with the runtime imported, measured as the blocks are."""
-    status = _result(_run_child(["baseline", "--backend", backend], cap=None, timeout=timeout), "the idle baseline")["status"]
+    status = _result(_run_child(["baseline"], cap=None, timeout=timeout), "the idle baseline")["status"]
     return Baseline(rss_bytes=status["VmHWM"], virtual_bytes=status["VmPeak"])
 
 
@@ -317,7 +316,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
     if bp_run is not None and len(bp_dirs) != 1:
         raise EdgeBLLError(f"--bp-run {bp_run}: expected a bp run (one block), found {len(bp_dirs)} blocks; hint: "
                            "edgebll export --method bp --blocks 1 --model <same model> --batch-size <same>")
-    baseline = measure_baseline(backend=backend)
+    baseline = measure_baseline()
     allowance = device.budget_bytes - baseline.rss_bytes
     if allowance <= 0:
         raise EdgeBLLError(f"device {device.name}: budget {device.budget_bytes} bytes is less than the idle runtime "
@@ -522,9 +521,7 @@ def _child_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edgebll.profiler child",
                                      description="One measurement in this process (used by `edgebll profile`).")
     sub = parser.add_subparsers(dest="what", required=True)
-    baseline = sub.add_parser("baseline", help="import the runtime and report memory")
-    baseline.add_argument("--cap", type=int, default=None)
-    baseline.add_argument("--backend", default="auto")
+    sub.add_parser("baseline", help="import the runtime and report memory").add_argument("--cap", type=int, default=None)
     p = sub.add_parser("block", help="train one block for a few steps and report memory and step time")
     p.add_argument("block")
     p.add_argument("--steps", type=int, default=5)
