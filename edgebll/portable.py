@@ -20,10 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
-from edgebll.manifest import (  # noqa: F401 (the portable contract, re-exported for the exporter)
-    EVAL_FILE, NEXT, OPSET, PORTABLE_FILES, STATE_FILE, TRAIN_FILE, BlockManifest, PortableSchema, buffer_key,
-    exp_avg_key, exp_avg_sq_key, load_block_manifest, param_key,
-)
+from edgebll.manifest import EVAL_FILE, NEXT, STATE_FILE, TRAIN_FILE, BlockManifest, load_block_manifest
 from edgebll.runner import TRAINED_DIR, RunnerBase, StepResult, save_trained, session_options, verify_trained
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
