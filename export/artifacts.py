@@ -64,7 +64,8 @@ class GraphInput:
     role: str
 
 
-def _example(spec: GraphInput, batch_size: int) -> torch.Tensor:
+def example_input(spec: GraphInput, batch_size: int) -> torch.Tensor:
+    """An example tensor of ``spec`` at ``batch_size`` for tracing (zeros for integer inputs)."""
     if spec.dtype == "int64":
         return torch.zeros(batch_size, *spec.shape, dtype=torch.int64)
     return torch.randn(batch_size, *spec.shape)
@@ -95,7 +96,7 @@ def export_training_onnx(module: nn.Module, inputs: list[GraphInput], outputs: l
 
     ``outputs`` are (name, role) pairs in the module's return order; the first must be the loss.
     """
-    examples = tuple(_example(spec, batch_size) for spec in inputs)
+    examples = tuple(example_input(spec, batch_size) for spec in inputs)
     spatial = _bn_spatial_sizes(module, examples)
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     # The exporter runs one train-mode forward, which moves BatchNorm statistics: export a copy.

@@ -40,7 +40,7 @@ from edgebll.manifest import (
 )
 from edgebll.portable import save_state
 
-from .artifacts import GraphInput, OptimizerConfig
+from .artifacts import GraphInput, OptimizerConfig, example_input
 
 aten = torch.ops.aten
 
@@ -173,12 +173,6 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _example(spec: GraphInput, batch_size: int) -> torch.Tensor:
-    if spec.dtype == "int64":
-        return torch.zeros(batch_size, *spec.shape, dtype=torch.int64)
-    return torch.randn(batch_size, *spec.shape)
-
-
 def _trace_batch(module: nn.Module, inputs: list[GraphInput]) -> int:
     """A batch size for tracing that equals no other dimension of the block.
 
@@ -231,7 +225,7 @@ def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[t
     module = module.train()
     params, others = state_of(module)
     names_out = [name for name, _ in outputs]
-    examples = [_example(spec, _trace_batch(module, inputs)) for spec in inputs]
+    examples = [example_input(spec, _trace_batch(module, inputs)) for spec in inputs]
     side_names = [spec.name for spec in inputs]
     if len(side_names) != 2:
         raise ExportError(f"{where}: a portable block takes a message and a side input, got {side_names}")
