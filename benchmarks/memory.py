@@ -75,10 +75,10 @@ print(json.dumps(_train_child(sys.argv[1], steps=int(sys.argv[4]), threads=int(s
 
 
 def measure(folder: Path, baseline: Baseline, *, pattern: bool | None, steps: int, threads: int,
-            batch: int | None = None) -> tuple[int, float, int]:
-    """(resident peak above the idle child, step ms, virtual peak); ``pattern`` None: BlockRunner as it is."""
+            batch: int | None = None, backend: str = "ort-training") -> tuple[int, float, int]:
+    """(resident peak above the idle child, step ms, virtual peak); ``pattern`` None: the runner as it is."""
     if pattern is None:
-        m = measure_block(folder, baseline, steps=steps, threads=threads, batch_size=batch)
+        m = measure_block(folder, baseline, steps=steps, threads=threads, batch_size=batch, backend=backend)
         return m.measured_peak_bytes, m.step_ms, m.peak_virtual_bytes
     command = [sys.executable, "-c", _PATTERN_CHILD, str(folder), str(batch or 0), "on" if pattern else "off",
                str(steps), str(threads)]
@@ -96,17 +96,19 @@ def _known_bytes(estimate: memory.MemoryEstimate) -> int:
     return estimate.parameters + estimate.gradients + estimate.optimizer_state + estimate.messages
 
 
-def runtime_constant(runs: list[Path], baseline: Baseline, *, steps: int, threads: int) -> dict:
+def runtime_constant(runs: list[Path], baseline: Baseline, *, steps: int, threads: int,
+                     backend: str = "ort-training") -> dict:
     """ORT's own memory: what the blocks of tiny models measure beyond everything the graph accounts for."""
     from edgebll.profiler import _block_dirs
 
     pattern = memory.runner_uses_memory_pattern()
-    slope = 1 + memory.ARENA_OVERHEAD + (memory.PATTERN_COPY if pattern else 0)  # tiny activations: hardly matters
+    arena = memory.PORTABLE_ARENA_OVERHEAD if backend == "portable" else memory.ARENA_OVERHEAD
+    slope = 1 + arena + (memory.PATTERN_COPY if pattern else 0)  # tiny activations: hardly matters
     points = []
     for run in runs:
         for folder in _block_dirs(run):
-            estimate = memory.estimate_peak_bytes(folder)
-            measured, _, _ = measure(folder, baseline, pattern=None, steps=steps, threads=threads)
+            estimate = memory.estimate_peak_bytes(folder, backend=backend)
+            measured, _, _ = measure(folder, baseline, pattern=None, steps=steps, threads=threads, backend=backend)
             points.append({"block": str(folder.relative_to(run.parent)), "measured_bytes": measured,
                            "known_bytes": _known_bytes(estimate), "activations_bytes": estimate.activations,
                            "runtime_bytes": int(measured - _known_bytes(estimate) - slope * estimate.activations)})
@@ -114,14 +116,16 @@ def runtime_constant(runs: list[Path], baseline: Baseline, *, steps: int, thread
     return {"points": points, "runtime_bytes": int(np.median([p["runtime_bytes"] for p in points]))}
 
 
-def calibrate(run: Path, baseline: Baseline, *, runtime: int, pattern: bool, steps: int, threads: int) -> dict:
+def calibrate(run: Path, baseline: Baseline, *, runtime: int, pattern: bool | None, steps: int, threads: int,
+              backend: str = "ort-training") -> dict:
     """Fit slope * activations to what the measurements leave after the exact parts and the runtime."""
     points = []
     for k in range(BLOCKS):
         for batch in CALIBRATION_BATCHES:
             folder = run / block_dir_name(k)
-            estimate = memory.estimate_peak_bytes(folder, batch)
-            measured, _, _ = measure(folder, baseline, pattern=pattern, steps=steps, threads=threads, batch=batch)
+            estimate = memory.estimate_peak_bytes(folder, batch, backend=backend)
+            measured, _, _ = measure(folder, baseline, pattern=pattern, steps=steps, threads=threads, batch=batch,
+                                     backend=backend)
             points.append({"block": k, "batch_size": batch, "measured_bytes": measured,
                            "known_bytes": _known_bytes(estimate), "activations_bytes": estimate.activations})
             print(f"  calibration (pattern {'on' if pattern else 'off'}) block {k} batch {batch}: "
@@ -138,13 +142,14 @@ def calibrate(run: Path, baseline: Baseline, *, runtime: int, pattern: bool, ste
 
 
 def validate(run: Path, baseline: Baseline, *, label: str, pattern: bool | None, steps: int, threads: int,
-             blocks: int) -> list[dict]:
+             blocks: int, backend: str = "ort-training") -> list[dict]:
     rows = []
     uses = memory.runner_uses_memory_pattern() if pattern is None else pattern
     for k in range(blocks):
         folder = run / block_dir_name(k)
-        estimate = memory.estimate_peak_bytes(folder, memory_pattern=uses)
-        measured, step_ms, virtual = measure(folder, baseline, pattern=pattern, steps=steps, threads=threads)
+        estimate = memory.estimate_peak_bytes(folder, memory_pattern=uses, backend=backend)
+        measured, step_ms, virtual = measure(folder, baseline, pattern=pattern, steps=steps, threads=threads,
+                                             backend=backend)
         rows.append({"run": label, "block": k, "memory_pattern": uses, "through": "profiler" if pattern is None else
                      "pattern child", "measured_bytes": measured, "estimated_bytes": estimate.total,
                      "estimate": estimate.to_dict(), "error_percent": round(100 * (estimate.total / measured - 1), 1),
@@ -188,15 +193,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="ORT threads (default: 1, steadier on a shared CPU)")
     parser.add_argument("--no-address-space", action="store_true", help="skip the RLIMIT_AS bisection")
     parser.add_argument("--no-calibration", action="store_true", help="skip the batch-size sweep")
+    parser.add_argument("--backend", choices=("ort-training", "portable"), default="ort-training",
+                        help="the runtime measured: portable calibrates PORTABLE_RUNTIME_BYTES and "
+                             "PORTABLE_ARENA_OVERHEAD (memory pattern as the runner sets it, no address-space "
+                             "search) and writes memory_portable.json/.md (default: ort-training)")
     args = parser.parse_args()
+    portable = args.backend == "portable"
 
     info = machine_info()
     baseline = measure_baseline()
     runner_pattern = memory.runner_uses_memory_pattern()
     result: dict = {"machine": info, "baseline": {"rss_bytes": baseline.rss_bytes,
                                                   "virtual_bytes": baseline.virtual_bytes},
+                    "backend": args.backend,
                     "constants": {"RUNTIME_BYTES": memory.RUNTIME_BYTES, "ARENA_OVERHEAD": memory.ARENA_OVERHEAD,
-                                  "PATTERN_COPY": memory.PATTERN_COPY},
+                                  "PATTERN_COPY": memory.PATTERN_COPY,
+                                  "PORTABLE_RUNTIME_BYTES": memory.PORTABLE_RUNTIME_BYTES,
+                                  "PORTABLE_ARENA_OVERHEAD": memory.PORTABLE_ARENA_OVERHEAD},
                     "runner_memory_pattern": runner_pattern, "threads": args.threads, "steps": args.steps,
                     "calibration": {}, "validation": [], "address_space": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,21 +220,25 @@ def main() -> int:
                                                batch_size=BATCH, progress=False)
         if not args.no_calibration:
             tiny = [_export_tiny(Path(tmp) / f"tiny-{method}", method) for method in ("bwbpf", "bll")]
-            runtime = runtime_constant(tiny, baseline, steps=args.steps, threads=args.threads)
+            runtime = runtime_constant(tiny, baseline, steps=args.steps, threads=args.threads, backend=args.backend)
             fits = {pattern: calibrate(runs[CALIBRATION_MODEL], baseline, runtime=runtime["runtime_bytes"],
-                                       pattern=pattern, steps=args.steps, threads=args.threads)
-                    for pattern in (True, False)}
+                                       pattern=pattern, steps=args.steps, threads=args.threads, backend=args.backend)
+                    for pattern in ((None,) if portable else (True, False))}
             result["calibration"] = {
+                "runtime": runtime, "pattern_off": fits[None], "runtime_bytes": runtime["runtime_bytes"],
+                "arena_overhead": round(fits[None]["slope"] - 1, 3),
+            } if portable else {
                 "runtime": runtime, "pattern_on": fits[True], "pattern_off": fits[False],
                 "runtime_bytes": runtime["runtime_bytes"],
                 "arena_overhead": round(fits[False]["slope"] - 1, 3),
                 "pattern_copy": round(fits[True]["slope"] - fits[False]["slope"], 3),
             }
         for label, run in runs.items():
-            for pattern in (None, not runner_pattern):
+            for pattern in (None,) if portable else (None, not runner_pattern):
                 result["validation"] += validate(run, baseline, label=label, pattern=pattern, steps=args.steps,
-                                                 threads=args.threads, blocks=1 if label.endswith(" bp") else BLOCKS)
-        if not args.no_address_space:
+                                                 threads=args.threads, blocks=1 if label.endswith(" bp") else BLOCKS,
+                                                 backend=args.backend)
+        if not args.no_address_space and not portable:
             for row in result["validation"]:
                 if row["run"].endswith(" bp") or row["through"] != "profiler" or row["block"] not in (0, BLOCKS - 1):
                     continue
@@ -231,11 +248,22 @@ def main() -> int:
                 result["address_space"].append({"run": row["run"], **found})
                 print(f"  smallest cap {row['run']} block {row['block']}: x{found['factor']}", file=sys.stderr)
 
-    setting = (f"Machine: {describe_machine(info)}. Batch {BATCH}, int8 messages, {args.steps} steps, "
+    setting = (f"Machine: {describe_machine(info)}. Backend {args.backend}. Batch {BATCH}, int8 messages, "
+               f"{args.steps} steps, "
                f"{args.threads} ORT thread(s); memory above an idle interpreter with ORT imported "
-               f"({baseline.rss_bytes / MIB:.1f} MiB resident). Command: `python benchmarks/memory.py`.")
+               f"({baseline.rss_bytes / MIB:.1f} MiB resident). Command: `python benchmarks/memory.py"
+               f"{' --backend portable' if portable else ''}`.")
     lines = ["# Peak training memory per block: estimate vs measurement", "", setting, ""]
-    if result["calibration"]:
+    if result["calibration"] and portable:
+        c, off = result["calibration"], result["calibration"]["pattern_off"]
+        lines += [(f"Calibration: runtime {c['runtime_bytes'] / MIB:.1f} MiB (median over "
+                   f"{len(c['runtime']['points'])} tiny blocks); {CALIBRATION_MODEL}, {BLOCKS} blocks, batch "
+                   f"{', '.join(map(str, CALIBRATION_BATCHES))}: {off['slope']:.3f} x activations (largest misfit "
+                   f"{off['misfit_max_bytes'] / MIB:.1f} MiB, {off['misfit_max_percent']} %). So "
+                   f"PORTABLE_RUNTIME_BYTES {c['runtime_bytes'] / MIB:.1f} MiB, PORTABLE_ARENA_OVERHEAD "
+                   f"{c['arena_overhead']:.2f}; edgebll/memory.py has {memory.PORTABLE_RUNTIME_BYTES / MIB:.1f} MiB, "
+                   f"{memory.PORTABLE_ARENA_OVERHEAD}."), ""]
+    elif result["calibration"]:
         c = result["calibration"]
         on, off = c["pattern_on"], c["pattern_off"]
         lines += [(f"Calibration: runtime {c['runtime_bytes'] / MIB:.1f} MiB (median over "
@@ -246,7 +274,7 @@ def main() -> int:
                   f"{off['misfit_max_percent']} %). So RUNTIME_BYTES {c['runtime_bytes'] / MIB:.1f} MiB, "
                   f"ARENA_OVERHEAD {c['arena_overhead']:.2f}, PATTERN_COPY {c['pattern_copy']:.2f}; edgebll/memory.py "
                   f"has {memory.RUNTIME_BYTES / MIB:.1f} MiB, {memory.ARENA_OVERHEAD}, {memory.PATTERN_COPY}."), ""]
-    lines.append(f"BlockRunner runs ORT with the memory pattern {'on' if runner_pattern else 'off'}; rows marked "
+    lines.append(f"The runners run ORT with the memory pattern {'on' if runner_pattern else 'off'}; rows marked "
                  "'pattern child' set it the other way.")
     lines.append("")
     lines.append(markdown_table(
@@ -262,7 +290,7 @@ def main() -> int:
                                  [[a["run"], Path(a["block"]).name, f"{a['resident_above_idle_bytes'] / MIB:.1f}",
                                    f"{a['cap_above_idle_virtual_bytes'] / MIB:.1f}", f"{a['factor']:.2f}"]
                                   for a in result["address_space"]], "llrrr")]
-    json_path, md_path = write_results("memory", result, "\n".join(lines))
+    json_path, md_path = write_results("memory_portable" if portable else "memory", result, "\n".join(lines))
     print(f"wrote {json_path} and {md_path}")
     return 0
 

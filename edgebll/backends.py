@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Union
 
 from edgebll.errors import EdgeBLLError
-from edgebll.manifest import load_block_manifest
+from edgebll.manifest import STATE_FILE, load_block_manifest
 from edgebll.ort_training import training_available
 from edgebll.portable import PROVIDERS, PortableRunner
-from edgebll.runner import BlockRunner
+from edgebll.runner import TRAINED_DIR, BlockRunner
+
+TRAINED_STATE = {"ort-training": "checkpoint", "portable": STATE_FILE}
+"""Each backend's trained state in a block's ``trained/`` (one at a time: a save removes the other's)."""
 
 BACKENDS = ("auto", "ort-training", "portable")
 Runner = Union[BlockRunner, PortableRunner]
@@ -40,11 +43,36 @@ def resolve_backend(backend: str, offered: list[str], *, provider: str = "cpu", 
     return backend
 
 
+def trained_backend(block_dir: str | os.PathLike) -> str | None:
+    """The backend whose trained state ``block_dir/trained/`` holds (None: not trained yet)."""
+    found = [name for name, file in TRAINED_STATE.items() if (Path(block_dir) / TRAINED_DIR / file).is_file()]
+    if len(found) > 1:  # only a save interrupted between its rename and the clean-up leaves both
+        found.sort(key=lambda name: (Path(block_dir) / TRAINED_DIR / TRAINED_STATE[name]).stat().st_mtime)
+    return found[-1] if found else None
+
+
 def open_block(block_dir: str | os.PathLike, *, backend: str = "auto", provider: str = "cpu", threads: int = 0,
                verify_files: bool = True, load_trained: bool = True) -> Runner:
-    """A runner for the block in ``block_dir`` on ``backend`` ("auto", "ort-training" or "portable")."""
+    """A runner for the block in ``block_dir`` on ``backend`` ("auto", "ort-training" or "portable").
+
+    With ``load_trained``, a trained block continues on the backend that trained it: "auto" picks
+    that one, and another backend is refused (its state would silently start from the exported
+    weights). ``load_trained=False`` (``--restart``) may switch.
+    """
     manifest = load_block_manifest(block_dir, verify_files=False)  # the runner verifies the files it loads
-    chosen = resolve_backend(backend, manifest.backends(), provider=provider, where=f"{Path(block_dir)}")
+    where = f"{Path(block_dir)}"
+    trained = trained_backend(block_dir) if load_trained else None
+    if trained is not None and backend in ("auto", trained):
+        backend = trained
+    elif trained is not None:
+        raise EdgeBLLError(f"{where} was trained on the {trained} backend ({TRAINED_DIR}/{TRAINED_STATE[trained]}); "
+                           f"--backend {backend} cannot continue from that state; hint: --backend {trained} (or "
+                           "auto), or --restart to train again from the exported weights")
+    if trained == "ort-training" and not training_available():
+        raise EdgeBLLError(f"{where} was trained with onnxruntime-training ({TRAINED_DIR}/checkpoint), which this "
+                           "machine does not have; hint: continue on a machine that has it, or --restart to train "
+                           "again here on the portable backend from the exported weights")
+    chosen = resolve_backend(backend, manifest.backends(), provider=provider, where=where)
     if chosen == "portable":
         return PortableRunner(block_dir, threads=threads, verify_files=verify_files, load_trained=load_trained,
                               provider=provider)

@@ -29,11 +29,14 @@ block: ``benchmarks/memory.py`` takes the first from the blocks of a tiny model 
 from batch-size sweeps of one model (cnn-small) with the memory pattern on and off, and writes
 ``benchmarks/results/memory.json``. Everything else comes from the graph.
 
+The portable backend (``backend="portable"``) is estimated from ``portable_train.onnx`` the same
+way: ``parameters`` and ``optimizer_state`` are the state it is fed, ``gradients`` is 0 (they are
+transient tensors of the one graph, inside ``activations``), and ``activations`` include the next
+state the graph returns while the current one is still held.
+
 Needs the ``onnx`` package (imported here, when an estimate is made); it comes with
 onnxruntime-training as a dependency on the host; a board with plain onnxruntime installs it for
-estimates (``pip install onnx``). The estimate reads the training build's graph: for the portable
-backend it is the same model's memory as ORT's training session plans it, not yet the portable
-graph's own.
+estimates (``pip install onnx``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebll.errors import EdgeBLLError, ManifestError
-from edgebll.manifest import MANIFEST_NAME, BlockManifest, load_block_manifest
+from edgebll.manifest import MANIFEST_NAME, TRAIN_FILE, BlockManifest, load_block_manifest
 
 RUNTIME_BYTES = int(11.8 * 2**20)
 """ONNX Runtime's own memory for one block: three sessions (training, eval, optimizer) and the
@@ -61,9 +64,18 @@ PATTERN_COPY = 0.89
 """What ORT's memory pattern adds, as a fraction of the activations' peak: the difference of the
 calibration slopes with the pattern on and off (benchmarks/results/memory.json)."""
 
+PORTABLE_RUNTIME_BYTES = int(13.9 * 2**20)
+"""RUNTIME_BYTES of the portable backend: two inference sessions of the standard-op graphs
+(benchmarks/results/memory_portable.json, calibration.runtime_bytes)."""
+
+PORTABLE_ARENA_OVERHEAD = 0.46
+"""ARENA_OVERHEAD of the portable backend (benchmarks/results/memory_portable.json)."""
+
 _ACCUMULATION_SUFFIX = "_grad.accumulation.buffer"
 _ALIASING_OPS = {"InPlaceAccumulatorV2"}
 """Ops whose output is their first input, updated in place (no new memory)."""
+_VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+"""Ops whose output shares its first input's buffer (onnxruntime declares them aliasing)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -110,7 +122,7 @@ class _GraphMemory:
 def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None, *, codec: str = "int8",
                         codec_backend: str = "auto", memory_pattern: bool | None = None,
                         manifest: BlockManifest | None = None, in_flight: int = 0,
-                        validation: bool = False) -> MemoryEstimate:
+                        validation: bool = False, backend: str = "ort-training") -> MemoryEstimate:
     """Estimate the peak memory of training the block in ``block`` (its folder or its manifest.json).
 
     ``batch_size`` defaults to the one it was exported with. ``codec`` is the message codec
@@ -122,6 +134,7 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
     that many frames (with their envelopes) besides the ones counted in ``messages`` (0: in process).
     ``validation``: the MPI run validates (``--val-split``), so a forward block's links have a
     second ring of that many frames, for the held-out batches (the same batch size).
+    ``backend``: "ort-training" reads training_model.onnx, "portable" portable_train.onnx.
     """
     block_dir = Path(block)
     if block_dir.name == MANIFEST_NAME:
@@ -133,20 +146,33 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
         raise EdgeBLLError(f"batch size must be at least 1, got {batch}")
     if memory_pattern is None:
         memory_pattern = runner_uses_memory_pattern()
-    graph = _graph_memory(block_dir / "training_model.onnx", manifest, batch)
-    adamw = str(manifest.optimizer.get("type", "adamw")).lower() == "adamw"
-    arena = (ARENA_OVERHEAD + (PATTERN_COPY if memory_pattern else 0.0)) * graph.peak
+    if backend == "portable":
+        if manifest.portable is None:
+            raise ManifestError(f"block {manifest.index}: exported without portable graphs; hint: re-export the run "
+                                "with --portable (the default)")
+        graph = _graph_memory(block_dir / TRAIN_FILE, manifest, batch,
+                              optimizer_keys=frozenset(manifest.portable.state_keys()[len(manifest.portable.model_keys()):]))
+        optimizer_state = graph.gradients  # the AdamW moments it is fed (none for SGD)
+        graph.gradients = 0
+    elif backend == "ort-training":
+        graph = _graph_memory(block_dir / "training_model.onnx", manifest, batch)
+        adamw = str(manifest.optimizer.get("type", "adamw")).lower() == "adamw"
+        optimizer_state = 2 * graph.gradients if adamw else 0
+    else:
+        raise EdgeBLLError(f"unknown backend {backend!r}; choose 'ort-training' or 'portable'")
+    overhead = PORTABLE_ARENA_OVERHEAD if backend == "portable" else ARENA_OVERHEAD
+    arena = (overhead + (PATTERN_COPY if memory_pattern else 0.0)) * graph.peak
     return MemoryEstimate(
         batch_size=batch,
         parameters=graph.parameters,
         gradients=graph.gradients,
-        optimizer_state=2 * graph.gradients if adamw else 0,
+        optimizer_state=optimizer_state,
         activations=graph.peak,
         allocator=int(arena),
         messages=message_bytes(manifest, batch, codec=codec, backend=codec_backend)
         + in_flight * link_frame_bytes(manifest, batch, codec=codec)
         * (2 if validation and getattr(manifest, "kind", "forward") == "forward" else 1),
-        runtime=RUNTIME_BYTES,
+        runtime=PORTABLE_RUNTIME_BYTES if backend == "portable" else RUNTIME_BYTES,
         saved_for_backward=graph.saved,
         guessed_shapes=tuple(graph.guessed),
     )
@@ -225,8 +251,13 @@ def _import_onnx() -> Any:
     return onnx
 
 
-def _graph_memory(path: Path, manifest: BlockManifest, batch: int) -> _GraphMemory:
-    """Parameters, gradient buffers and the liveness peak of the training graph at ``batch``."""
+def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
+                  optimizer_keys: frozenset[str] | None = None) -> _GraphMemory:
+    """Parameters, gradient buffers and the liveness peak of the training graph at ``batch``.
+
+    ``optimizer_keys``: a portable graph's optimizer-state inputs, counted in ``gradients`` (the
+    caller moves them; the portable graph has no gradient buffers).
+    """
     onnx = _import_onnx()
     if not path.is_file():
         raise ManifestError(f"block {manifest.index}: {path} is missing; hint: re-export the run")
@@ -241,20 +272,26 @@ def _graph_memory(path: Path, manifest: BlockManifest, batch: int) -> _GraphMemo
 
     result = _GraphMemory(guessed=guessed)
     for tensor in graph.input:
-        if tensor.name in fed or tensor.name not in shapes:
-            continue
-        if tensor.name.endswith(_ACCUMULATION_SUFFIX):
+        if tensor.name in fed or tensor.name not in shapes or (optimizer_keys is not None and ":" not in tensor.name):
+            continue  # (a portable graph's other inputs are lr and step, scalars)
+        if tensor.name.endswith(_ACCUMULATION_SUFFIX) or (optimizer_keys is not None and tensor.name in optimizer_keys):
             result.gradients += nbytes(tensor.name)
         elif tensor.name != "lazy_reset_grad":  # a flag input of ORT's, not a parameter
             result.parameters += nbytes(tensor.name)
 
     nodes = _execution_order(list(graph.node))
+    # a view op's output is its input's buffer (onnxruntime's kernels alias them): the buffer lives
+    # until the last use of any of its views, and costs nothing more
+    root: dict[str, str] = {}
+    for node in nodes:
+        if node.op_type in _VIEW_OPS and node.input and node.input[0]:
+            root[node.output[0]] = root.get(node.input[0], node.input[0])
     last_use: dict[str, int] = {}
     for at, node in enumerate(nodes):
         for name in node.input:
             if name:
-                last_use[name] = at
-    outputs = {o.name for o in graph.output}
+                last_use[root.get(name, name)] = at
+    outputs = {root.get(o.name, o.name) for o in graph.output}
     backward = next((at for at, n in enumerate(nodes) if any(name.endswith("_grad") for name in n.input)), len(nodes))
     live: dict[str, int] = {}
     in_use = peak = 0
@@ -263,11 +300,11 @@ def _graph_memory(path: Path, manifest: BlockManifest, batch: int) -> _GraphMemo
             result.saved = sum(size for name, size in live.items() if last_use.get(name, -1) >= backward)
         if node.op_type not in _ALIASING_OPS:
             for name in node.output:
-                if name and name not in live:
+                if name and name not in live and name not in root:
                     live[name] = nbytes(name)
                     in_use += live[name]
         peak = max(peak, in_use)
-        for name in node.input:
+        for name in {root.get(n, n) for n in node.input}:
             if name in live and last_use[name] == at and name not in outputs:
                 in_use -= live.pop(name)
     result.peak = peak
@@ -309,7 +346,7 @@ def _infer_shapes(onnx: Any, model: Any, batch: int) -> tuple[dict[str, tuple[li
     guessed: list[str] = []
     for _ in range(64):  # each round resolves at least one more tensor; graphs need a handful
         try:
-            inferred = shape_inference.infer_shapes(work, strict_mode=False)
+            inferred = shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
         except Exception as exc:  # onnx raises its own InferenceError subclasses, not EdgeBLLErrors
             raise EdgeBLLError(f"ONNX shape inference failed on the training graph: {exc}") from exc
         for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):

@@ -91,6 +91,9 @@ class PortableRunner(RunnerBase):
         self._model_keys = schema.model_keys()
         arrays = load_state(state_file, self._keys, where)
         self.state = {k: onnxruntime.OrtValue.ortvalue_from_numpy(a, self.device, 0) for k, a in arrays.items()}
+        self._spare: dict[str, Any] = {}
+        """Where the next step writes the next state: the state before the last step (two sets in turn, so
+        no step allocates the state anew: per-step allocations fragmented ORT's arena by tens of MiB)."""
         self._ortvalue = onnxruntime.OrtValue
         outputs = [o.name for o in self.train_session.get_outputs()]
         names = [t.name for t in self.manifest.outputs if t.role != "bn_stat"]
@@ -101,12 +104,17 @@ class PortableRunner(RunnerBase):
         self._read_roles()  # BatchNorm statistics come last among the outputs: the roles' positions hold
 
     def _run(self, session: Any, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
-        """Run ``session`` on OrtValues; the block's own outputs come back on the CPU, the state stays on the device."""
+        """Run ``session`` on OrtValues; the block's own outputs come back on the CPU, the state stays on the
+        device (written into ``_spare`` where it has a tensor of that key)."""
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
         for name in outputs:
-            binding.bind_output(name, self.device if name.startswith(NEXT) else "cpu")
+            spare = self._spare.get(name[len(NEXT):]) if name.startswith(NEXT) else None
+            if spare is not None:
+                binding.bind_ortvalue_output(name, spare)
+            else:
+                binding.bind_output(name, self.device if name.startswith(NEXT) else "cpu")
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -133,7 +141,12 @@ class PortableRunner(RunnerBase):
             raise TrainingError(f"{self.name}: local loss is {loss} at step {self.progress['step']} "
                                 f"(epoch {self.progress['epoch']}); stopped before the optimizer step; "
                                 "hint: lower the learning rate (--lr)")
-        self.state = dict(zip(self._keys, values[len(self._names):]))
+        # a key written into a spare tensor keeps that very object: the values ORT hands back for it
+        # do not own the memory (a numpy-backed spare would be freed under them)
+        updated = {k: self._spare.get(k, v) for k, v in zip(self._keys, values[len(self._names):])}
+        # the old state becomes the next step's output buffers, where its shapes are the graph's
+        self._spare = {k: v for k, v in self.state.items() if v.shape() == updated[k].shape()}
+        self.state = updated
         self.progress["step"] += 1
         return self._result(outputs)
 
@@ -160,5 +173,29 @@ class PortableRunner(RunnerBase):
                             lambda tmp: save_state(tmp, arrays))
 
     def export_for_inference(self, path: str | os.PathLike) -> Path:
-        raise EdgeBLLError(f"{self.name}: export-inference needs the training build (--backend ort-training) or the "
-                           "host's `edgebll export-inference`; the portable backend cannot write ONNX models yet")
+        """A plain ONNX inference model (input ``x``; outputs ``logits`` and, but for the last block, ``y``).
+
+        The portable eval graph with the current weights and BatchNorm statistics baked in as
+        initializers, pruned to what those outputs need. Needs the ``onnx`` package (a board without
+        it: ``pip install onnx``).
+        """
+        try:
+            import onnx
+            from onnx import numpy_helper, utils
+        except ImportError as exc:
+            raise EdgeBLLError(f"{self.name}: writing an inference model needs the onnx package ({exc}); hint: "
+                               "pip install onnx") from exc
+        model = onnx.load(str(self.block_dir / EVAL_FILE))
+        arrays = self.state_arrays()
+        baked = set(self._model_keys)
+        kept = [value for value in model.graph.input if value.name not in baked]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.graph.initializer.extend(numpy_helper.from_array(arrays[k], name=k) for k in self._model_keys)
+        wanted = ["logits"] + ([self._names[self._message_at]] if self._message_at is not None else [])
+        pruned = utils.Extractor(model).extract_model([self._inputs[0].name], wanted)
+        onnx.checker.check_model(pruned)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(pruned, path)
+        return path

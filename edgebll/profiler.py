@@ -308,6 +308,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
     ``backend``: the runtime that trains the blocks (see :func:`edgebll.backends.open_block`).
     """
     from edgebll.manifest import load_block_manifest, load_run_config, write_json_atomic
+    from edgebll.backends import resolve_backend
     from edgebll.memory import estimate_peak_bytes, runner_uses_memory_pattern
 
     run_dir = Path(run_dir)
@@ -325,8 +326,9 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
 
     def one(folder: Path) -> dict[str, Any]:
         manifest = load_block_manifest(folder, verify_files=False)
-        estimate = estimate_peak_bytes(folder, batch_size, codec=codec)
-        entry: dict[str, Any] = {"index": manifest.index, "kind": getattr(manifest, "kind", "forward"),
+        chosen = resolve_backend(backend, manifest.backends(), where=str(folder))
+        estimate = estimate_peak_bytes(folder, batch_size, codec=codec, backend=chosen)
+        entry: dict[str, Any] = {"index": manifest.index, "kind": getattr(manifest, "kind", "forward"), "backend": chosen,
                                  "folder": str(folder.relative_to(run_dir.parent) if folder.is_relative_to(run_dir.parent)
                                                else folder),
                                  "estimated_peak_bytes": estimate.total, "estimate": estimate.to_dict()}

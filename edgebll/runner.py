@@ -221,6 +221,11 @@ def save_trained(final: Path, progress: dict[str, int], write: Callable[[Path], 
         info["previous"] = {k: previous[k] for k in ("epoch", "step", "sha256")}
     write_json_atomic(sidecar, json.dumps(info))
     os.replace(tmp, final)
+    # the other backend's state (a run trained on one backend, then the other) is now stale: a
+    # later `auto` must find this one only
+    for name in TRAINED_FILES:
+        if name not in (final.name, sidecar.name):
+            (final.parent / name).unlink(missing_ok=True)
     return final
 
 

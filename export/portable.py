@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import tempfile
 import warnings
@@ -45,6 +46,7 @@ from .artifacts import GraphInput, OptimizerConfig, example_input
 aten = torch.ops.aten
 
 _MIN_BATCH = 2  # BatchNorm's batch statistics need two samples
+_MIN_GEMM_CHANNELS = 16  # below this the per-offset products are matrix-vector products, slower than a Conv
 
 
 def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
@@ -54,10 +56,13 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
     """``aten.convolution_backward`` in forward convolutions, which ONNX has (Conv, ConvTranspose).
 
     - input gradient: the transposed convolution of the output gradient with the same weight; the
-      output padding restores the rows a strided convolution dropped.
-    - weight gradient: a convolution whose "batch" is the input's channels and whose kernel is the
-      output gradient (channels and batch swapped), stride and dilation exchanged, cut to the
-      kernel size; groups stay groups (each group's samples are one group of channels).
+      output padding restores the rows a strided convolution dropped. At stride 1 the same as a
+      convolution with the kernel flipped and its channels exchanged.
+    - weight gradient: at stride 1 (groups 1, 16+ input channels) one matrix product per kernel
+      offset (``_weight_gradient_by_offsets``); otherwise a convolution whose "batch" is the input's
+      channels and whose kernel is the output gradient (channels and batch swapped), stride and
+      dilation exchanged, cut to the kernel size; groups stay groups (each group's samples are one
+      group of channels).
     - bias gradient: the output gradient summed over every axis but the channels.
     """
     if transposed:
@@ -68,8 +73,18 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
     if output_mask[0]:
         dropped = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                          + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
-        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, dropped, groups)
-    if output_mask[1]:
+        flipped = [dilation[i] * (weight.shape[2 + i] - 1) - padding[i] for i in range(dims)]
+        if all(v == 1 for v in stride) and all(v >= 0 for v in flipped):
+            # a Conv of the flipped, transposed kernel: onnxruntime's Conv runs this 1.5× faster than its ConvTranspose
+            c_out, c_in_group = weight.shape[0], weight.shape[1]
+            kernel = weight.reshape(groups, c_out // groups, c_in_group, *weight.shape[2:]).transpose(1, 2)
+            kernel = kernel.reshape(groups * c_in_group, c_out // groups, *weight.shape[2:]).flip(spatial)
+            grad_input = aten.convolution(grad_output, kernel, None, stride, flipped, dilation, False, [0] * dims, groups)
+        else:
+            grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, dropped, groups)
+    if output_mask[1] and groups == 1 and all(v == 1 for v in stride) and input.shape[1] >= _MIN_GEMM_CHANNELS:
+        grad_weight = _weight_gradient_by_offsets(grad_output, input, weight.shape, padding, dilation)
+    elif output_mask[1]:
         n, c_in, c_out = input.shape[0], input.shape[1], grad_output.shape[1]
         samples = input.reshape(n, groups, c_in // groups, *input.shape[2:])
         samples = samples.permute(2, 1, 0, *[3 + i for i in range(dims)]).reshape(c_in // groups, groups * n,
@@ -84,6 +99,36 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
     return grad_input, grad_weight, grad_bias
 
 
+def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, shape: Sequence[int],
+                                padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """A stride-1 convolution's weight gradient as one matrix product per kernel offset.
+
+    For each offset, the padded input shifted by it (channels first: ``[C_in, N·spatial]``) times the
+    output gradient (``[C_out, N·spatial]``) gives that offset's ``[C_out, C_in]`` slice of the
+    gradient. MLAS runs these products 2-3× faster than the convolution-with-a-huge-kernel form
+    above (benchmarks/results/step_speed_portable.md), at the cost of one shifted copy at a time.
+    """
+    dims = input.dim() - 2
+    c_out, c_in = shape[0], shape[1]
+    kernel = list(shape[2:])
+    out = grad_output.shape[2:]
+    pads = [v for i in reversed(range(dims)) for v in (padding[i], padding[i])]
+    padded = torch.nn.functional.pad(input, pads).transpose(0, 1)  # [C_in, N, *spatial]
+    grads = grad_output.transpose(0, 1).reshape(c_out, -1)
+    products = []
+    for offset in itertools.product(*[range(k) for k in kernel]):
+        window = padded[(slice(None), slice(None),
+                         *[slice(o * dilation[i], o * dilation[i] + out[i]) for i, o in enumerate(offset)])]
+        products.append(grads @ window.reshape(c_in, -1).t())
+    return torch.stack(products, -1).reshape(c_out, c_in, *kernel)
+
+
+def threshold_backward(grad_output: torch.Tensor, self: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ReLU's gradient as a product with a 0/1 mask: onnxruntime's broadcasting Where (torch's
+    decomposition) ran 5-10× slower than Mul on these tensors."""
+    return grad_output * (self > threshold).to(grad_output.dtype)
+
+
 def decompositions() -> dict[Any, Callable[..., Any]]:
     """Core ATen, batch norm in reductions (ORT's BatchNormalization ignores training mode), and the
     two backward ops that have no ONNX translation."""
@@ -94,6 +139,7 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
         aten.max_pool2d_with_indices_backward,
     ]))
     table[aten.convolution_backward.default] = convolution_backward
+    table[aten.threshold_backward.default] = threshold_backward
     return table
 
 
@@ -184,6 +230,17 @@ def _trace_batch(module: nn.Module, inputs: list[GraphInput]) -> int:
     return next(b for b in range(11, 10_000) if b not in sizes)
 
 
+def _without_aliases(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop ``aten.alias``/``aten.detach`` (what autograd saves for the backward): each became an ONNX
+    Identity, a copy of a whole activation wherever onnxruntime keeps one."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target in (aten.alias.default, aten.detach.default):
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
+
+
 def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_names: list[str],
              output_names: list[str], batched: int, where: str) -> onnx.ModelProto:
     """Trace ``function`` into core ATen (batch axis symbolic in the first ``batched`` inputs) and export it."""
@@ -191,7 +248,8 @@ def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_n
 
     try:
         with _quiet_exporter():
-            graph = make_fx(function, decomposition_table=decompositions(), tracing_mode="symbolic")(*args)
+            graph = _without_aliases(make_fx(function, decomposition_table=decompositions(),
+                                             tracing_mode="symbolic")(*args))
             batch = Dim("batch", min=_MIN_BATCH)
             dynamic = [{0: batch} if at < batched else None for at in range(len(args))]
             # optimize=False: onnxscript 0.7.2's optimizer deletes Add(x, 1e-8) (AdamW's eps), and every

@@ -219,22 +219,18 @@ def test_adamw_matches_ort_training_and_torch(tmp_path: Path) -> None:
         np.testing.assert_allclose(state[f"exp_avg_sq:{name}"], moments["exp_avg_sq"].numpy(), rtol=1e-5, atol=1e-9)
 
 
-def test_layer_without_ort_gradient_trains_like_torch(tmp_path: Path) -> None:
-    """Hardswish has no gradient in ORT's builder; the portable graph's SGD step equals torch autograd's."""
+def assert_sgd_step_like_torch(units: list[nn.Module], head: nn.Module, shape: tuple[int, ...], tmp_path: Path) -> None:
+    """One SGD step of the portable graph of ``units`` + ``head`` (input ``[BATCH, *shape]``) equals torch autograd's."""
     import onnxruntime
 
-    torch.manual_seed(0)
-    units = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Hardswish(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
-             nn.Hardsigmoid()]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     block = LocalBlock(units, head, emits_message=True)
-    inputs = [GraphInput("x", (1, 9, 9), "float32", "message"), GraphInput("labels", (), "int64", "labels")]
+    inputs = [GraphInput("x", shape, "float32", "message"), GraphInput("labels", (), "int64", "labels")]
     outputs = [("loss", "loss"), ("logits", "logits"), ("y", "message")]
     schema = export_portable(block, inputs, outputs, tmp_path, OptimizerConfig(name="sgd"), where="block 0")
     session = onnxruntime.InferenceSession(str(tmp_path / "portable_train.onnx"))
     state = np.load(tmp_path / "portable_state.npz")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH, 1, 9, 9)).astype(np.float32)
+    x = rng.standard_normal((BATCH, *shape)).astype(np.float32)
     labels = rng.integers(0, 10, BATCH).astype(np.int64)
     feeds = {"x": x, "labels": labels, "lr": np.array(LR, np.float32), "step": np.array(1, np.float32)}
     feeds |= {k: state[k] for k in schema.state_keys()}
@@ -249,6 +245,30 @@ def test_layer_without_ort_gradient_trains_like_torch(tmp_path: Path) -> None:
         np.testing.assert_allclose(got[f"next:param:{name}"], expected, rtol=1e-5, atol=1e-6, err_msg=name)
     for name, b in block.named_buffers():
         np.testing.assert_allclose(got[f"next:buffer:{name}"], b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_layer_without_ort_gradient_trains_like_torch(tmp_path: Path) -> None:
+    """Hardswish has no gradient in ORT's builder; the portable graph's SGD step equals torch autograd's."""
+    torch.manual_seed(0)
+    units = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Hardswish(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
+             nn.Hardsigmoid()]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    assert_sgd_step_like_torch(units, head, (1, 9, 9), tmp_path)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convolution_weight_gradients_in_both_forms_equal_torch(tmp_path: Path, dims: int) -> None:
+    """Weight gradients: stride-1 convolutions with 16+ input channels take the per-offset products (padding,
+    dilation, a non-square kernel); the first, a grouped and a strided one take the convolution form. Input
+    gradients: stride 1 a flipped-kernel Conv (grouped too), stride 2 a ConvTranspose."""
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    k = lambda *sizes: sizes[:dims]  # noqa: E731 (a kernel or padding in 1 or 2 dimensions)
+    torch.manual_seed(0)
+    units = [conv(2, 16, 3, padding=1), nn.ReLU(), conv(16, 16, 3, padding=2, dilation=2), nn.ReLU(),
+             conv(16, 16, k(3, 1), padding=k(1, 0)), nn.ReLU(), conv(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+             conv(16, 16, 3, stride=2, groups=4), nn.ReLU()]
+    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    assert_sgd_step_like_torch(units, nn.Sequential(pool, nn.Flatten(), nn.Linear(16, 10)), (2, *k(11, 9)), tmp_path)
 
 
 def test_unsupported_layer_is_refused_at_export_naming_it(tmp_path: Path) -> None:
@@ -330,6 +350,73 @@ def test_runtime_on_the_portable_backend_resumes_to_the_uninterrupted_weights(ti
         assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
     evaluation = Runtime.from_run(halves, backend="portable").evaluate(data=data, progress=False)
     assert len(evaluation["per_block_accuracy"]) == 2
+
+
+def test_a_trained_block_continues_on_its_backend(tiny_portable_run: Path, tmp_path: Path) -> None:
+    """auto follows the trained state; another backend is refused; --restart switches and drops the stale state."""
+    from edgebll.backends import open_block
+
+    block_dir = Path(shutil.copytree(tiny_portable_run / "block-0", tmp_path / "block-0"))
+    rng = np.random.default_rng(0)
+    runner = open_block(block_dir, backend="portable")
+    runner.train_step(*_inputs(runner.manifest, rng), LR)
+    runner.save(epoch=0)
+    resumed = open_block(block_dir)  # auto: the training build is installed here, the state is portable's
+    assert resumed.backend == "portable" and resumed.progress["step"] == 1
+    with pytest.raises(EdgeBLLError, match=r"was trained on the portable backend \(trained/portable_state.npz\); "
+                                           r"--backend ort-training cannot continue .* hint: --backend portable"):
+        open_block(block_dir, backend="ort-training")
+    restarted = open_block(block_dir, backend="ort-training", load_trained=False)
+    restarted.train_step(*_inputs(restarted.manifest, rng), LR)
+    restarted.save(epoch=0)
+    assert sorted(p.name for p in (block_dir / "trained").iterdir()) == ["checkpoint", "checkpoint.json"]
+    assert open_block(block_dir).backend == "ort-training"
+
+
+def test_portable_export_inference_gives_the_blocks_eval_logits(tiny_portable_run: Path, tmp_path: Path) -> None:
+    """A run trained on the portable backend: the merged chain (trained weights and BatchNorm statistics baked
+    in) equals the blocks' eval steps run one by one."""
+    import onnxruntime as ort
+
+    from edgebll.cli import main
+    from edgebll.data import Dataset
+    from edgebll.runtime import Runtime
+
+    rng = np.random.default_rng(1)
+    data = Dataset(rng.standard_normal((48, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 48).astype(np.int64))
+    run = Path(shutil.copytree(tiny_portable_run, tmp_path / "run"))
+    runtime = Runtime.from_run(run, backend="portable")
+    runtime.train(data=data, epochs=1, progress=False)
+    assert main(["export-inference", str(run), "--out", str(tmp_path / "m.onnx")]) == 0  # auto finds the state
+    x = data.images[:12]
+    h = x
+    for runner in runtime.runners:
+        result = runner.eval_step(h, np.zeros(len(x), np.int64))
+        h = result.message
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    np.testing.assert_allclose(session.run(["logits"], {"x": x})[0], result.logits, atol=1e-5)
+
+
+def test_memory_estimate_reads_the_portable_graph(tiny_portable_run: Path) -> None:
+    from edgebll.errors import ManifestError
+    from edgebll.memory import PORTABLE_RUNTIME_BYTES, estimate_peak_bytes
+
+    block = tiny_portable_run / "block-0"
+    schema = load_block_manifest(block).portable
+    with np.load(block / "portable_state.npz") as state:
+        model_bytes = sum(state[k].nbytes for k in schema.model_keys())
+    portable = estimate_peak_bytes(block, 32, backend="portable")
+    trained = estimate_peak_bytes(block, 32, backend="ort-training")
+    assert portable.parameters == model_bytes  # weights and BatchNorm statistics, as fed to the graph
+    assert portable.gradients == 0 and portable.optimizer_state == 0  # transient in the one graph; SGD keeps none
+    assert portable.runtime == PORTABLE_RUNTIME_BYTES
+    # the graph returns a second copy of the state while the first is held
+    assert portable.activations >= model_bytes
+    assert trained.gradients > 0 and portable.activations != trained.activations
+    assert estimate_peak_bytes(block, 64, backend="portable").activations > portable.activations
+    with pytest.raises(EdgeBLLError, match="unknown backend 'tpu'"):
+        estimate_peak_bytes(block, backend="tpu")
 
 
 def test_adamw_with_torch_default_eps_keeps_parameters_without_gradient(tmp_path: Path) -> None:

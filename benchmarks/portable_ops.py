@@ -1,0 +1,131 @@
+"""Where a portable training step spends its time: onnxruntime's profiler, op by op.
+
+Exports a zoo model (bwbpf, 4 blocks, batch 64) and runs each block's ``portable_train.onnx`` on an
+inference session with profiling on, as ``PortableRunner`` configures it. The kernel times of the
+timed runs are summed per op type, and the single slowest nodes are listed with what they compute
+(forward, input gradient or weight gradient of a convolution, read from the node's inputs).
+
+    python benchmarks/portable_ops.py                      # cnn-small, 2 threads
+    python benchmarks/portable_ops.py --models resnet18 --threads 1
+
+Writes benchmarks/results/portable_ops.json and .md (``--name`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import describe_machine, machine_info, markdown_table, write_results
+from edgebll.export import export_model
+
+from edgebll.manifest import TRAIN_FILE, block_dir_name, load_block_manifest
+from edgebll.portable import load_state
+from edgebll.runner import session_options
+
+BLOCKS = 4
+TOP_NODES = 8
+
+
+def _role(node: dict, graph_inputs: set[str]) -> str:
+    """What a Conv/ConvTranspose/MatMul node computes in the step, from its inputs."""
+    op, inputs = node["op"], node["inputs"]
+    if op == "Conv" and len(inputs) > 1 and inputs[1] in graph_inputs:
+        return "forward"
+    if op in ("ConvTranspose", "Conv"):
+        return "input or weight gradient"
+    if "MatMul" in op:
+        return "weight gradient (per-offset product)" if node["name"].startswith("node_mm") else "matmul"
+    return ""
+
+
+def profile_block(block_dir: Path, *, threads: int, batch: int, runs: int, warmup: int) -> dict:
+    """Per-op-type and per-node kernel milliseconds of one training step (mean over ``runs``)."""
+    import onnx
+    import onnxruntime
+
+    manifest = load_block_manifest(block_dir, verify_files=False)
+    options = session_options(threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(block_dir / "ort_profile")
+    session = onnxruntime.InferenceSession(str(block_dir / TRAIN_FILE), options, providers=["CPUExecutionProvider"])
+    state = load_state(block_dir / "portable_state.npz", manifest.portable.state_keys(), str(block_dir))
+    rng = np.random.default_rng(0)
+    feeds: dict = dict(state)
+    for spec in manifest.inputs:
+        shape = (batch, *spec.per_sample_shape())
+        feeds[spec.name] = (rng.integers(0, 10, shape).astype(np.int64) if spec.dtype == "int64"
+                            else rng.standard_normal(shape).astype(spec.dtype))
+    feeds["lr"], feeds["step"] = np.array(1e-3, np.float32), np.array(1, np.float32)
+    for _ in range(warmup + runs):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    graph = onnx.load(str(block_dir / TRAIN_FILE)).graph
+    graph_inputs = {i.name for i in graph.input}
+    inputs_of = {n.name: list(n.input) for n in graph.node}
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(kernels) // (warmup + runs)
+    timed = kernels[warmup * per_run:]
+    by_op: dict[str, float] = collections.defaultdict(float)
+    by_node: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for event in timed:
+        op, name = event["args"]["op_name"], event["name"][: -len("_kernel_time")]
+        by_op[op] += event["dur"] / runs / 1000
+        by_node[(op, name)] += event["dur"] / runs / 1000
+    total = sum(by_op.values())
+    nodes = [{"op": op, "name": name, "ms": round(ms, 2), "inputs": inputs_of.get(name.split("/")[0], [])}
+             for (op, name), ms in sorted(by_node.items(), key=lambda t: -t[1])[:TOP_NODES]]
+    for node in nodes:
+        node["role"] = _role(node, graph_inputs)
+    return {"block": block_dir.name, "kernel_ms": round(total, 1),
+            "by_op": {op: round(ms, 2) for op, ms in sorted(by_op.items(), key=lambda t: -t[1])},
+            "top_nodes": nodes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cnn-small"], help="zoo models (default: cnn-small)")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--runs", type=int, default=5, help="timed steps per block (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--name", default="portable_ops", help="results file stem (default: portable_ops)")
+    args = parser.parse_args(argv)
+    import onnxruntime
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            run = export_model(model, out=Path(tmp) / model, blocks=BLOCKS, batch_size=args.batch_size, progress=False)
+            for k in range(BLOCKS):
+                result = profile_block(run / block_dir_name(k), threads=args.threads, batch=args.batch_size,
+                                       runs=args.runs, warmup=args.warmup)
+                rows.append({"model": model, **result})
+                print(f"{model} {result['block']}: {result['kernel_ms']} ms", flush=True)
+    machine = machine_info()
+    ops = sorted({op for r in rows for op in r["by_op"]}, key=lambda op: -sum(r["by_op"].get(op, 0) for r in rows))[:8]
+    table = markdown_table(["model", "block", "kernels ms", *[f"{op} %" for op in ops]],
+                           [[r["model"], r["block"], r["kernel_ms"],
+                             *[f"{100 * r['by_op'].get(op, 0) / r['kernel_ms']:.0f}" for op in ops]] for r in rows],
+                           align="llr" + "r" * len(ops))
+    slowest = markdown_table(["model", "block", "op", "node", "what", "ms"],
+                             [[r["model"], r["block"], n["op"], n["name"][:40], n["role"], n["ms"]]
+                              for r in rows for n in r["top_nodes"][:3]], align="lllllr")
+    markdown = (
+        "# Where the portable step's time goes: onnxruntime's profiler\n\n"
+        f"`python benchmarks/portable_ops.py --models {' '.join(args.models)} --threads {args.threads}` on "
+        f"{describe_machine(machine)}, onnxruntime {onnxruntime.__version__}. Each block of a {BLOCKS}-block bwbpf "
+        f"split, batch {args.batch_size}, {args.threads} thread(s): kernel time of one training step (mean of "
+        f"{args.runs} after {args.warmup} warm-up steps), and each op type's share of it.\n\n" + table +
+        "\n\nThe three slowest nodes of each block:\n\n" + slowest + "\n")
+    write_results(args.name, {"benchmark": "portable_ops", "machine": machine, "settings": vars(args),
+                              "onnxruntime": onnxruntime.__version__, "rows": rows}, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
