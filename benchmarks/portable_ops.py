@@ -3,7 +3,7 @@
 Exports a zoo model (bwbpf, 4 blocks, batch 64) and runs each block's ``portable_train.onnx`` on an
 inference session with profiling on, as ``PortableRunner`` configures it. The kernel times of the
 timed runs are summed per op type, and the single slowest nodes are listed with what they compute
-(forward, input gradient or weight gradient of a convolution, read from the node's inputs).
+(forward, input gradient or weight gradient of a convolution, read from the graph around it).
 
     python benchmarks/portable_ops.py                      # cnn-small, 2 threads
     python benchmarks/portable_ops.py --models resnet18 --threads 1
@@ -31,15 +31,17 @@ BLOCKS = 4
 TOP_NODES = 8
 
 
-def _role(node: dict, graph_inputs: set[str]) -> str:
-    """What a Conv/ConvTranspose/MatMul node computes in the step, from its inputs."""
-    op, inputs = node["op"], node["inputs"]
+def _role(node: dict, graph_inputs: set[str], consumers: dict[str, set[str]]) -> str:
+    """What a convolution or matrix product computes in the step, from the graph around it."""
+    op, inputs, name = node["op"], node["inputs"], node["name"]
     if op == "Conv" and len(inputs) > 1 and inputs[1] in graph_inputs:
         return "forward"
-    if op in ("ConvTranspose", "Conv"):
-        return "input or weight gradient"
+    if op == "ConvTranspose":
+        return "input gradient"
+    if op == "Conv":  # the weight gradient's convolution is cut to the kernel size by a Slice
+        return "weight gradient" if "Slice" in consumers.get(name, set()) else "input gradient"
     if "MatMul" in op:
-        return "weight gradient (per-offset product)" if node["name"].startswith("node_mm") else "matmul"
+        return "weight gradient (per offset)" if name.startswith("node_mm") else "matrix product"
     return ""
 
 
@@ -67,6 +69,12 @@ def profile_block(block_dir: Path, *, threads: int, batch: int, runs: int, warmu
     graph = onnx.load(str(block_dir / TRAIN_FILE)).graph
     graph_inputs = {i.name for i in graph.input}
     inputs_of = {n.name: list(n.input) for n in graph.node}
+    producer = {out: n.name for n in graph.node for out in n.output}
+    consumers: dict[str, set[str]] = collections.defaultdict(set)
+    for n in graph.node:
+        for name in n.input:
+            if name in producer:
+                consumers[producer[name]].add(n.op_type)
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_run = len(kernels) // (warmup + runs)
     timed = kernels[warmup * per_run:]
@@ -80,7 +88,7 @@ def profile_block(block_dir: Path, *, threads: int, batch: int, runs: int, warmu
     nodes = [{"op": op, "name": name, "ms": round(ms, 2), "inputs": inputs_of.get(name.split("/")[0], [])}
              for (op, name), ms in sorted(by_node.items(), key=lambda t: -t[1])[:TOP_NODES]]
     for node in nodes:
-        node["role"] = _role(node, graph_inputs)
+        node["role"] = _role(node, graph_inputs, consumers)
     return {"block": block_dir.name, "kernel_ms": round(total, 1),
             "by_op": {op: round(ms, 2) for op, ms in sorted(by_op.items(), key=lambda t: -t[1])},
             "top_nodes": nodes}
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = (
         "# Where the portable step's time goes: onnxruntime's profiler\n\n"
         f"`python benchmarks/portable_ops.py --models {' '.join(args.models)} --threads {args.threads}` on "
-        f"{describe_machine(machine)}, onnxruntime {onnxruntime.__version__}. Each block of a {BLOCKS}-block bwbpf "
+        f"{describe_machine(machine)}. Each block of a {BLOCKS}-block bwbpf "
         f"split, batch {args.batch_size}, {args.threads} thread(s): kernel time of one training step (mean of "
         f"{args.runs} after {args.warmup} warm-up steps), and each op type's share of it.\n\n" + table +
         "\n\nThe three slowest nodes of each block:\n\n" + slowest + "\n")

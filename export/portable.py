@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import logging
 import tempfile
 import warnings
@@ -115,11 +114,16 @@ def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, 
     pads = [v for i in reversed(range(dims)) for v in (padding[i], padding[i])]
     padded = torch.nn.functional.pad(input, pads).transpose(0, 1)  # [C_in, N, *spatial]
     grads = grad_output.transpose(0, 1).reshape(c_out, -1)
-    products = []
-    for offset in itertools.product(*[range(k) for k in kernel]):
-        window = padded[(slice(None), slice(None),
-                         *[slice(o * dilation[i], o * dilation[i] + out[i]) for i, o in enumerate(offset)])]
-        products.append(grads @ window.reshape(c_in, -1).t())
+
+    def windows(t: torch.Tensor, axis: int) -> Iterator[torch.Tensor]:
+        """The shifted inputs, offsets in row-major order; each axis sliced once per prefix (a 3×3 kernel: 12 copies, not 18)."""
+        if axis == dims:
+            yield t
+            return
+        for o in range(kernel[axis]):
+            yield from windows(t.narrow(2 + axis, o * dilation[axis], out[axis]), axis + 1)
+
+    products = [grads @ window.reshape(c_in, -1).t() for window in windows(padded, 0)]
     return torch.stack(products, -1).reshape(c_out, c_in, *kernel)
 
 

@@ -41,7 +41,7 @@ def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     return export_model(_units(32), out=tmp_path_factory.mktemp("runs") / "wide", blocks=2, batch_size=64,
-                        progress=False, portable=False)
+                        progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,19 @@ def test_estimate_within_25_percent_of_the_measurement(wide_run: Path, tiny_run:
         assert abs(error) <= TARGET, f"{block}: estimated {estimate.total}, measured {measured.measured_peak_bytes}"
     # the estimate follows the activations: the wide block really is the one whose activations dominate
     assert estimate_peak_bytes(blocks[0]).activations > 4 * estimate_peak_bytes(blocks[2]).activations
+
+
+@pytest.mark.slow
+def test_portable_estimate_within_25_percent_of_the_measurement(wide_run: Path, tiny_portable_run: Path,
+                                                                baseline) -> None:  # type: ignore[no-untyped-def]
+    """The portable step's estimate (its own graph, PORTABLE_* constants) against PortableRunner measured."""
+    for block in (wide_run / "block-0", wide_run / "block-1", tiny_portable_run / "block-1"):
+        estimate = estimate_peak_bytes(block, backend="portable")
+        measured = measure_block(block, baseline, steps=4, threads=1, backend="portable")
+        error = estimate.total / measured.measured_peak_bytes - 1
+        assert abs(error) <= TARGET, f"{block}: estimated {estimate.total}, measured {measured.measured_peak_bytes}"
+    assert estimate_peak_bytes(wide_run / "block-0", backend="portable").total > estimate_peak_bytes(
+        wide_run / "block-0", 16, backend="portable").total
 
 
 @pytest.mark.slow
