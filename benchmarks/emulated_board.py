@@ -51,6 +51,7 @@ TOLERANCE = 1e-4
 #   block 1, with equal eval accuracy.
 CODEC = "fp32"
 OPTIMIZER = "sgd"
+FLIP_SHARE, FLIP_CAP = 0.005, 1e-3
 # The emulated core: a Raspberry Pi 5's. qemu's default ("max") offers SVE, whose emulation made
 # onnxruntime's steps 5-9x slower still; a Cortex-A76 has NEON only, like the boards users have.
 BOARD_CPU = os.environ.get("EDGEBLL_QEMU_CPU", "cortex-a76")
@@ -164,17 +165,27 @@ def _checked(done: subprocess.CompletedProcess, what: str) -> str:
     return done.stdout
 
 
-def compare(host_run: Path, board_run: Path) -> dict[str, float]:
-    """Largest |board - host| over every trained state tensor, per block folder."""
+def compare(host_run: Path, board_run: Path) -> dict[str, dict[str, float]]:
+    """Per block folder: the largest |board - host| over its trained state tensors, and the most of any
+    one tensor's elements that differ by more than TOLERANCE (a share)."""
     worst = {}
     for state in sorted(host_run.glob("block-*/**/trained/portable_state.npz")):
         folder = state.parent.parent.relative_to(host_run)
         with np.load(state) as host, np.load(board_run / folder / "trained" / "portable_state.npz") as board:
             if sorted(host.files) != sorted(board.files):
                 raise SystemExit(f"{folder}: board and host saved different state tensors")
-            worst[str(folder)] = max(float(np.max(np.abs(board[k].astype(np.float64) - host[k]), initial=0.0))
-                                     for k in host.files)
+            gaps = [np.abs(board[k].astype(np.float64) - host[k]) for k in host.files]
+            worst[str(folder)] = {"max_abs_difference": max(float(g.max(initial=0.0)) for g in gaps),
+                                  "share_beyond_tolerance": max(float((g > TOLERANCE).mean()) for g in gaps if g.size)}
     return worst
+
+
+def agrees(worst: dict[str, dict[str, float]]) -> bool:
+    """Every element within TOLERANCE, but for at most FLIP_SHARE of a tensor's, which stay within FLIP_CAP
+    (the allowance of tests/test_portable.py: a ReLU whose input lies within rounding of 0 passes the
+    gradient on one machine and blocks it on the other)."""
+    return all(g["max_abs_difference"] <= FLIP_CAP and g["share_beyond_tolerance"] <= FLIP_SHARE
+               for g in worst.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,22 +251,25 @@ def main(argv: list[str] | None = None) -> None:
             host_eval = json.loads((host_run / "eval.json").read_text())
             board_eval = json.loads((board_run / "eval.json").read_text())
             steps = json.loads((board_run / "train.json").read_text())["steps"]
-            rows.append({"method": method, "steps": steps, "graphs": len(worst), "max_abs_difference": max(worst.values()),
+            rows.append({"method": method, "steps": steps, "graphs": len(worst), "agrees": agrees(worst),
+                         "max_abs_difference": max(g["max_abs_difference"] for g in worst.values()),
+                         "share_beyond_tolerance": max(g["share_beyond_tolerance"] for g in worst.values()),
                          "per_graph": worst, "host_accuracy": host_eval["per_block_accuracy"],
                          "board_accuracy": board_eval["per_block_accuracy"],
                          "host_seconds": round(timings["host"], 1), "board_seconds": round(timings["board"], 1)})
-    failed = [r["method"] for r in rows
-              if r["max_abs_difference"] > TOLERANCE or r["host_accuracy"] != r["board_accuracy"]]
+    failed = [r["method"] for r in rows if not r["agrees"] or r["host_accuracy"] != r["board_accuracy"]]
     machine = machine_info()
     settings = {"model": "cnn-small", "blocks": 2, "batch_size": args.batch_size, "limit": args.limit, "cpu": BOARD_CPU,
                 "eval_limit": args.eval_limit, "tolerance": TOLERANCE, "suite": SUITE, "codec": CODEC,
                 "optimizer": OPTIMIZER,
                 "board_packages": list(BOARD_PACKAGES), "total_seconds": round(time.perf_counter() - began, 1)}
     table = markdown_table(
-        ["method", "steps", "graphs", "max abs difference", "host accuracy", "board accuracy", "host s", "board s"],
+        ["method", "steps", "graphs", "max abs difference", f"elements > {TOLERANCE:g}", "host accuracy",
+         "board accuracy", "host s", "board s"],
         [[r["method"], r["steps"], r["graphs"], f"{r['max_abs_difference']:.1e}",
+          f"{100 * r['share_beyond_tolerance']:.2f} %",
           " / ".join(f"{a:.4f}" for a in r["host_accuracy"]), " / ".join(f"{a:.4f}" for a in r["board_accuracy"]),
-          r["host_seconds"], r["board_seconds"]] for r in rows], align="lrrrllrr")
+          r["host_seconds"], r["board_seconds"]] for r in rows], align="lrrrrllrr")
     markdown = (
         "# Training on an emulated aarch64 board\n\n"
         f"`python benchmarks/emulated_board.py` (`make test-aarch64`) on {describe_machine(machine)}. The board: "
@@ -266,8 +280,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{OPTIMIZER.upper()}, `--backend portable`, {CODEC} messages (why both: benchmarks/emulated_board.py); "
         f"then `edgebll eval --limit {args.eval_limit}`. "
         f"\"max abs difference\": the largest |board − host| over every trained state tensor of every graph "
-        f"(weights and BatchNorm statistics; tolerance {TOLERANCE:g}). Seconds: train + eval, wall "
-        "time (the board's under emulation, not a board's speed).\n\n" + table + "\n"
+        f"(weights and BatchNorm statistics); \"elements > {TOLERANCE:g}\": the largest share of one tensor's "
+        f"elements beyond the tolerance {TOLERANCE:g}. Agreement, as in the parity tests: every element within "
+        f"{TOLERANCE:g}, but for at most {100 * FLIP_SHARE:g} % of a tensor's, which stay within {FLIP_CAP:g} (a "
+        "ReLU input within rounding of 0 passes its gradient on one machine and not on the other). Seconds: "
+        "train + eval, wall time (the board's under emulation, not a board's speed).\n\n" + table + "\n"
         + (f"\n**Failed:** {', '.join(failed)}\n" if failed else "")
     )
     json_path, md_path = write_results(args.name, {"benchmark": "emulated_board", "machine": machine, "board": facts,
