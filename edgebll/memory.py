@@ -114,6 +114,7 @@ class MemoryEstimate:
 class _GraphMemory:
     parameters: int = 0
     gradients: int = 0
+    optimizer_state: int = 0
     peak: int = 0
     saved: int = 0
     guessed: list[str] = field(default_factory=list)
@@ -152,8 +153,7 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
                                 "with --portable (the default)")
         graph = _graph_memory(block_dir / TRAIN_FILE, manifest, batch,
                               optimizer_keys=frozenset(manifest.portable.state_keys()[len(manifest.portable.model_keys()):]))
-        optimizer_state = graph.gradients  # the AdamW moments it is fed (none for SGD)
-        graph.gradients = 0
+        optimizer_state = graph.optimizer_state  # the AdamW moments it is fed (none for SGD)
     elif backend == "ort-training":
         graph = _graph_memory(block_dir / "training_model.onnx", manifest, batch)
         adamw = str(manifest.optimizer.get("type", "adamw")).lower() == "adamw"
@@ -255,8 +255,8 @@ def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
                   optimizer_keys: frozenset[str] | None = None) -> _GraphMemory:
     """Parameters, gradient buffers and the liveness peak of the training graph at ``batch``.
 
-    ``optimizer_keys``: a portable graph's optimizer-state inputs, counted in ``gradients`` (the
-    caller moves them; the portable graph has no gradient buffers).
+    ``optimizer_keys``: a portable graph's optimizer-state inputs (its other inputs but lr and step
+    are parameters and buffers; it has no gradient buffers).
     """
     onnx = _import_onnx()
     if not path.is_file():
@@ -274,7 +274,9 @@ def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
     for tensor in graph.input:
         if tensor.name in fed or tensor.name not in shapes or (optimizer_keys is not None and ":" not in tensor.name):
             continue  # (a portable graph's other inputs are lr and step, scalars)
-        if tensor.name.endswith(_ACCUMULATION_SUFFIX) or (optimizer_keys is not None and tensor.name in optimizer_keys):
+        if optimizer_keys is not None and tensor.name in optimizer_keys:
+            result.optimizer_state += nbytes(tensor.name)
+        elif tensor.name.endswith(_ACCUMULATION_SUFFIX):
             result.gradients += nbytes(tensor.name)
         elif tensor.name != "lazy_reset_grad":  # a flag input of ORT's, not a parameter
             result.parameters += nbytes(tensor.name)
