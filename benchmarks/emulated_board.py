@@ -227,37 +227,42 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     (root / "work").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edgebll-board-", dir=root / "work") as tmp:
-        for method in ("bwbpf", "bll"):
-            run = Path(tmp) / method
-            _checked(on_host("-m", "edgebll", "export", "--model", "cnn-small", "--method", method, "--blocks", "2",
-                             "--batch-size", str(args.batch_size), "--optimizer", OPTIMIZER, "--out", str(run),
-                             "--no-progress"), "export")
-            timings = {}
-            for side in ("host", "board"):
-                copy = Path(shutil.copytree(run, Path(tmp) / f"{method}-{side}"))
-                where, data_dir = (str(copy), str(data)) if side == "host" else (inside(root, copy), inside(root, data))
-                common = ["--backend", "portable", "--threads", "1", "--data-dir", data_dir, "--no-progress",
-                          "--codec", CODEC]
-                train = ["-m", "edgebll", "train", where, "--epochs", "1", "--limit", str(args.limit), *common]
-                evaluate = ["-m", "edgebll", "eval", where, "--limit", str(args.eval_limit), *common]
-                started = time.perf_counter()
-                for command, what in ((train, "train"), (evaluate, "eval")):
-                    done = on_host(*command) if side == "host" else on_board(root, *command)
-                    _checked(done, f"{what} of {method} on the {side}")
-                timings[side] = time.perf_counter() - started
-            host_run, board_run = Path(tmp) / f"{method}-host", Path(tmp) / f"{method}-board"
-            worst = compare(host_run, board_run)
-            host_eval = json.loads((host_run / "eval.json").read_text())
-            board_eval = json.loads((board_run / "eval.json").read_text())
-            steps = json.loads((board_run / "train.json").read_text())["steps"]
-            rows.append({"method": method, "steps": steps, "graphs": len(worst), "agrees": agrees(worst),
-                         "max_abs_difference": max(g["max_abs_difference"] for g in worst.values()),
-                         "share_beyond_tolerance": max(g["share_beyond_tolerance"] for g in worst.values()),
-                         "per_graph": worst, "host_accuracy": host_eval["per_block_accuracy"],
-                         "board_accuracy": board_eval["per_block_accuracy"],
-                         "host_seconds": round(timings["host"], 1), "board_seconds": round(timings["board"], 1)})
+    # kept when a method disagrees, for a look at what parted (the host's and the board's run folders)
+    tmp = tempfile.mkdtemp(prefix="edgebll-board-", dir=root / "work")
+    for method in ("bwbpf", "bll"):
+        run = Path(tmp) / method
+        _checked(on_host("-m", "edgebll", "export", "--model", "cnn-small", "--method", method, "--blocks", "2",
+                         "--batch-size", str(args.batch_size), "--optimizer", OPTIMIZER, "--out", str(run),
+                         "--no-progress"), "export")
+        timings = {}
+        for side in ("host", "board"):
+            copy = Path(shutil.copytree(run, Path(tmp) / f"{method}-{side}"))
+            where, data_dir = (str(copy), str(data)) if side == "host" else (inside(root, copy), inside(root, data))
+            common = ["--backend", "portable", "--threads", "1", "--data-dir", data_dir, "--no-progress",
+                      "--codec", CODEC]
+            train = ["-m", "edgebll", "train", where, "--epochs", "1", "--limit", str(args.limit), *common]
+            evaluate = ["-m", "edgebll", "eval", where, "--limit", str(args.eval_limit), *common]
+            started = time.perf_counter()
+            for command, what in ((train, "train"), (evaluate, "eval")):
+                done = on_host(*command) if side == "host" else on_board(root, *command)
+                _checked(done, f"{what} of {method} on the {side}")
+            timings[side] = time.perf_counter() - started
+        host_run, board_run = Path(tmp) / f"{method}-host", Path(tmp) / f"{method}-board"
+        worst = compare(host_run, board_run)
+        host_eval = json.loads((host_run / "eval.json").read_text())
+        board_eval = json.loads((board_run / "eval.json").read_text())
+        steps = json.loads((board_run / "train.json").read_text())["steps"]
+        rows.append({"method": method, "steps": steps, "graphs": len(worst), "agrees": agrees(worst),
+                     "max_abs_difference": max(g["max_abs_difference"] for g in worst.values()),
+                     "share_beyond_tolerance": max(g["share_beyond_tolerance"] for g in worst.values()),
+                     "per_graph": worst, "host_accuracy": host_eval["per_block_accuracy"],
+                     "board_accuracy": board_eval["per_block_accuracy"],
+                     "host_seconds": round(timings["host"], 1), "board_seconds": round(timings["board"], 1)})
     failed = [r["method"] for r in rows if not r["agrees"] or r["host_accuracy"] != r["board_accuracy"]]
+    if failed:
+        print(f"the runs that disagree are kept in {tmp} (host: METHOD-host, board: METHOD-board)", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     machine = machine_info()
     settings = {"model": "cnn-small", "blocks": 2, "batch_size": args.batch_size, "limit": args.limit, "cpu": BOARD_CPU,
                 "eval_limit": args.eval_limit, "tolerance": TOLERANCE, "suite": SUITE, "codec": CODEC,
