@@ -186,8 +186,8 @@ class PortableRunner(RunnerBase):
             raise EdgeBLLError(f"{self.name}: writing an inference model needs the onnx package ({exc}); hint: "
                                "pip install onnx") from exc
         model = onnx.load(str(self.block_dir / EVAL_FILE))
-        arrays = self.state_arrays()
-        baked = set(self._model_keys)
+        arrays = {k: self.state[k].numpy() for k in self._model_keys}  # not the optimizer state
+        baked = set(arrays)
         kept = [value for value in model.graph.input if value.name not in baked]
         del model.graph.input[:]
         model.graph.input.extend(kept)
