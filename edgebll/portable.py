@@ -40,7 +40,9 @@ def load_state(path: Path, keys: list[str], where: str) -> dict[str, np.ndarray]
             if missing:
                 raise ManifestError(f"{where}: {path.name} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}; "
                                     "hint: re-export the run")
-            return {k: np.ascontiguousarray(data[k]) for k in keys}
+            # np.asarray, not ascontiguousarray: that turns a 0-d buffer (num_batches_tracked) into shape (1,),
+            # and onnxruntime then warns at every step that the graph's scalar came back as [1]
+            return {k: np.asarray(data[k], order="C") for k in keys}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ManifestError(f"{where}: cannot read {path} ({exc}); hint: re-export the run, or delete "
                             f"{path.parent / TRAINED_DIR} to start from the exported weights") from exc

@@ -303,6 +303,10 @@ def test_portable_checkpoint_round_trip(tiny_portable_run: Path, tmp_path: Path)
     assert reloaded.progress == {"epoch": 1, "step": 3}
     saved, loaded = runner.state_arrays(), reloaded.state_arrays()
     assert all(np.array_equal(saved[k], loaded[k]) for k in saved)
+    # every state tensor keeps the shape the graph declares (BatchNorm's step count is 0-d, not [1])
+    declared = {i.name: i.shape for i in reloaded.train_session.get_inputs()}
+    assert {k: list(a.shape) for k, a in loaded.items()} == {k: declared[k] for k in loaded}
+    assert any(a.ndim == 0 for a in loaded.values())
     # the next step continues the same trajectory (the step count feeds AdamW's bias correction)
     x, labels = _inputs(runner.manifest, rng)
     assert runner.train_step(x, labels, LR).loss == reloaded.train_step(x, labels, LR).loss
