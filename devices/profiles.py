@@ -80,6 +80,12 @@ class DeviceProfile:
     board prints it. None: :data:`DEFAULT_IDLE_RUNTIME_BYTES`."""
 
     @property
+    def backend(self) -> str:
+        """The backend ``--backend auto`` trains with on this board: onnxruntime-training publishes x86-64
+        wheels only, so any other board trains on the portable graphs with plain onnxruntime."""
+        return "ort-training" if self.arch == "x86_64" else "portable"
+
+    @property
     def idle_bytes(self) -> int:
         """The idle runtime to reserve out of ``budget_bytes`` before any block is placed."""
         return DEFAULT_IDLE_RUNTIME_BYTES if self.idle_runtime_bytes is None else self.idle_runtime_bytes

@@ -321,6 +321,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                        seed=args.seed, overwrite=args.overwrite, portable=args.portable,
                        predsim=export.PredSimConfig(beta=args.predsim_beta, max_features=args.predsim_features))
         devices = _devices(args)
+        if devices:
+            from edgebll.export.fit import require_portable_graphs
+
+            require_portable_graphs(devices, args.portable)
         if args.blocks == "auto":
             if not devices:
                 raise EdgeBLLError("--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE")

@@ -106,6 +106,9 @@ class PortableSchema:
     """Per-parameter optimizer tensors: ["exp_avg", "exp_avg_sq"] for AdamW, [] for SGD."""
     opset: int = OPSET
     num_state_bytes: int = 0
+    estimated_peak_bytes: int = 0
+    """Rough peak training memory of the portable step at the manifest's batch size (as
+    ``BlockManifest.estimated_peak_bytes`` for onnxruntime-training's); 0: not estimated (older exports)."""
 
     def state_keys(self) -> list[str]:
         """Every state tensor, in the train graph's input order."""
@@ -153,6 +156,12 @@ class BlockManifest:
         if self.portable is not None and all(name in self.files for name in PORTABLE_FILES):
             found.append("portable")
         return found
+
+    def estimated_bytes(self, backend: str) -> int:
+        """The estimated peak training memory on ``backend`` ("ort-training" or "portable"); 0: not estimated."""
+        if backend == "portable":
+            return self.portable.estimated_peak_bytes if self.portable is not None else 0
+        return self.estimated_peak_bytes
 
     def input(self, role: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.role == role), None)

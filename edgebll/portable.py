@@ -162,6 +162,21 @@ class PortableRunner(RunnerBase):
         """A numpy copy of every state tensor, under its graph key (``param:NAME``, ``exp_avg:NAME``, …)."""
         return {k: np.array(v.numpy()) for k, v in self.state.items()}
 
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], step: int) -> None:
+        """Continue from ``arrays`` (what ``state_arrays`` returned, here or on another machine) as after ``step``
+        steps: the next step is ``step + 1`` (AdamW's bias correction counts it)."""
+        if sorted(arrays) != sorted(self._keys):
+            raise EdgeBLLError(f"{self.name}: a state needs exactly the keys {self._keys[:3]}…, got {sorted(arrays)[:3]}…")
+        declared = {i.name: i.shape for i in self.train_session.get_inputs()}
+        wrong = [k for k in self._keys if list(arrays[k].shape) != declared[k]]
+        if wrong:
+            raise EdgeBLLError(f"{self.name}: state {wrong[0]} has shape {list(arrays[wrong[0]].shape)}, the graph "
+                               f"takes {declared[wrong[0]]}")
+        self.state = {k: self._ortvalue.ortvalue_from_numpy(np.array(arrays[k], order="C"), self.device, 0)
+                      for k in self._keys}
+        self._spare = {}
+        self.progress["step"] = int(step)
+
     def parameters(self) -> dict[str, np.ndarray]:
         """A copy of every parameter and buffer, by the torch module's names."""
         arrays = self.state_arrays()

@@ -247,5 +247,8 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
     )
     # the device-side estimator, from the training graph itself (see edgebll/memory.py for its calibration)
     manifest.estimated_peak_bytes = int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest).total)
+    if schema is not None:
+        schema.estimated_peak_bytes = int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest,
+                                                              backend="portable").total)
     write_json_atomic(block_dir / MANIFEST_NAME, manifest.to_json())
     return manifest

@@ -14,8 +14,10 @@ from typing import Any
 from edgebll.devices.profiles import DeviceProfile, format_bytes
 from edgebll.errors import ExportError
 from edgebll.manifest import (
-    FEEDBACK_DIR, MANIFEST_NAME, RUN_NAME, block_dir_name, load_block_manifest, load_run_config, write_json_atomic,
+    FEEDBACK_DIR, MANIFEST_NAME, RUN_NAME, BlockManifest, block_dir_name, load_block_manifest, load_run_config,
+    write_json_atomic,
 )
+from edgebll.memory import estimate_peak_bytes
 
 from .split_search import Split, search_split
 
@@ -57,6 +59,26 @@ def assign_devices(devices: DeviceProfile | Sequence[DeviceProfile], num_blocks:
     return devices
 
 
+def require_portable_graphs(devices: Sequence[DeviceProfile], portable: bool) -> None:
+    """Refuse, before anything is exported, boards that train on portable graphs when the export leaves them out."""
+    boards = [f"{board.name} ({board.arch})" for board in devices if board.backend == "portable"]
+    if boards and not portable:
+        raise ExportError(f"{', '.join(boards)} train with the portable backend (onnxruntime-training has no wheel "
+                          "for their CPU), which --no-portable leaves out; hint: drop --no-portable")
+
+
+def block_estimate(manifest: BlockManifest, device: DeviceProfile, where: Path) -> int:
+    """The block's estimated peak on the backend ``device`` trains with (``DeviceProfile.backend``)."""
+    backend = device.backend
+    if backend not in manifest.backends():
+        raise ExportError(f"{where}: {device.name} ({device.arch}) trains with the {backend} backend, and this block "
+                          f"has no {backend} graphs; hint: export with --portable (the default)")
+    estimate = manifest.estimated_bytes(backend)
+    if estimate <= 0:  # exported before the manifest carried the portable estimate
+        estimate = int(estimate_peak_bytes(where, manifest=manifest, backend=backend).total)
+    return estimate
+
+
 def check_fit(run_dir: str | os.PathLike, devices: DeviceProfile | Sequence[DeviceProfile]) -> list[BlockFit]:
     """Each block's estimate (from its manifest) against its board; records the board in the manifests."""
     run_dir = Path(run_dir)
@@ -68,9 +90,9 @@ def check_fit(run_dir: str | os.PathLike, devices: DeviceProfile | Sequence[Devi
         estimate, units = 0, ()
         for folder in folders:
             manifest = load_block_manifest(folder, verify_files=False)
+            estimate += block_estimate(manifest, device, folder)
             manifest.device = device.to_dict()
             write_json_atomic(folder / MANIFEST_NAME, manifest.to_json())
-            estimate += manifest.estimated_peak_bytes
             units = units or tuple(manifest.units)  # the forward block's; a feedback block names itself
         fits.append(BlockFit(k, device, estimate, units))
     return fits
@@ -159,6 +181,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
                        num_classes=export_options.get("num_classes", 10))
     boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
+    require_portable_graphs(boards, export_options.get("portable", True))
     allowances = [block_allowance_bytes(board) for board in boards]
     head, n = export_options.get("head", "conv"), len(spec.units)
     optimizer, predsim = export_options.get("optimizer", "adamw"), export_options.get("predsim")
@@ -168,7 +191,8 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
         spec, method, head, lo, hi, unit_macs, shapes, predsim), spec.input_dtype)
     memory = RangeMemory(spec=spec, method=method, batch_size=export_options.get("batch_size", 64), head=head,
                          latent=export_options.get("latent", "categorical"), predsim=predsim,
-                         optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer))
+                         optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer),
+                         backends=tuple(sorted({board.backend for board in boards})))
     if progress:
         print(f"searching block boundaries of {n} units for {', '.join(b.name for b in boards)} ...", file=sys.stderr)
     split = search_split(n, lambda lo, hi: costs[lo][hi], memory, allowances, reuse=len(boards) == 1,

@@ -154,15 +154,43 @@ def test_export_cli_refuses_a_board_too_small(tmp_path: Path, capsys: pytest.Cap
     captured = capsys.readouterr()
     assert code == 2 and "NO" in captured.out
     assert "ExportError: block 0 needs about" in captured.err and not out.exists()  # nothing half-usable is left
-    assert main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--no-portable", "--device", "rpi4-2gb"]) == 0
+    assert main(["export", "--model", "cnn-small", "--out", str(out), "--no-progress", "--no-portable", "--budget", "2GB"]) == 0
     assert capsys.readouterr().out.count(" yes") == 4
+    # a Pi trains on the portable graphs: a run without them cannot be placed on one
+    assert main(["export", "--model", "cnn-small", "--out", str(tmp_path / "pi"), "--no-progress", "--no-portable",
+                 "--device", "rpi4-2gb"]) == 2
+    assert ("rpi4-2gb (aarch64) train with the portable backend (onnxruntime-training has no wheel for their CPU), "
+            "which --no-portable leaves out; hint: drop --no-portable") in capsys.readouterr().err
+    assert not (tmp_path / "pi").exists()
+
+
+def test_fit_check_reads_the_estimate_of_the_backend_the_board_trains_with(tiny_portable_run: Path,
+                                                                          tmp_path: Path) -> None:
+    """An aarch64 board trains on the portable graphs (no onnxruntime-training wheel exists for it), so its
+    fit is the portable step's estimate, which the manifest carries; an x86-64 board's is the training build's."""
+    import shutil
+
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.export.fit import check_fit
+    from edgebll.manifest import load_block_manifest
+    from edgebll.memory import estimate_peak_bytes
+
+    run = Path(shutil.copytree(tiny_portable_run, tmp_path / "run"))
+    manifests = [load_block_manifest(run / f"block-{k}") for k in range(2)]
+    portable = [int(estimate_peak_bytes(run / f"block-{k}", backend="portable").total) for k in range(2)]
+    assert [m.portable.estimated_peak_bytes for m in manifests] == portable  # written at export
+    assert portable != [m.estimated_peak_bytes for m in manifests]
+    pi = custom_profile("2GB", arch="aarch64", name="pi")
+    assert [f.estimated_bytes for f in check_fit(run, pi)] == portable
+    pc = custom_profile("2GB", arch="x86_64", name="pc")
+    assert [f.estimated_bytes for f in check_fit(run, pc)] == [m.estimated_peak_bytes for m in manifests]
 
 
 def test_export_cli_auto_says_which_board_takes_each_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edgebll.cli import main
 
     out = tmp_path / "run"
-    assert main(["export", "--model", "cnn-small", "--blocks", "auto", "--no-portable", "--device", "rpi-zero-2w,rpi4-2gb", "--out",
+    assert main(["export", "--model", "cnn-small", "--blocks", "auto", "--device", "rpi-zero-2w,rpi4-2gb", "--out",
                  str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "exported 1 block(s) of cnn-small (bwbpf)" in printed and "1 unit ranges estimated" in printed

@@ -259,16 +259,17 @@ def test_layer_without_ort_gradient_trains_like_torch(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dims", [1, 2])
 def test_convolution_weight_gradients_in_both_forms_equal_torch(tmp_path: Path, dims: int) -> None:
     """Weight gradients: stride-1 convolutions with 16+ input channels take the per-offset products (padding,
-    dilation, a non-square kernel); the first, a grouped and a strided one take the convolution form. Input
-    gradients: stride 1 a flipped-kernel Conv (grouped too), stride 2 a ConvTranspose."""
+    dilation, a non-square kernel); the first, a grouped and the strided ones take the convolution form (the last
+    with its input's unused end row cut). Input gradients: stride 1 a flipped-kernel Conv (grouped too), stride 2
+    a ConvTranspose."""
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
     k = lambda *sizes: sizes[:dims]  # noqa: E731 (a kernel or padding in 1 or 2 dimensions)
     torch.manual_seed(0)
     units = [conv(2, 16, 3, padding=1), nn.ReLU(), conv(16, 16, 3, padding=2, dilation=2), nn.ReLU(),
              conv(16, 16, k(3, 1), padding=k(1, 0)), nn.ReLU(), conv(16, 16, 3, padding=1, groups=4), nn.ReLU(),
-             conv(16, 16, 3, stride=2, groups=4), nn.ReLU()]
+             conv(16, 16, 3, stride=2, groups=4), nn.ReLU(), conv(16, 16, 3, stride=2, padding=1), nn.ReLU()]
     pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
-    assert_sgd_step_like_torch(units, nn.Sequential(pool, nn.Flatten(), nn.Linear(16, 10)), (2, *k(11, 9)), tmp_path)
+    assert_sgd_step_like_torch(units, nn.Sequential(pool, nn.Flatten(), nn.Linear(16, 10)), (2, *k(13, 11)), tmp_path)
 
 
 def test_unsupported_layer_is_refused_at_export_naming_it(tmp_path: Path) -> None:
@@ -309,7 +310,17 @@ def test_portable_checkpoint_round_trip(tiny_portable_run: Path, tmp_path: Path)
     assert any(a.ndim == 0 for a in loaded.values())
     # the next step continues the same trajectory (the step count feeds AdamW's bias correction)
     x, labels = _inputs(runner.manifest, rng)
-    assert runner.train_step(x, labels, LR).loss == reloaded.train_step(x, labels, LR).loss
+    # a state handed over as arrays (another machine's) continues the same trajectory too
+    handed = PortableRunner(block_dir, load_trained=False)
+    handed.load_state_arrays(saved, step=3)
+    losses = [r.train_step(x, labels, LR).loss for r in (runner, reloaded, handed)]
+    assert losses[0] == losses[1] == losses[2]
+    after = runner.state_arrays()
+    assert all(np.array_equal(after[k], v) for k, v in handed.state_arrays().items())
+    with pytest.raises(EdgeBLLError, match="state .* has shape \\[1\\], the graph takes \\[\\]"):
+        handed.load_state_arrays({k: np.atleast_1d(v) for k, v in saved.items()}, step=3)
+    with pytest.raises(EdgeBLLError, match="a state needs exactly the keys"):
+        handed.load_state_arrays({k: v for k, v in list(saved.items())[1:]}, step=3)
     assert PortableRunner(block_dir, load_trained=False).progress == {"epoch": 0, "step": 0}
 
 
