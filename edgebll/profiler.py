@@ -305,13 +305,17 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
                 plot: bool = True, progress: bool = True, backend: str = "auto") -> dict[str, Any]:
     """Measure and estimate every block of ``run_dir`` on this machine; write profile.json (and .png).
 
-    ``backend``: the runtime that trains the blocks (see :func:`edgebll.backends.open_block`).
+    ``backend``: the runtime that trains the blocks (see :func:`edgebll.backends.open_block`); "auto" with a
+    board that trains on the portable graphs (``device.backend``, every aarch64 board) measures those, as
+    the board would run them.
     """
     from edgebll.manifest import load_block_manifest, load_run_config, write_json_atomic
     from edgebll.backends import resolve_backend
     from edgebll.memory import estimate_peak_bytes, runner_uses_memory_pattern
 
     run_dir = Path(run_dir)
+    if backend == "auto" and getattr(device, "backend", None) == "portable":
+        backend = "portable"
     config = load_run_config(run_dir)
     bp_dirs = _block_dirs(Path(bp_run)) if bp_run is not None else []
     if bp_run is not None and len(bp_dirs) != 1:
@@ -453,7 +457,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("profile", help="measure each block's peak memory and step time vs the estimate and a device",
                        description="Train every block of RUN for a few steps, each in a fresh process, and measure its "
                                    "peak resident memory above an idle runtime; compare with the estimate and the "
-                                   "device's budget. Writes RUN/profile.json and RUN/profile.png.")
+                                   "device's budget. With --device of an aarch64 board, --backend auto measures the "
+                                   "portable graphs, which that board trains with. Writes RUN/profile.json and "
+                                   "RUN/profile.png.")
     p.add_argument("run", help="run folder written by `edgebll export`")
     p.add_argument("--device", default=None, help="shipped profile name or TOML path (default: this machine, or "
                    "--budget/--cores)")

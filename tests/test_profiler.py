@@ -200,6 +200,23 @@ def test_profile_command_writes_json_png_and_table(run_copy: Path, tiny_bp_run: 
     assert "bp" in out and "wrote" in out
 
 
+def test_profile_for_an_aarch64_board_measures_the_portable_step(tiny_portable_run: Path, tmp_path: Path) -> None:
+    """A Pi trains on the portable graphs (no onnxruntime-training wheel for it): ``--backend auto`` with its
+    profile measures and estimates those, not this host's training build."""
+    import shutil
+
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.profiler import profile_run
+
+    run = Path(shutil.copytree(tiny_portable_run, tmp_path / "run"))
+    pi = custom_profile("1GiB", arch="aarch64", name="pi")
+    profile = profile_run(run, pi, steps=2, threads=1, plot=False, progress=False)
+    assert [b["backend"] for b in profile["blocks"]] == ["portable", "portable"]
+    assert [b["estimated_peak_bytes"] for b in profile["blocks"]] == [
+        estimate_peak_bytes(run / f"block-{k}", backend="portable").total for k in range(2)]
+    assert all(b["measured_peak_bytes"] > 0 for b in profile["blocks"])
+
+
 def test_profile_refuses_a_bp_run_with_several_blocks(run_copy: Path, tiny_run: Path) -> None:
     assert main(["profile", str(run_copy), "--budget", "1GiB", "--steps", "2", "--bp-run", str(tiny_run),
                  "--no-plot", "--no-progress"]) == 2
