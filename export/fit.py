@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from edgebll.devices.profiles import DeviceProfile, format_bytes
 from edgebll.errors import ExportError
@@ -138,6 +141,11 @@ class AutoPartition:
     ranges_estimated: int
     """Unit ranges the search exported to estimate, and the time it took."""
     search_seconds: float
+    estimate_scale: float = 1.0
+    """What the search multiplied the training graphs' estimates by: 1 unless a board trains on the portable
+    graphs (then the largest portable/training ratio of an exported block, see :func:`export_to_fit`)."""
+    attempts: int = 1
+    """Splits exported until every block fitted by its own estimate."""
 
     def unused_boards(self) -> list[int]:
         """Positions (0-based) of listed boards that take no block."""
@@ -152,7 +160,8 @@ class AutoPartition:
                 "estimated_peak_bytes": [f.estimated_bytes for f in self.fits],
                 "search_matches_manifests": self.searched_bytes == [f.estimated_bytes for f in self.fits],
                 "allowance_bytes": [f.allowance_bytes for f in self.fits],
-                "ranges_estimated": self.ranges_estimated, "search_seconds": round(self.search_seconds, 1)}
+                "ranges_estimated": self.ranges_estimated, "search_seconds": round(self.search_seconds, 1),
+                "estimate_scale": round(self.estimate_scale, 4), "attempts": self.attempts}
 
 
 def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile | Sequence[DeviceProfile],
@@ -165,6 +174,16 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     chosen split is then exported and every block checked again from its manifest. When nothing
     fits, the error names each unit too big alone for the largest board and by how much, or says how
     many boards it would take.
+
+    A board that trains on the portable graphs (every aarch64 board) is checked against the portable
+    step's estimate, but exporting a range's portable graph takes ~60× longer than its training
+    graph (torch's tracer and exporter; resnet18's search went from 79 s to more than 15 minutes).
+    So the search runs on the training graphs' estimates times a scale (first 1), the split is
+    exported with its portable graphs and checked exactly, and while a block does not fit, the
+    scale grows to the largest portable/training ratio of the exported blocks and the search runs
+    again (at most :data:`MAX_ATTEMPTS` exports), with the exact estimate for every range already
+    exported as a block. Every block then fits by its own estimate; the fewest-blocks optimum is
+    that of the scaled estimates, not of the portable graphs' own.
     """
     from .artifacts import OptimizerConfig
     from .exporter import export_model, local_loss_modules
@@ -191,23 +210,46 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
         spec, method, head, lo, hi, unit_macs, shapes, predsim), spec.input_dtype)
     memory = RangeMemory(spec=spec, method=method, batch_size=export_options.get("batch_size", 64), head=head,
                          latent=export_options.get("latent", "categorical"), predsim=predsim,
-                         optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer),
-                         backends=tuple(sorted({board.backend for board in boards})))
+                         optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer))
+    batch_size = export_options.get("batch_size", 64)
     if progress:
         print(f"searching block boundaries of {n} units for {', '.join(b.name for b in boards)} ...", file=sys.stderr)
-    split = search_split(n, lambda lo, hi: costs[lo][hi], memory, allowances, reuse=len(boards) == 1,
-                         min_blocks=min_blocks)
-    if split is None:
-        raise ExportError(_no_split_message(spec.unit_names, memory, boards, allowances, method))
+    scale, exported = 1.0, set()
+    checked: dict[tuple[int, int], int] = {}  # a range exported as a block: its estimate on its board's backend
     trial = out.with_name(f".{out.name}.fitting")
     try:
-        export_model(model, out=trial, method=method, blocks=split.num_blocks, bounds=split.bounds, overwrite=True,
-                     progress=progress, **export_options)
-        fits = check_fit(trial, [boards[i] for i in split.boards])
-        refuse_misfits(fits, export_options.get("batch_size", 64))  # the exported graphs have the last word
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            def scaled(lo: int, hi: int, scale: float = scale) -> int:
+                return checked[lo, hi] if (lo, hi) in checked else math.ceil(memory(lo, hi) * scale)
+
+            # how many ranges the search will ask for is not known ahead: the bar counts them (each is an export)
+            with tqdm(desc="ranges estimated", unit="range", initial=len(memory.estimates), disable=not progress,
+                      file=sys.stderr) as bar:
+                memory.on_estimate = lambda lo, hi: bar.update()
+                split = search_split(n, lambda lo, hi: costs[lo][hi], scaled, allowances, reuse=len(boards) == 1,
+                                     min_blocks=min_blocks)
+            memory.on_estimate = None
+            if split is None:
+                raise ExportError(_no_split_message(spec.unit_names, scaled, boards, allowances, method))
+            if (split.bounds, split.boards) in exported:
+                refuse_misfits(fits, batch_size)  # the same split again: the scale cannot help
+            exported.add((split.bounds, split.boards))
+            export_model(model, out=trial, method=method, blocks=split.num_blocks, bounds=split.bounds,
+                         overwrite=True, progress=progress, **export_options)
+            fits = check_fit(trial, [boards[i] for i in split.boards])
+            checked |= {span: f.estimated_bytes for span, f in zip(split.ranges(), fits)}
+            if all(f.fits for f in fits) or attempt == MAX_ATTEMPTS:
+                break
+            ratio = max(f.estimated_bytes / memory(lo, hi) for f, (lo, hi) in zip(fits, split.ranges()))
+            scale = max(ratio, scale * 1.05)  # grows every attempt, so the next search cannot repeat this split
+            if progress:
+                print(f"a block does not fit by its portable graph's estimate; searching again with the training "
+                      f"estimates x {scale:.3f}", file=sys.stderr)
+        refuse_misfits(fits, batch_size)  # the exported graphs have the last word
         result = AutoPartition(run_dir=out, fits=fits, split=split, boards=boards,
-                               searched_bytes=[memory(lo, hi) for lo, hi in split.ranges()],
-                               ranges_estimated=len(memory.estimates), search_seconds=memory.seconds)
+                               searched_bytes=[scaled(lo, hi) for lo, hi in split.ranges()],
+                               ranges_estimated=len(memory.estimates), search_seconds=memory.seconds,
+                               estimate_scale=scale, attempts=attempt)
         config = load_run_config(trial)
         write_json_atomic(trial / RUN_NAME, json.dumps({**config, "partition": result.to_dict()}, indent=1))
         if out.exists():
@@ -216,6 +258,10 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     finally:
         shutil.rmtree(trial, ignore_errors=True)
     return result
+
+
+MAX_ATTEMPTS = 4
+"""Splits ``export_to_fit`` exports at most before it gives up on a board's portable estimate."""
 
 
 def min_blocks_of(method: str) -> int:

@@ -230,6 +230,38 @@ def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
     assert chosen.split.boards == (1,) and chosen.fits[0].device == roomy and chosen.unused_boards() == [0]
 
 
+def test_blocks_auto_for_an_aarch64_board_fits_the_portable_estimates(tmp_path: Path) -> None:
+    """The search runs on the training graphs' estimates; a board that trains on the portable graphs is checked
+    against those, and a split that does not fit by them is searched again with the estimates scaled up."""
+    import json
+
+    from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES as IDLE_RUNTIME_BYTES
+    from edgebll.devices.profiles import custom_profile
+    from edgebll.export.fit import export_to_fit
+    from edgebll.export.range_memory import RangeMemory
+    from edgebll.manifest import load_block_manifest, load_run_config
+
+    def units() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Sequential(*conv_bn_relu(1, 8)), nn.Sequential(*conv_bn_relu(8, 8)),
+                nn.Sequential(*conv_bn_relu(8, 16, stride=2))]
+
+    whole = export_to_fit(units(), out=tmp_path / "roomy", devices=custom_profile("4GB", arch="aarch64"),
+                          batch_size=16, progress=False)
+    assert whole.split.num_blocks == 1 and whole.attempts == 1
+    portable = load_block_manifest(whole.run_dir / "block-0").portable.estimated_peak_bytes
+    training = RangeMemory(spec=build_model(units()), batch_size=16)(0, 3)
+    assert whole.fits[0].estimated_bytes == portable > training  # the board's estimate is the portable step's
+    between = custom_profile(IDLE_RUNTIME_BYTES + portable - 1, arch="aarch64", name="pi")  # one block fits by training
+    chosen = export_to_fit(units(), out=tmp_path / "tight", devices=between, batch_size=16, progress=False)
+    assert chosen.attempts == 2 and chosen.estimate_scale >= portable / training  # one block fitted only by training
+    assert chosen.split.num_blocks > 1 and all(f.fits for f in chosen.fits)
+    for k, f in enumerate(chosen.fits):
+        assert f.estimated_bytes == load_block_manifest(chosen.run_dir / f"block-{k}").portable.estimated_peak_bytes
+    partition = load_run_config(chosen.run_dir)["partition"]
+    assert partition["attempts"] == 2 and json.dumps(partition)
+
+
 def test_no_split_message_names_the_unit_or_the_missing_boards() -> None:
     from edgebll.devices.profiles import custom_profile
     from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES as IDLE_RUNTIME_BYTES
