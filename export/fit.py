@@ -208,10 +208,10 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     unit_macs, shapes = unit_costs(spec.units, spec.input_shape, spec.input_dtype)
     costs = range_costs(spec.units, spec.input_shape, lambda lo, hi: local_loss_modules(
         spec, method, head, lo, hi, unit_macs, shapes, predsim), spec.input_dtype)
-    memory = RangeMemory(spec=spec, method=method, batch_size=export_options.get("batch_size", 64), head=head,
+    batch_size = export_options.get("batch_size", 64)
+    memory = RangeMemory(spec=spec, method=method, batch_size=batch_size, head=head,
                          latent=export_options.get("latent", "categorical"), predsim=predsim,
                          optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer))
-    batch_size = export_options.get("batch_size", 64)
     if progress:
         print(f"searching block boundaries of {n} units for {', '.join(b.name for b in boards)} ...", file=sys.stderr)
     scale, exported = 1.0, set()

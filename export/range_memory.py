@@ -4,8 +4,8 @@ Nothing is modelled: units ``lo .. hi-1`` are planned as the middle block of the
 ``[0, lo) [lo, hi) [hi, n)`` — so the block has the head, the message input and output and (BLL)
 the feedback block it will have in the final export — exported to a scratch folder, and read by
 :func:`edgebll.memory.estimate_peak_bytes` from its training graph, exactly as the exporter writes
-the estimate into a manifest (a board that trains on the portable graphs: see ``export_to_fit``). The search therefore sees the numbers the export will check (a test
-compares them). An additive per-unit model would be cheaper but not the same number: a block's
+the estimate into a manifest. The search therefore sees the numbers the export will check (a test
+compares them; a board that trains on the portable graphs: see ``export_to_fit``). An additive per-unit model would be cheaper but not the same number: a block's
 activation peak is not the sum of its units'. Each range is exported at most once, only when the
 search asks for it, and traced at a tiny batch (:data:`TRACE_BATCH`).
 """
