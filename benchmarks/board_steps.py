@@ -94,6 +94,16 @@ def replay(recorded: Path, run: Path, out: Path) -> None:
         print(f"{path.name} {block}: loss {result.loss:.6f}", flush=True)
 
 
+def gap_summary(gaps: list[np.ndarray], row: dict[str, float] | None = None) -> dict[str, float]:
+    """Fold |a - b| tensors into ``row``: the largest difference, and the largest share of one tensor's
+    elements beyond TOLERANCE."""
+    row = row if row is not None else {"max_abs_difference": 0.0, "share_beyond_tolerance": 0.0}
+    row["max_abs_difference"] = max(row["max_abs_difference"], *(float(g.max(initial=0.0)) for g in gaps))
+    row["share_beyond_tolerance"] = max(row["share_beyond_tolerance"],
+                                        *(float((g > TOLERANCE).mean()) for g in gaps if g.size))
+    return row
+
+
 def compare(recorded: Path, replayed: Path) -> dict[str, dict[str, float]]:
     """Per block folder: the largest |replayed - recorded| over the next state and outputs of all its steps,
     and the largest share of one tensor's elements beyond TOLERANCE."""
@@ -110,9 +120,7 @@ def compare(recorded: Path, replayed: Path) -> dict[str, dict[str, float]]:
             gaps = [np.abs(got[k].astype(np.float64) - v) for k, v in mine.items() if v.dtype.kind == "f"]
             row = worst.setdefault(block, {"steps": 0, "max_abs_difference": 0.0, "share_beyond_tolerance": 0.0})
             row["steps"] += 1
-            row["max_abs_difference"] = max(row["max_abs_difference"], *(float(g.max(initial=0.0)) for g in gaps))
-            row["share_beyond_tolerance"] = max(row["share_beyond_tolerance"],
-                                                *(float((g > TOLERANCE).mean()) for g in gaps if g.size))
+            gap_summary(gaps, row)
     return worst
 
 

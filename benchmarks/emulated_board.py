@@ -44,13 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
+from board_steps import TOLERANCE, gap_summary
 from board_steps import compare as compare_steps
 from common import describe_machine, machine_info, markdown_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "bookworm"  # Debian 12: Python 3.11, the CPython of onnxruntime's newest aarch64 wheels
 BOARD_PACKAGES = ("numpy", "onnxruntime==1.32.0", "tqdm")  # the host's .venv-board has the same onnxruntime
-TOLERANCE = 1e-4
 # The check is of the training arithmetic, so nothing may turn a rounding difference into a step:
 # - fp32 messages: with int8, a difference in block 0's output that crosses a quantization boundary
 #   moves block 1's input by a whole step;
@@ -183,9 +183,7 @@ def drift(host_run: Path, board_run: Path) -> dict[str, dict[str, float]]:
         with np.load(state) as host, np.load(board_run / folder / "trained" / "portable_state.npz") as board:
             if sorted(host.files) != sorted(board.files):
                 raise SystemExit(f"{folder}: board and host saved different state tensors")
-            gaps = [np.abs(board[k].astype(np.float64) - host[k]) for k in host.files]
-            worst[str(folder)] = {"max_abs_difference": max(float(g.max(initial=0.0)) for g in gaps),
-                                  "share_beyond_tolerance": max(float((g > TOLERANCE).mean()) for g in gaps if g.size)}
+            worst[str(folder)] = gap_summary([np.abs(board[k].astype(np.float64) - host[k]) for k in host.files])
     return worst
 
 

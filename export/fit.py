@@ -214,7 +214,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
                          optimizer=optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer))
     if progress:
         print(f"searching block boundaries of {n} units for {', '.join(b.name for b in boards)} ...", file=sys.stderr)
-    scale, exported = 1.0, set()
+    scale = 1.0
     checked: dict[tuple[int, int], int] = {}  # a range exported as a block: its estimate on its board's backend
     trial = out.with_name(f".{out.name}.fitting")
     try:
@@ -231,9 +231,6 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
             memory.on_estimate = None
             if split is None:
                 raise ExportError(_no_split_message(spec.unit_names, scaled, boards, allowances, method))
-            if (split.bounds, split.boards) in exported:
-                refuse_misfits(fits, batch_size)  # the same split again: the scale cannot help
-            exported.add((split.bounds, split.boards))
             export_model(model, out=trial, method=method, blocks=split.num_blocks, bounds=split.bounds,
                          overwrite=True, progress=progress, **export_options)
             fits = check_fit(trial, [boards[i] for i in split.boards])
@@ -241,7 +238,8 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
             if all(f.fits for f in fits) or attempt == MAX_ATTEMPTS:
                 break
             ratio = max(f.estimated_bytes / memory(lo, hi) for f, (lo, hi) in zip(fits, split.ranges()))
-            scale = max(ratio, scale * 1.05)  # grows every attempt, so the next search cannot repeat this split
+            # a misfit range is never chosen again: it now counts with its exact estimate, over the allowance
+            scale = max(scale, ratio)
             if progress:
                 print(f"a block does not fit by its portable graph's estimate; searching again with the training "
                       f"estimates x {scale:.3f}", file=sys.stderr)
