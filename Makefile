@@ -2,6 +2,7 @@
 # make test : set up the same way and run the whole test suite
 # make bench: run every benchmark (~7 h on 2 cores; writes benchmarks/results/*.json and .md)
 # make test-aarch64: train on an emulated aarch64 board (arm64 Debian under qemu-user) and compare with this host
+# make wheel-aarch64: the wheel a Pi or Jetson installs (dist/edgebll-*-manylinux_2_17_aarch64.whl)
 # make device-carry: what a GPU machine with torch but nothing else needs (benchmarks/gpu_session.sh)
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ BOARD_VENV := .venv-board
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-aarch64 bench clean device-carry
+.PHONY: setup data cross-tools demo test test-aarch64 wheel-aarch64 bench clean device-carry
 
 setup: $(VENV)/.installed $(DEVICE_VENV)/.installed $(BOARD_VENV)/.installed
 
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/crc32.c csrc
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q scikit-build-core cmake ninja
+	$(PY) -m pip install -q scikit-build-core cmake ninja wheel
 	$(PY) -m pip install -q --no-build-isolation -e '.[export,dev,mpi]'
 	touch $@
 
@@ -48,12 +49,23 @@ $(DATA_DIR)/train-images-idx3-ubyte.gz:
 demo: setup data
 	$(VENV)/bin/edgebll demo
 
-test: setup data
+# Debian's aarch64 cross compiler and qemu-user: the tests build the board wheel and run the codec
+# built for aarch64 under emulation.
+cross-tools:
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-objdump >/dev/null && \
+		command -v qemu-aarch64-static >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross \
+		qemu-user-static; }
+
+test: setup data cross-tools
 	$(PY) -m pytest -q
 
+wheel-aarch64: setup cross-tools
+	$(PY) tools/board_wheel.py --out dist
+
 # The userland is cached in ~/.cache/edgebll (EDGEBLL_ARM64_ROOT); the first run takes a few minutes more.
-test-aarch64: setup data
-	$(SUDO) apt-get install -y -qq debootstrap qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+test-aarch64: setup data cross-tools
+	$(SUDO) apt-get install -y -qq debootstrap
 	$(SUDO) $(PY) benchmarks/emulated_board.py
 
 bench: setup data

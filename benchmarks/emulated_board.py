@@ -1,8 +1,8 @@
 """Train on an emulated aarch64 board what the host trains, and check every step agrees.
 
-No board needed: an arm64 Debian userland (Python 3.11) runs under qemu-user, with the aarch64
-wheels of numpy and onnxruntime (what ``pip install edgebll`` brings on a Pi) and the message codec
-cross-compiled for aarch64. For cnn-small bwbpf (2 blocks) and BLL (2 forward + 1 feedback block),
+No board needed: an arm64 Debian userland (Python 3.11) runs under qemu-user, with this checkout's
+board wheel (``make wheel-aarch64``: the codec cross-compiled for aarch64) and the aarch64 wheels
+of numpy and onnxruntime that ``pip install`` of it brings on a Pi. For cnn-small bwbpf (2 blocks) and BLL (2 forward + 1 feedback block),
 exported here with their portable graphs (SGD, fp32 messages), on Fashion-MNIST batches:
 
 1. the host trains from the command line (``edgebll train --backend portable``), recording every
@@ -32,6 +32,7 @@ Writes benchmarks/results/emulated_board.json and .md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -139,14 +140,19 @@ def board_site(root: Path) -> Path:
 
 
 def board_package(root: Path) -> Path:
-    """This checkout's edgebll package with its codec cross-compiled for aarch64 (the CMake flags)."""
+    """This checkout's board wheel (``make wheel-aarch64``), installed by the host's pip for aarch64 CPython 3.11
+    as a board's pip installs it (its dependencies come from :func:`board_site`)."""
+    spec = importlib.util.spec_from_file_location("board_wheel", REPO / "tools" / "board_wheel.py")
+    board_wheel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(board_wheel)
     top = root / "opt" / "edgebll"
     shutil.rmtree(top, ignore_errors=True)
-    shutil.copytree(REPO / "edgebll", top / "edgebll", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    with tempfile.TemporaryDirectory() as dist:
+        wheel = board_wheel.build(Path(dist))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(top),
+                        "--only-binary=:all:", "--platform", board_wheel.TAG, "--python-version", "3.11",
+                        "--implementation", "cp", str(wheel)], check=True)
     shutil.copyfile(Path(__file__).with_name("board_steps.py"), top / "board_steps.py")
-    subprocess.run(["aarch64-linux-gnu-gcc", "-std=c11", "-O3", "-fPIC", "-shared", "-fno-fast-math",
-                    "-ffp-contract=off", "-I", str(REPO / "csrc"), str(REPO / "csrc" / "codec.c"),
-                    str(REPO / "csrc" / "crc32.c"), "-o", str(top / "edgebll" / "libedgebll_codec.so")], check=True)
     return top
 
 
@@ -235,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
         "'numpy': numpy.__version__, 'onnxruntime': onnxruntime.__version__, "
         "'native_codec': codec.native_available(), 'training_build': training_available(), "
+        "'installed_at': codec.__file__.split('/edgebll/')[0], "
         "'torch': 'torch' in sys.modules}))")), "the board's python").strip().splitlines()[-1])
-    if facts["machine"] != "aarch64" or not facts["native_codec"] or facts["training_build"]:
+    if (facts["machine"] != "aarch64" or not facts["native_codec"] or facts["training_build"]
+            or facts["installed_at"] != BOARD_PATH[0]):
         raise SystemExit(f"the emulated board is not what it should be: {facts}")
 
     rows = []
@@ -336,8 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Training on an emulated aarch64 board\n\n"
         f"`python benchmarks/emulated_board.py` (`make test-aarch64`) on {describe_machine(machine)}. The board: "
         f"Debian {SUITE} arm64 under qemu-user (`-cpu {BOARD_CPU}`), {facts['machine']}, Python {facts['python']}, numpy "
-        f"{facts['numpy']}, onnxruntime {facts['onnxruntime']} (no training build, no torch), the codec "
-        "cross-compiled for aarch64.\n\n"
+        f"{facts['numpy']}, onnxruntime {facts['onnxruntime']} (no training build, no torch), edgebll from the board wheel "
+        "(`make wheel-aarch64`, its codec cross-compiled for aarch64).\n\n"
         f"cnn-small in 2 blocks, batch {args.batch_size}, {args.limit} Fashion-MNIST training images (one epoch), "
         f"{OPTIMIZER.upper()}, `--backend portable`, {CODEC} messages (why both: benchmarks/emulated_board.py); "
         f"`edgebll eval --limit {args.eval_limit}`. The host trains and records every block step; the board "

@@ -109,6 +109,9 @@ class PortableSchema:
     estimated_peak_bytes: int = 0
     """Rough peak training memory of the portable step at the manifest's batch size (as
     ``BlockManifest.estimated_peak_bytes`` for onnxruntime-training's); 0: not estimated (older exports)."""
+    in_place: bool = False
+    """The train graph runs every update after all else (``export.in_place``), so the runner writes the
+    next state over the current one: one copy of the state. False (older exports): two copies in turn."""
 
     def state_keys(self) -> list[str]:
         """Every state tensor, in the train graph's input order."""

@@ -31,8 +31,9 @@ from batch-size sweeps of one model (cnn-small) with the memory pattern on and o
 
 The portable backend (``backend="portable"``) is estimated from ``portable_train.onnx`` the same
 way: ``parameters`` and ``optimizer_state`` are the state it is fed, ``gradients`` is 0 (they are
-transient tensors of the one graph, inside ``activations``), and ``activations`` include the next
-state the graph returns while the current one is still held.
+transient tensors of the one graph, inside ``activations``). A graph exported to update in place
+(``PortableSchema.in_place``) writes the next state over the current one, so ``activations``
+leave it out; an older export's include it, since the runner then holds both.
 
 Needs the ``onnx`` package (imported here, when an estimate is made); it comes with
 onnxruntime-training as a dependency on the host; a board with plain onnxruntime installs it for
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebll.errors import EdgeBLLError, ManifestError
-from edgebll.manifest import MANIFEST_NAME, TRAIN_FILE, BlockManifest, load_block_manifest
+from edgebll.manifest import MANIFEST_NAME, NEXT, TRAIN_FILE, BlockManifest, load_block_manifest
 
 RUNTIME_BYTES = int(11.8 * 2**20)
 """ONNX Runtime's own memory for one block: three sessions (training, eval, optimizer) and the
@@ -152,7 +153,8 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
             raise ManifestError(f"block {manifest.index}: exported without portable graphs; hint: re-export the run "
                                 "with --portable (the default)")
         graph = _graph_memory(block_dir / TRAIN_FILE, manifest, batch,
-                              optimizer_keys=frozenset(manifest.portable.state_keys()[len(manifest.portable.model_keys()):]))
+                              optimizer_keys=frozenset(manifest.portable.state_keys()[len(manifest.portable.model_keys()):]),
+                              in_place=manifest.portable.in_place)
         optimizer_state = graph.optimizer_state  # the AdamW moments it is fed (none for SGD)
     elif backend == "ort-training":
         graph = _graph_memory(block_dir / "training_model.onnx", manifest, batch)
@@ -252,11 +254,12 @@ def _import_onnx() -> Any:
 
 
 def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
-                  optimizer_keys: frozenset[str] | None = None) -> _GraphMemory:
+                  optimizer_keys: frozenset[str] | None = None, in_place: bool = False) -> _GraphMemory:
     """Parameters, gradient buffers and the liveness peak of the training graph at ``batch``.
 
     ``optimizer_keys``: a portable graph's optimizer-state inputs (its other inputs but lr and step
-    are parameters and buffers; it has no gradient buffers).
+    are parameters and buffers; it has no gradient buffers). ``in_place``: its ``next:KEY`` outputs
+    are written into the buffers of the ``KEY`` inputs and cost nothing more.
     """
     onnx = _import_onnx()
     if not path.is_file():
@@ -294,6 +297,8 @@ def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
             if name:
                 last_use[root.get(name, name)] = at
     outputs = {root.get(o.name, o.name) for o in graph.output}
+    inputs = {t.name for t in graph.input}
+    written_over = {o.name for o in graph.output if in_place and o.name.startswith(NEXT) and o.name[len(NEXT):] in inputs}
     backward = next((at for at, n in enumerate(nodes) if any(name.endswith("_grad") for name in n.input)), len(nodes))
     live: dict[str, int] = {}
     in_use = peak = 0
@@ -302,7 +307,7 @@ def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
             result.saved = sum(size for name, size in live.items() if last_use.get(name, -1) >= backward)
         if node.op_type not in _ALIASING_OPS:
             for name in node.output:
-                if name and name not in live and name not in root:
+                if name and name not in live and name not in root and name not in written_over:
                     live[name] = nbytes(name)
                     in_use += live[name]
         peak = max(peak, in_use)

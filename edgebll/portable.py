@@ -4,8 +4,10 @@ The graphs (``portable_train.onnx``, ``portable_eval.onnx``) and the initial sta
 (``portable_state.npz``) are written by ``edgebll.export.portable``. The train graph takes the
 message, the side input, ``lr``, ``step`` and the state (parameters, buffers, AdamW moments) and
 returns the block's outputs and the next state. :class:`PortableRunner` keeps that state in
-ORT-owned values between steps (nothing of the weights goes through numpy per step), adopts the
-next state only when the loss is finite, and saves it atomically with the same sidecar as
+ORT-owned values between steps (nothing of the weights goes through numpy per step) and has the
+graph write the next state over it where the export allows (``PortableSchema.in_place``: one copy
+of the state, not two). A non-finite loss stops the block with its last saved state, and the
+state is saved atomically with the same sidecar as
 :class:`~edgebll.runner.BlockRunner`. It needs numpy and the maintained ``onnxruntime`` (aarch64
 wheels, NVIDIA's Jetson build) — no training build, no torch.
 """
@@ -91,12 +93,15 @@ class PortableRunner(RunnerBase):
             state_file = trained
         self._keys = schema.state_keys()
         self._model_keys = schema.model_keys()
-        arrays = load_state(state_file, self._keys, where)
-        self.state = {k: onnxruntime.OrtValue.ortvalue_from_numpy(a, self.device, 0) for k, a in arrays.items()}
-        self._spare: dict[str, Any] = {}
-        """Where the next step writes the next state: the state before the last step (two sets in turn, so
-        no step allocates the state anew: per-step allocations fragmented ORT's arena by tens of MiB)."""
         self._ortvalue = onnxruntime.OrtValue
+        self._where = where
+        self._source: Path | None = state_file
+        """The file the state came from or was last saved to: what a non-finite loss rolls back to."""
+        self._load(state_file)
+        self._spare: dict[str, Any] = {}
+        """Where the next step writes the next state: with ``in_place`` the state itself, else the state
+        before the last step (two sets in turn, so no step allocates the state anew: per-step
+        allocations fragmented ORT's arena by tens of MiB)."""
         outputs = [o.name for o in self.train_session.get_outputs()]
         names = [t.name for t in self.manifest.outputs if t.role != "bn_stat"]
         if outputs != names + [NEXT + k for k in self._keys]:
@@ -104,6 +109,20 @@ class PortableRunner(RunnerBase):
                                 f"state tensors; the manifest says {names} and {len(self._keys)}; hint: re-export the run")
         self._names = names
         self._read_roles()  # BatchNorm statistics come last among the outputs: the roles' positions hold
+
+    def _load(self, path: Path) -> None:
+        arrays = load_state(path, self._keys, self._where)
+        self.state = {k: self._ortvalue.ortvalue_from_numpy(a, self.device, 0) for k, a in arrays.items()}
+
+    def _roll_back(self) -> str:
+        """After a failed in-place step: the state of ``_source`` again; says what happened, for the error."""
+        if self._source is None:
+            return "the step had written over its state, which was given as arrays: load a state again"
+        self._load(self._source)
+        self._spare = {}
+        self.progress = verify_trained(self._source) if self._source.parent.name == TRAINED_DIR else {"epoch": 0, "step": 0}
+        return (f"the step had written over its state, so it went back to {self._source.parent.name}/"
+                f"{self._source.name} (step {self.progress['step']})")
 
     def _run(self, session: Any, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
         """Run ``session`` on OrtValues; the block's own outputs come back on the CPU, the state stays on the
@@ -128,26 +147,31 @@ class PortableRunner(RunnerBase):
     def train_step(self, x: np.ndarray, side: np.ndarray, lr: float) -> StepResult:
         """One local step: forward, local loss, backward and optimizer update, all in one graph run.
 
-        The next state is adopted only when the loss is finite, so a non-finite loss stops the block
-        before its update, as with the training build.
+        A non-finite loss raises TrainingError and leaves no update: the next state is adopted only
+        when the loss is finite, or, where the graph writes it in place, the runner goes back to the
+        state it last loaded or saved (the error says which step that was).
         """
         feeds = self._feeds(x, side)
         feeds["lr"] = self._ortvalue.ortvalue_from_numpy(np.array(lr, np.float32), self.device, 0)
         feeds["step"] = self._ortvalue.ortvalue_from_numpy(np.array(self.progress["step"] + 1, np.float32),
                                                            self.device, 0)
         feeds |= self.state
+        if self.schema.in_place:
+            self._spare = self.state
         values = self._run(self.train_session, feeds, self._names + [NEXT + k for k in self._keys])
         outputs = tuple(v.numpy() for v in values[:len(self._names)])
         loss = float(outputs[self._loss_at])
         if not np.isfinite(loss):
-            raise TrainingError(f"{self.name}: local loss is {loss} at step {self.progress['step']} "
-                                f"(epoch {self.progress['epoch']}); stopped before the optimizer step; "
-                                "hint: lower the learning rate (--lr)")
+            at = f"at step {self.progress['step']} (epoch {self.progress['epoch']})"
+            undone = self._roll_back() if self.schema.in_place else "stopped before the optimizer step"
+            raise TrainingError(f"{self.name}: local loss is {loss} {at}; {undone}; hint: lower the learning rate "
+                                "(--lr)")
         # a key written into a spare tensor keeps that very object: the values ORT hands back for it
         # do not own the memory (a numpy-backed spare would be freed under them)
         updated = {k: self._spare.get(k, v) for k, v in zip(self._keys, values[len(self._names):])}
-        # the old state becomes the next step's output buffers, where its shapes are the graph's
-        self._spare = {k: v for k, v in self.state.items() if v.shape() == updated[k].shape()}
+        if not self.schema.in_place:
+            # the old state becomes the next step's output buffers, where its shapes are the graph's
+            self._spare = {k: v for k, v in self.state.items() if v.shape() == updated[k].shape()}
         self.state = updated
         self.progress["step"] += 1
         return self._result(outputs)
@@ -175,6 +199,7 @@ class PortableRunner(RunnerBase):
         self.state = {k: self._ortvalue.ortvalue_from_numpy(np.array(arrays[k], order="C"), self.device, 0)
                       for k in self._keys}
         self._spare = {}
+        self._source = None
         self.progress["step"] = int(step)
 
     def parameters(self) -> dict[str, np.ndarray]:
@@ -186,8 +211,9 @@ class PortableRunner(RunnerBase):
         """Write ``trained/portable_state.npz`` atomically (temp file, fsync, rename), with the optimizer state."""
         self.progress["epoch"] = epoch
         arrays = self.state_arrays()
-        return save_trained(self.block_dir / TRAINED_DIR / STATE_FILE, self.progress,
-                            lambda tmp: save_state(tmp, arrays))
+        self._source = save_trained(self.block_dir / TRAINED_DIR / STATE_FILE, self.progress,
+                                    lambda tmp: save_state(tmp, arrays))
+        return self._source
 
     def export_for_inference(self, path: str | os.PathLike) -> Path:
         """A plain ONNX inference model (input ``x``; outputs ``logits`` and, but for the last block, ``y``).

@@ -10,7 +10,8 @@ decomposed here into forward ops (``convolution_backward``: ConvTranspose and Co
 
 Graph contract (names in :mod:`edgebll.portable`): inputs ``x``, the side input, ``lr``, ``step``
 and every state tensor ``param:NAME``, ``buffer:NAME``, ``exp_avg:NAME``, ``exp_avg_sq:NAME``;
-outputs the block's own outputs (loss first) and the updated state under ``next:KEY``. The eval
+outputs the block's own outputs (loss first) and the updated state under ``next:KEY``, computed
+after everything else so that the runner may write it over the state it was fed (:mod:`.in_place`). The eval
 graph takes ``x``, the side input and the ``param:``/``buffer:`` state, and returns the block's
 outputs in eval mode. The batch axis is symbolic in both.
 """
@@ -41,6 +42,7 @@ from edgebll.manifest import (
 from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
+from .in_place import order_updates_after_reads
 
 aten = torch.ops.aten
 
@@ -316,6 +318,7 @@ def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[t
     scalars = [torch.tensor(1e-3), torch.tensor(1.0)]
     train_model = _to_onnx(train, [*examples, *scalars, *tensors], [*side_names, "lr", "step", *keys],
                            [*names_out, *[NEXT + k for k in keys]], 2, where)
+    in_place = order_updates_after_reads(train_model)
     eval_module = module.eval()
     evaluate = make_eval_step(eval_module, list(params), list(others))
     eval_model = _to_onnx(evaluate, [*examples, *tensors[:len(state)]], [*side_names, *state],
@@ -326,5 +329,6 @@ def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[t
     save_state(block_dir / STATE_FILE, {**state, **moments})
     schema = PortableSchema(parameters=list(params), buffers=list(others),
                             optimizer_state=(["exp_avg", "exp_avg_sq"] if moments else []), opset=OPSET,
-                            num_state_bytes=int(sum(a.nbytes for a in [*state.values(), *moments.values()])))
+                            num_state_bytes=int(sum(a.nbytes for a in [*state.values(), *moments.values()])),
+                            in_place=in_place)
     return schema

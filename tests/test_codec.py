@@ -975,7 +975,8 @@ def test_aarch64_build_matches_the_host_and_zlib(tmp_path: Path) -> None:
 
     Needs Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (apt-get install -y ...).
     """
-    cross, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    cross = shutil.which("aarch64-linux-gnu-gcc")
+    qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     host = shutil.which(os.environ.get("CC", "cc"))
     if cross is None or qemu is None or host is None:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "

@@ -283,14 +283,64 @@ def test_unsupported_layer_is_refused_at_export_naming_it(tmp_path: Path) -> Non
 def test_portable_runner_stops_before_the_update_on_a_non_finite_loss(tiny_portable_run: Path, tmp_path: Path) -> None:
     block_dir = Path(shutil.copytree(tiny_portable_run / "block-0", tmp_path / "block-0"))
     runner = PortableRunner(block_dir, load_trained=False)
+    assert runner.schema.in_place  # the step writes over its state: a failed step must be undone
     before = runner.state_arrays()
-    x, labels = _inputs(runner.manifest, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    x, labels = _inputs(runner.manifest, rng)
     x[0, 0, 0, 0] = np.nan
-    with pytest.raises(EdgeBLLError, match="block 0: local loss is nan at step 0"):
+    with pytest.raises(EdgeBLLError, match=r"block 0: local loss is nan at step 0 .* went back to "
+                                           r"block-0/portable_state.npz \(step 0\)"):
         runner.train_step(x, labels, LR)
     after = runner.state_arrays()
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert runner.progress["step"] == 0
+    # after a save, back to what was saved
+    for _ in range(2):
+        runner.train_step(*_inputs(runner.manifest, rng), LR)
+    runner.save(epoch=0)
+    saved = runner.state_arrays()
+    runner.train_step(*_inputs(runner.manifest, rng), LR)
+    with pytest.raises(EdgeBLLError, match=r"local loss is nan at step 3 .* went back to trained/portable_state.npz "
+                                           r"\(step 2\)"):
+        runner.train_step(x, labels, LR)
+    assert all(np.array_equal(saved[k], v) for k, v in runner.state_arrays().items())
+    assert runner.progress["step"] == 2
+
+
+def test_in_place_step_keeps_one_copy_of_the_state_and_equals_two(tiny_portable_run: Path) -> None:
+    """The graph writes the next state into the buffers it was fed, with the same numbers as into a second copy."""
+    from dataclasses import replace
+
+    block_dir = tiny_portable_run / "block-0"
+    in_place = PortableRunner(block_dir, load_trained=False)
+    two_copies = PortableRunner(block_dir, load_trained=False)
+    two_copies.schema = replace(two_copies.schema, in_place=False)
+    where = {k: v.data_ptr() for k, v in in_place.state.items()}
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x, labels = _inputs(in_place.manifest, rng)
+        a, b = in_place.train_step(x, labels, LR), two_copies.train_step(x, labels, LR)
+        assert a.loss == b.loss
+    assert {k: v.data_ptr() for k, v in in_place.state.items()} == where
+    assert any(two_copies.state[k].data_ptr() != p for k, p in where.items())
+    expected = two_copies.state_arrays()
+    assert all(np.array_equal(expected[k], v) for k, v in in_place.state_arrays().items())
+
+
+def test_updates_wait_for_every_reader_of_what_they_overwrite(tiny_portable_run: Path) -> None:
+    from edgebll.export.in_place import update_hazards
+
+    model = onnx.load(str(tiny_portable_run / "block-0" / "portable_train.onnx"))
+    assert update_hazards(model) == {}
+    # without the added dependencies a layer's input-gradient conv may run after its weight's update
+    kept = [n for n in model.graph.node if not n.name.startswith("after_reads/")]
+    for node in kept:
+        node.input[:] = ["lr" if name == "lr_after_reads" else name for name in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    hazards = update_hazards(model)
+    assert hazards and all(key.startswith("param:") for key in hazards)
+    assert any(key.endswith(".weight") for key in hazards)
 
 
 def test_portable_checkpoint_round_trip(tiny_portable_run: Path, tmp_path: Path) -> None:

@@ -1,0 +1,164 @@
+"""Let a portable train graph write its next state over the current one.
+
+The portable backend binds each ``next:KEY`` output to the very buffer fed as ``KEY``, so a
+block holds one copy of its parameters and optimizer state, not two. That is exact only if every
+node that reads ``KEY`` runs before the node that writes ``next:KEY``. onnxruntime orders nodes
+by data dependencies alone, and eagerly: a weight's update needs only that weight's gradient,
+while the same layer's input-gradient convolution, which reads the weight, is a sibling of it,
+so the update may run first (it did for cnn-small: weights off by 2·lr after one AdamW step).
+
+:func:`order_updates_after_reads` adds the missing dependencies: every reader of a state tensor
+that is not already an ancestor of its update feeds a zero that is added to ``lr``, which every
+update reads. The zero is the sum of an empty slice of the reader's output, exactly 0 whatever
+the values, and costs nothing to compute. The updates then run after the backward, as in
+onnxruntime-training (all gradients alive at once, as its gradient buffers are).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+import onnx
+from onnx import TensorProto, helper
+
+from edgebll.manifest import NEXT
+
+_LR = "lr"
+_ORDERED_LR = "lr_after_reads"
+_TYPE_ONLY_INPUTS = {"CastLike": {1}}
+"""Inputs that carry only a type: onnxruntime drops such a CastLike, and the edge with it."""
+_SHAPE_OPS = {"Shape", "Size"}
+"""Their outputs may be folded into constants where shapes are static: no dependency survives."""
+
+
+def _data_inputs(node: onnx.NodeProto) -> list[str]:
+    skip = _TYPE_ONLY_INPUTS.get(node.op_type, set())
+    return [name for at, name in enumerate(node.input) if name and at not in skip]
+
+
+def _ancestors(node: int, producer: dict[str, int], nodes: list[onnx.NodeProto], memo: dict[int, frozenset[int]]) -> frozenset[int]:
+    """Every node whose output ``nodes[node]`` depends on through data (not through shapes alone)."""
+    found: set[int] = set()
+    stack = [node]
+    while stack:
+        at = stack.pop()
+        if at in memo and at != node:
+            found |= memo[at]
+            continue
+        if nodes[at].op_type in _SHAPE_OPS and at != node:
+            continue
+        for name in _data_inputs(nodes[at]):
+            parent = producer.get(name)
+            if parent is not None and parent not in found:
+                found.add(parent)
+                stack.append(parent)
+    memo[node] = frozenset(found)
+    return memo[node]
+
+
+def update_hazards(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Per state key: the nodes that read ``KEY`` but need not run before the node that writes ``next:KEY``.
+
+    Empty when the graph may update its state in place. A ``next:KEY`` that is ``KEY`` passed
+    through unchanged (an Identity, or the input itself) is no hazard: it writes what is there.
+    """
+    nodes = list(model.graph.node)
+    producer = {name: at for at, node in enumerate(nodes) for name in node.output if name}
+    readers: dict[str, list[int]] = {}
+    for at, node in enumerate(nodes):
+        for name in set(node.input):
+            readers.setdefault(name, []).append(at)
+    memo: dict[int, frozenset[int]] = {}
+    hazards: dict[str, list[str]] = {}
+    for output in model.graph.output:
+        if not output.name.startswith(NEXT):
+            continue
+        key = output.name[len(NEXT):]
+        writer = producer.get(output.name)
+        if writer is None or (nodes[writer].op_type == "Identity" and list(nodes[writer].input) == [key]):
+            continue
+        before = _ancestors(writer, producer, nodes, memo)
+        late = [nodes[r].name or nodes[r].op_type for r in readers.get(key, []) if r != writer and r not in before]
+        if late:
+            hazards[key] = late
+    return hazards
+
+
+def _zero_from(name: str, tag: str) -> list[onnx.NodeProto]:
+    """Nodes computing ``{tag}`` = 0.0 (float scalar) from tensor ``name``: the sum of an empty slice of it."""
+    return [
+        helper.make_node("Reshape", [name, f"{tag}/flat_shape"], [f"{tag}/flat"], name=f"{tag}/flatten"),
+        helper.make_node("Slice", [f"{tag}/flat", f"{tag}/none", f"{tag}/none"], [f"{tag}/empty"], name=f"{tag}/slice"),
+        helper.make_node("Cast", [f"{tag}/empty"], [f"{tag}/empty_f"], to=TensorProto.FLOAT, name=f"{tag}/cast"),
+        helper.make_node("ReduceSum", [f"{tag}/empty_f"], [tag], keepdims=0, name=f"{tag}/sum"),
+    ]
+
+
+def _constants(tag: str) -> Iterable[onnx.TensorProto]:
+    yield helper.make_tensor(f"{tag}/flat_shape", TensorProto.INT64, [1], [-1])
+    yield helper.make_tensor(f"{tag}/none", TensorProto.INT64, [1], [0])
+
+
+def order_updates_after_reads(model: onnx.ModelProto) -> bool:
+    """Make every optimizer update of ``model`` wait for all the rest of the step (see the module doc).
+
+    The updates are the nodes that depend on ``lr``; every node that does not waits for none of
+    them, so making ``lr`` wait for the sinks of the rest orders the whole step before any update,
+    whatever onnxruntime's optimizer later fuses or rewires there. Edits ``model`` in place.
+    Returns True when no hazard is left, so the state may be updated in place; False when one is:
+    the runner then keeps two copies of the state.
+    """
+    nodes = list(model.graph.node)
+    updates: set[int] = set()
+    tainted = {_LR}
+    for at, node in enumerate(nodes):  # a torch-traced graph is topologically sorted
+        if tainted.intersection(node.input):
+            updates.add(at)
+            tainted.update(node.output)
+    if not updates:
+        return not update_hazards(model)
+    consumed = {name for at, node in enumerate(nodes) if at not in updates for name in node.input}
+    sinks = [at for at, node in enumerate(nodes)
+             if at not in updates and node.output and not consumed.intersection(node.output)
+             and node.op_type not in _SHAPE_OPS]
+    added: list[onnx.NodeProto] = []
+    zeros = []
+    for at, sink in enumerate(sinks):
+        tag = f"after_reads/{at}"
+        added += _zero_from(nodes[sink].output[0], tag)
+        model.graph.initializer.extend(_constants(tag))
+        zeros.append(tag)
+    added.append(helper.make_node("Sum", zeros, ["after_reads/zero"], name="after_reads/sum"))
+    added.append(helper.make_node("Add", [_LR, "after_reads/zero"], [_ORDERED_LR], name="after_reads/lr"))
+    for at in updates:
+        node = nodes[at]
+        for k, name in enumerate(node.input):
+            if name == _LR:
+                node.input[k] = _ORDERED_LR
+    del model.graph.node[:]
+    model.graph.node.extend(_topological([*nodes, *added]))
+    return not update_hazards(model)
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every node follows the producers of its inputs, else as given (ONNX requires it)."""
+    producer = {name: at for at, node in enumerate(nodes) for name in node.output if name}
+    waiting = [{producer[n] for n in node.input if n in producer} for node in nodes]
+    users: dict[int, list[int]] = {}
+    for at, parents in enumerate(waiting):
+        for parent in parents:
+            users.setdefault(parent, []).append(at)
+    ready = [at for at, parents in enumerate(waiting) if not parents]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        at = heapq.heappop(ready)
+        order.append(nodes[at])
+        for user in users.get(at, []):
+            waiting[user].discard(at)
+            if not waiting[user]:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    return order
