@@ -77,7 +77,7 @@ def run_ort(variant: str, blocks: int, args: argparse.Namespace, seed: int, data
     train = runtime.train(data=train_set, epochs=args.epochs, codec=args.codec, seed=seed, cutout=args.cutout,
                           progress=False)
     valid = runtime.evaluate(data=validation, progress=False)["test_accuracy"] if validation is not None else None
-    evaluation = runtime.evaluate(data=test, progress=False)  # last, so the run's eval.json is the test one
+    evaluation = runtime.evaluate(data=test, progress=False)  # given arrays: written to eval.given.json
     return {"test_accuracy": evaluation["test_accuracy"], "per_block_accuracy": evaluation["per_block_accuracy"],
             "validation_accuracy": valid,
             "samples_per_s": train["samples_per_s"], "train_seconds": train["seconds"],

@@ -113,9 +113,11 @@ def _worker_config(args: argparse.Namespace) -> Any:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
-                   "(default: $EDGEBLL_DATA_DIR or /usr/share/datasets/fashion-mnist); the transformer's "
-                   "sequence task is synthetic and needs none")
+    p.add_argument("--data", "--data-dir", dest="data_dir", default=None, metavar="DIR",
+                   help="where the data lives: a dataset folder written by `edgebll data import` (export: train on "
+                   "it; train/eval: read it instead of the one run.json names), or the folder with the four "
+                   "Fashion-MNIST IDX files (default: the run's dataset folder, else $EDGEBLL_DATA_DIR or "
+                   "/usr/share/datasets/fashion-mnist); the transformer's sequence task is synthetic and needs none")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per block (default: 0 = ORT decides; "
                    "1 per rank with --transport mpi, which binds each rank to a core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 2e-3 for adamw, 0.05 for sgd)")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
     p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--data", dest="data_dir", default=None, metavar="DIR",
+                   help="a dataset folder (`edgebll data import`) to train on: the samples' shape and the classes "
+                        "come from it (default: Fashion-MNIST, or the model's own task)")
     p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
                    help="board(s) the blocks must fit (`edgebll devices` lists them; a mixed set: one per block in "
                         "order with --blocks K, or with --blocks auto a pool where each board takes at most one block): "
@@ -240,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     _add_common(p)
 
+    p = sub.add_parser("data", help="turn your own data into a dataset folder (edgebll data import)",
+                       description="Dataset folders hold raw arrays a board memory-maps and dataset.json (shape, "
+                                   "classes, normalisation, sha256). Export with --data DIR to train on one.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("import", help="write a dataset folder from .npz files",
+                            description="Write a dataset folder from TRAIN.npz and --test TEST.npz, each holding "
+                                        "x (the samples [N, ...]: uint8 or float32 images or windows, or int64 token "
+                                        "ids) and y (integer labels [N], or [N, T] per token): np.savez(f, x=x, y=y).")
+    q.add_argument("train", help=".npz with the training samples (arrays x and y)")
+    q.add_argument("--test", required=True, help=".npz with the test samples (arrays x and y)")
+    q.add_argument("--out", required=True, help="the dataset folder to write")
+    q.add_argument("--name", default=None, help="the dataset's name (default: the folder's name)")
+    q.add_argument("--classes", default=None, metavar="A,B,...",
+                   help="class names, comma-separated (default: 0..max label)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     from edgebll.profiler import add_commands  # devices, profile
 
     add_commands(sub)
@@ -313,6 +334,15 @@ def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not getattr(args, "no_progress", False)
+    if args.command == "data":
+        from edgebll.dataset_folder import import_npz, read_dataset_info
+
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        out = import_npz(args.train, args.test, args.out, name=args.name, classes=classes, overwrite=args.overwrite)
+        info = read_dataset_info(out)
+        print(f"wrote {out}: {info.name}, {info.counts['train']} train / {info.counts['test']} test samples of "
+              f"{info.dtype} {list(info.sample_shape)}, {info.num_classes} classes; export with --data {out}")
+        return 0
     if args.command == "export":
         export = _load_exporter()
         lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
@@ -320,6 +350,13 @@ def run(argv: Sequence[str] | None = None) -> int:
                        optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay), lr=lr,
                        seed=args.seed, overwrite=args.overwrite, portable=args.portable,
                        predsim=export.PredSimConfig(beta=args.predsim_beta, max_features=args.predsim_features))
+        if args.data_dir is not None:
+            from edgebll.run_data import is_dataset_folder
+
+            if not is_dataset_folder(args.data_dir):
+                raise EdgeBLLError(f"export --data {args.data_dir}: not a dataset folder (no dataset.json); hint: write "
+                                   "one with `edgebll data import`; Fashion-MNIST needs no --data at export")
+            options["data"] = args.data_dir
         devices = _devices(args)
         if devices:
             from edgebll.export.fit import require_portable_graphs

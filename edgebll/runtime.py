@@ -23,11 +23,11 @@ from edgebll.data import InMemoryDataset, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
-from edgebll.run_data import load_run_dataset
+from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.backends import Runner, open_block
 from edgebll.runner import TRAINED_DIR
 from edgebll.schedule import SCHEDULES, learning_rate
-from edgebll.validation import Send, chain_accuracy, training_data
+from edgebll.validation import Send, chain_accuracy, check_data_fits, training_data
 
 TRAIN_NAME = "train.json"
 EVAL_NAME = "eval.json"
@@ -90,6 +90,15 @@ class TrainConfig:
             raise EdgeBLLError(f"--cutout and --val-split must be >= 0, got {self.cutout} and {self.val_split}")
         if self.mix_start < 0 or self.mix_end < 0:
             raise EdgeBLLError(f"BLL mixing weights must be >= 0, got --mix-start {self.mix_start} --mix-end {self.mix_end}")
+
+
+def eval_file_name(recorded: dict[str, Any] | None, data_dir: str | os.PathLike | None) -> str:
+    """``eval.json`` for the run's own test set; ``eval.<name>.json`` for a dataset folder the run was not exported with."""
+    used = resolve_run_data(recorded, data_dir) if data_dir is not None else recorded
+    if used is recorded or same_data(recorded, used):
+        return EVAL_NAME
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in str((used or {}).get("name", "data")))
+    return f"eval.{name or 'data'}.json"
 
 
 def codec_options(config: TrainConfig, step: int, block: int, feedback: bool = False) -> dict[str, Any]:
@@ -185,6 +194,7 @@ class Runtime:
             setattr(config, key, value)
         config.validate()
         data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.get("data"))
+        check_data_fits(data, self.runners, "training data")
         check_cutout(config.cutout, data.arrays()[0].shape, self.config["model"])
         batch = int(self.config["batch_size"])
         steps_per_epoch = full_batches(len(data), batch)
@@ -312,6 +322,10 @@ class Runtime:
                  batch_size: int | None = None) -> dict[str, Any]:
         """Test accuracy of every block's head through the eval graphs; writes and returns ``eval.json``.
 
+        On other data than the run's own test set (``data`` given, or ``data_dir`` a dataset folder
+        the run was not exported with) the result goes to ``eval.<dataset>.json`` instead, and
+        ``result_file`` in the summary names it.
+
         Accuracy is per label: per image, or per token for a sequence model (``samples`` counts
         sequences). ``data`` defaults to the test split of run.json's dataset.
 
@@ -323,10 +337,12 @@ class Runtime:
         trained = self._load_train_summary()
         codec = codec or trained.get("codec", "fp32")
         granularity = granularity or trained.get("granularity", "tensor")
+        result_name = "eval.given.json" if data is not None else eval_file_name(self.config.get("data"), data_dir)
         if data is None:
             data = load_run_dataset(self.config.get("data"), "test", data_dir, limit=limit)
         elif limit is not None:
             data = data.subset(limit)
+        check_data_fits(data, self.runners, "test data")
         began = time.perf_counter()
         send = self._eval_send(codec, granularity, int(trained.get("group_size", 64)))
         if batch_size is not None and batch_size < 1:
@@ -340,7 +356,9 @@ class Runtime:
             "trained_epochs": self.runners[-1].progress["epoch"], "batch_size": batch_size,
             "seconds": round(time.perf_counter() - began, 3),
         }
-        write_json_atomic(self.run_dir / EVAL_NAME, json.dumps(summary, indent=1))
+        if result_name != EVAL_NAME:
+            summary["result_file"] = result_name  # not the run's own test set: its eval.json stays
+        write_json_atomic(self.run_dir / result_name, json.dumps(summary, indent=1))
         return summary
 
     def _eval_send(self, codec: str, granularity: str, group_size: int) -> Send:

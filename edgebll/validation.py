@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll.data import InMemoryDataset
-from edgebll.errors import EdgeBLLError
+from edgebll.errors import DataError, EdgeBLLError
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
 from edgebll.backends import Runner
@@ -52,6 +52,22 @@ def training_data(data: InMemoryDataset | None, data_dir: str | None, limit: int
     if val_split:
         data, validation = split_validation(data, val_split)
     return (data.subset(limit) if limit is not None else data), validation
+
+
+def check_data_fits(data: InMemoryDataset, runners: Sequence[Runner], where: str) -> None:
+    """Refuse data whose samples or labels the run's blocks cannot take, before the first step, naming what differs."""
+    inputs, labels = data.arrays()
+    first, last = runners[0].manifest, runners[-1].manifest
+    spec = first.inputs[0]  # block 0 takes the samples first, then its side input
+    expected = list(spec.per_sample_shape())
+    if list(inputs.shape[1:]) != expected or np.dtype(spec.dtype) != inputs.dtype:
+        raise DataError(f"{where}: samples are {inputs.dtype} {list(inputs.shape[1:])}, but the run's first block takes "
+                        f"{spec.dtype} {expected}; hint: export the run for this data (edgebll export --data DIR)")
+    classes = int(last.output("logits").shape[-1])
+    if len(labels) and (int(labels.max()) >= classes or int(labels.min()) < 0):
+        bad = int(np.flatnonzero(((labels >= classes) | (labels < 0)).reshape(len(labels), -1).any(axis=1))[0])
+        raise DataError(f"{where}: sample {bad} has label {int(labels[bad].max())}, but the run has {classes} classes "
+                        f"(0..{classes - 1}); hint: export the run for this data (edgebll export --data DIR)")
 
 
 def eval_side(runner: Runner, labels: np.ndarray) -> np.ndarray:

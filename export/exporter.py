@@ -169,6 +169,7 @@ def export_model(
     progress: bool = True,
     bounds: Sequence[int] | None = None,
     portable: bool = True,
+    data: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
@@ -183,6 +184,8 @@ def export_model(
     ``len(bounds) == blocks + 1``) sets the unit boundaries instead of the MAC-balanced split.
     ``portable`` also writes every block's portable training step (standard ONNX ops: plain
     onnxruntime trains it, on boards where onnxruntime-training does not install).
+    ``data``: a dataset folder (``edgebll data import``): the sample shape and classes come from it
+    (instead of ``input_shape`` and ``num_classes``) and run.json records it for training.
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")
@@ -193,7 +196,7 @@ def export_model(
         shutil.rmtree(out)
     config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
     torch.manual_seed(seed)
-    spec = build_model(model, input_shape=input_shape, num_classes=num_classes)
+    spec = build_model(model, input_shape=input_shape, num_classes=num_classes, data=data)
     predsim = predsim or PredSimConfig()
     predsim.validate()
     plans = plan_blocks(spec, method, blocks, head, latent, predsim, bounds=bounds)

@@ -198,7 +198,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
     if method == "bp":
         raise ExportError("--blocks auto splits a model into blocks; --method bp is one block by definition")
     spec = build_model(model, input_shape=export_options.get("input_shape", (1, 28, 28)),
-                       num_classes=export_options.get("num_classes", 10))
+                       num_classes=export_options.get("num_classes", 10), data=export_options.get("data"))
     boards = [devices] if isinstance(devices, DeviceProfile) else list(devices)
     require_portable_graphs(boards, export_options.get("portable", True))
     allowances = [block_allowance_bytes(board) for board in boards]

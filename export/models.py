@@ -6,8 +6,10 @@ consecutive units into blocks; a block never splits a unit (a residual block, a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +53,8 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-def cnn_small(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> ModelSpec:
+def cnn_small(in_channels: int = 1, num_classes: int = 10, width: int = 32,
+              image_size: tuple[int, int] = (28, 28)) -> ModelSpec:
     """Four conv stages of two conv-BN-ReLU each (~1.2 M parameters at width 32).
 
     Stage s has ``width * 2**s`` channels; stages 1-3 halve the resolution (28 -> 14 -> 7 -> 4).
@@ -65,7 +68,7 @@ def cnn_small(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> M
     return ModelSpec(
         name="cnn-small",
         units=units,
-        input_shape=(in_channels, 28, 28),
+        input_shape=(in_channels, *image_size),
         num_classes=num_classes,
         unit_names=[f"stage{s}" for s in range(4)],
     )
@@ -90,7 +93,8 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def resnet18(in_channels: int = 1, num_classes: int = 10, width: int = 64) -> ModelSpec:
+def resnet18(in_channels: int = 1, num_classes: int = 10, width: int = 64,
+             image_size: tuple[int, int] = (28, 28)) -> ModelSpec:
     """ResNet-18 as used on CIFAR, for 28x28 inputs: 3x3 stem, no max-pool, 4 stages of 2 blocks."""
     units: list[nn.Module] = [nn.Sequential(*conv_bn_relu(in_channels, width))]
     names = ["stem"]
@@ -102,7 +106,8 @@ def resnet18(in_channels: int = 1, num_classes: int = 10, width: int = 64) -> Mo
             names.append(f"layer{stage + 1}.{b}")
             cin = cout
     return ModelSpec(
-        name="resnet18", units=units, input_shape=(in_channels, 28, 28), num_classes=num_classes, unit_names=names
+        name="resnet18", units=units, input_shape=(in_channels, *image_size), num_classes=num_classes,
+        unit_names=names
     )
 
 
@@ -122,7 +127,8 @@ def transformer(config: TransformerConfig | None = None, task: ReversalTask | No
     )
 
 
-def vgg8b(in_channels: int = 1, num_classes: int = 10, width: int = 128) -> ModelSpec:
+def vgg8b(in_channels: int = 1, num_classes: int = 10, width: int = 128,
+          image_size: tuple[int, int] = (28, 28)) -> ModelSpec:
     """VGG8b of Nøkland & Eidnes (2019): conv128-conv256-pool-conv256-conv512-pool-conv512-pool-conv512-pool-fc1024-fc.
 
     Every conv is 3x3 + BatchNorm + ReLU; pools are 2x2 max (28 -> 14 -> 7 -> 3 -> 1). One unit per
@@ -132,16 +138,19 @@ def vgg8b(in_channels: int = 1, num_classes: int = 10, width: int = 128) -> Mode
     """
     plan = [(width, False), (2 * width, True), (2 * width, False), (4 * width, True), (4 * width, True), (4 * width, True)]
     units: list[nn.Module] = []
-    cin, side = in_channels, 28
+    if min(image_size) < 16:  # four 2x2 max-pools: a smaller image has no pixel left before the classifier
+        raise ExportError(f"vgg8b pools an image down 16x and needs at least 16x16 pixels, got "
+                          f"{image_size[0]}x{image_size[1]}; hint: use cnn-small or resnet18, which take any size")
+    cin, (height, width_px) = in_channels, image_size
     for cout, pool in plan:
         layers = conv_bn_relu(cin, cout) + ([nn.MaxPool2d(2)] if pool else [])
         units.append(nn.Sequential(*layers))
-        cin, side = cout, side // 2 if pool else side
+        cin, height, width_px = cout, height // 2 if pool else height, width_px // 2 if pool else width_px
     hidden = 8 * width
-    units.append(nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden, bias=False), nn.BatchNorm1d(hidden),
-                               nn.ReLU()))
+    units.append(nn.Sequential(nn.Flatten(), nn.Linear(cin * height * width_px, hidden, bias=False),
+                               nn.BatchNorm1d(hidden), nn.ReLU()))
     return ModelSpec(
-        name="vgg8b" if width == 128 else f"vgg8b-w{width}", units=units, input_shape=(in_channels, 28, 28),
+        name="vgg8b" if width == 128 else f"vgg8b-w{width}", units=units, input_shape=(in_channels, *image_size),
         num_classes=num_classes, unit_names=[f"conv{i + 1}" for i in range(len(plan))] + ["fc1"],
     )
 
@@ -153,8 +162,15 @@ MODELS = {**IMAGE_MODELS, **SEQUENCE_MODELS}
 
 
 def build_model(model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential, *,
-                input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> ModelSpec:
-    """A zoo model by name, or a user's own list of units (an ``nn.Sequential`` counts as one)."""
+                input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                data: str | os.PathLike | None = None) -> ModelSpec:
+    """A zoo model by name, or a user's own list of units (an ``nn.Sequential`` counts as one).
+
+    ``data``: a dataset folder (``edgebll data import``); its sample shape, dtype, label shape and
+    classes replace ``input_shape`` and ``num_classes``, and the run trains and evaluates on it.
+    """
+    if data is not None:
+        return _on_data(model, Path(data))
     if isinstance(model, ModelSpec):  # a zoo model built with non-default options, e.g. vgg8b(width=32)
         return model
     if isinstance(model, str):
@@ -162,9 +178,36 @@ def build_model(model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential, *,
             return SEQUENCE_MODELS[model]()
         if model not in IMAGE_MODELS:
             raise ExportError(f"unknown model {model!r}; choose one of {sorted(MODELS)} or pass a list of nn.Modules")
-        return IMAGE_MODELS[model](in_channels=input_shape[0], num_classes=num_classes)
+        if len(input_shape) != 3:
+            raise ExportError(f"{model} takes images [C, H, W], got samples of shape {list(input_shape)}; hint: pass "
+                              "your own list of units for other data (export_model(units, input_shape=...))")
+        return IMAGE_MODELS[model](in_channels=input_shape[0], num_classes=num_classes,
+                                   image_size=tuple(input_shape[1:]))
     units = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
     bad = [i for i, u in enumerate(units) if not isinstance(u, nn.Module)]
     if bad:
         raise ExportError(f"custom model: item {bad[0]} is a {type(units[bad[0]]).__name__}, not an nn.Module")
     return ModelSpec(name="custom", units=units, input_shape=tuple(input_shape), num_classes=num_classes)
+
+
+def _on_data(model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential, folder: Path) -> ModelSpec:
+    """``model`` shaped for the dataset folder ``folder``, with run.json's ``data`` naming it."""
+    from edgebll.dataset_folder import read_dataset_info
+    from edgebll.errors import DataError
+
+    try:
+        info = read_dataset_info(folder)
+    except DataError as exc:
+        raise ExportError(str(exc)) from exc
+    if isinstance(model, ModelSpec) or (isinstance(model, str) and model in SEQUENCE_MODELS):
+        name = model.name if isinstance(model, ModelSpec) else model
+        raise ExportError(f"{name} brings its own task and data; --data needs a zoo image model (cnn-small, "
+                          "resnet18, vgg8b) or your own list of units")
+    if isinstance(model, str) and (info.dtype == "int64" or info.label_shape):
+        raise ExportError(f"{folder}: token ids / per-token labels need a sequence model; {model} classifies "
+                          "images; hint: pass your own list of units (an nn.Embedding first)")
+    spec = build_model(model, input_shape=info.sample_shape, num_classes=info.num_classes)
+    spec.input_dtype = info.input_dtype
+    spec.label_shape = info.label_shape
+    spec.data = info.run_data(folder)
+    return spec

@@ -1,0 +1,152 @@
+"""Dataset folders: the user's own arrays imported, checked, normalised, and trained on from the CLI and Python."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgebll.cli import main
+from edgebll.dataset_folder import import_npz, load_dataset_folder, read_dataset_info, write_dataset_folder
+from edgebll.errors import DataError
+
+CLASSES = 4
+
+
+def _images(n: int, seed: int, shape: tuple[int, ...] = (3, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images whose label lights a corner of one channel: a few steps learn it."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n)
+    x = (rng.random((n, *shape)) * 60).astype(np.uint8)
+    x[np.arange(n), y % shape[0], :8, :8] += 150
+    return x, y
+
+
+def test_import_round_trip_normalises_per_channel_and_limits_before_converting(tmp_path: Path) -> None:
+    train, test = _images(64, 0), _images(16, 1)
+    folder = write_dataset_folder(tmp_path / "cam", {"train": train, "test": test}, classes=list("abcd"))
+    info = read_dataset_info(folder)
+    assert (info.sample_shape, info.dtype, info.num_classes, info.classes) == ((3, 32, 32), "uint8", 4, list("abcd"))
+    scaled = train[0] / 255.0
+    mean, std = scaled.mean(axis=(0, 2, 3)), scaled.std(axis=(0, 2, 3))
+    np.testing.assert_allclose(info.mean, mean, atol=1e-6)
+    np.testing.assert_allclose(info.std, std, atol=1e-6)
+    data = load_dataset_folder(folder, "test", limit=5)
+    x, y = data.arrays()
+    assert x.dtype == np.float32 and x.shape == (5, 3, 32, 32) and y.dtype == np.int64
+    expected = (test[0][:5] / 255.0 - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(x, expected, atol=1e-5)
+    np.testing.assert_array_equal(y, test[1][:5])
+
+
+def test_windows_and_token_ids_keep_their_shape_and_dtype(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    windows = {s: (rng.standard_normal((n, 1, 128)).astype(np.float32), rng.integers(0, 3, n)) for s, n in
+               (("train", 32), ("test", 8))}
+    x, _ = load_dataset_folder(write_dataset_folder(tmp_path / "imu", windows), "train").arrays()
+    assert x.shape == (32, 1, 128) and x.dtype == np.float32 and abs(float(x.mean())) < 0.1
+    tokens = {s: (rng.integers(0, 50, (n, 10)), rng.integers(0, 10, (n, 10))) for s, n in (("train", 16), ("test", 4))}
+    folder = write_dataset_folder(tmp_path / "tok", tokens, num_classes=10)
+    info = read_dataset_info(folder)
+    assert (info.input_dtype, info.label_shape, info.mean) == ("int64", (10,), None)
+    x, y = load_dataset_folder(folder, "test").arrays()
+    np.testing.assert_array_equal(x, tokens["test"][0])
+    np.testing.assert_array_equal(y, tokens["test"][1])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: (t[0], np.where(np.arange(len(t[1])) == 3, 7, t[1])), r"the train split: sample 3 has label 7, but there are 4 classes"),
+    (lambda t: (t[0], np.where(np.arange(len(t[1])) == 2, -1, t[1])), r"the train split: sample 2 has a negative label"),
+    (lambda t: (t[0].astype(np.float32) * np.where(np.arange(len(t[0])) == 5, np.nan, 1.0).astype(np.float32)
+                .reshape(-1, 1, 1, 1), t[1]), r"sample 5 of x holds a non-finite value"),
+    (lambda t: (t[0].astype(np.float64), t[1]), r"x has dtype float64; the samples must be uint8, float32 or int64"),
+    (lambda t: (t[0], t[1][:-1]), r"y must hold integer labels \[N\] or \[N, T\] for the 16 samples of x"),
+])
+def test_bad_data_is_refused_at_import_naming_the_sample(tmp_path: Path, change, match: str) -> None:
+    train = change(_images(16, 0))
+    with pytest.raises(DataError, match=match):
+        write_dataset_folder(tmp_path / "bad", {"train": train, "test": _images(8, 1)}, num_classes=CLASSES)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_npz_without_x_and_a_changed_file_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "train.npz", images=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    np.savez(tmp_path / "test.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match=r"train.npz: no array 'x' \(it has \['images', 'y'\]\)"):
+        import_npz(tmp_path / "train.npz", tmp_path / "test.npz", tmp_path / "out")
+    folder = write_dataset_folder(tmp_path / "cam", {"train": _images(16, 0), "test": _images(8, 1)})
+    np.save(folder / "test_x.npy", _images(8, 2)[0])
+    with pytest.raises(DataError, match=r"test_x.npy: sha256 .* does not match dataset.json"):
+        load_dataset_folder(folder, "test")
+    with pytest.raises(DataError, match=r"no dataset.json, so it is not a dataset folder"):
+        read_dataset_info(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_imports_exports_trains_and_evaluates_own_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for split, (n, seed) in {"train": (256, 0), "test": (64, 1)}.items():
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{split}.npz", x=x, y=y)
+        np.savez(tmp_path / f"other-{split}.npz", x=_images(n, seed + 5)[0], y=y)
+    data, run = tmp_path / "cam", tmp_path / "run"
+    assert main(["data", "import", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--out",
+                 str(data)]) == 0
+    assert "256 train / 64 test samples of uint8 [3, 32, 32], 4 classes" in capsys.readouterr().out
+    assert main(["export", "--model", "cnn-small", "--blocks", "2", "--batch-size", "32", "--data", str(data),
+                 "--out", str(run), "--no-portable", "--no-progress"]) == 0
+    config = json.loads((run / "run.json").read_text())
+    assert (config["input_shape"], config["num_classes"], config["data"]["dataset"]) == ([3, 32, 32], 4, "folder")
+    assert main(["train", str(run), "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
+    assert main(["eval", str(run), "--threads", "1", "--no-progress"]) == 0
+    own = json.loads((run / "eval.json").read_text())
+    assert own["samples"] == 64 and own["test_accuracy"] > 0.5  # chance is 0.25
+    # other data: its own result file, and the run's eval.json stays
+    other = tmp_path / "other"
+    import_npz(tmp_path / "other-train.npz", tmp_path / "other-test.npz", other)
+    assert main(["eval", str(run), "--data", str(other), "--threads", "1", "--no-progress"]) == 0
+    assert json.loads((run / "eval.other.json").read_text())["result_file"] == "eval.other.json"
+    assert json.loads((run / "eval.json").read_text()) == own
+    # data of another shape: refused before the first step, saying what differs
+    gray = write_dataset_folder(tmp_path / "gray", {"train": _images(16, 0, (1, 28, 28)), "test": _images(8, 1, (1, 28, 28))})
+    assert main(["eval", str(run), "--data", str(gray), "--no-progress"]) == 2
+    assert ("samples are float32 [1, 28, 28], but the run's first block takes float32 [3, 32, 32]"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_own_units_on_1d_windows_from_python(tmp_path: Path) -> None:
+    from torch import nn
+
+    from edgebll import Runtime
+    from edgebll.export import export_model
+
+    rng = np.random.default_rng(0)
+
+    def windows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        x = rng.standard_normal((n, 1, 128)).astype(np.float32) * 0.3
+        x[:, 0, :] += np.sin(np.linspace(0, 6.28, 128) * (1 + y[:, None])).astype(np.float32)
+        return x, y
+
+    data = write_dataset_folder(tmp_path / "imu", {"train": windows(256), "test": windows(64)})
+    units = [nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU()), nn.Sequential(nn.Conv1d(8, 8, 5, padding=2), nn.ReLU()),
+             nn.Sequential(nn.Conv1d(8, 8, 5, stride=4, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(256, 32), nn.ReLU())]
+    run = export_model(units, out=tmp_path / "run", blocks=2, batch_size=32, head="linear", data=data, portable=False,
+                       progress=False)
+    runtime = Runtime.from_run(run, threads=1)
+    runtime.train(epochs=4, progress=False)
+    assert runtime.evaluate(progress=False)["test_accuracy"] > 0.6  # chance is 1/3
+
+
+def test_zoo_image_models_take_the_images_size(tmp_path: Path) -> None:
+    from edgebll.errors import ExportError
+    from edgebll.export.models import build_model
+
+    assert build_model("cnn-small", input_shape=(3, 32, 32), num_classes=4).input_shape == (3, 32, 32)
+    assert build_model("resnet18", input_shape=(3, 40, 24)).input_shape == (3, 40, 24)
+    with pytest.raises(ExportError, match=r"vgg8b pools an image down 16x and needs at least 16x16 pixels, got 8x8"):
+        build_model("vgg8b", input_shape=(1, 8, 8))
+    with pytest.raises(ExportError, match=r"cnn-small takes images \[C, H, W\], got samples of shape \[1, 128\]"):
+        build_model("cnn-small", input_shape=(1, 128))
