@@ -43,6 +43,7 @@ from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
 from .in_place import order_updates_after_reads
+from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 
 aten = torch.ops.aten
 
@@ -148,7 +149,7 @@ def threshold_backward(grad_output: torch.Tensor, self: torch.Tensor, threshold:
 
 def decompositions() -> dict[Any, Callable[..., Any]]:
     """Core ATen, batch norm in reductions (ORT's BatchNormalization ignores training mode), and the
-    two backward ops that have no ONNX translation."""
+    backward ops that have no ONNX translation (convolution, max and average pooling)."""
     table = dict(core_aten_decompositions())
     table.update(get_decompositions([
         aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_functional,
@@ -157,6 +158,8 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
     ]))
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.threshold_backward.default] = threshold_backward
+    table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = adaptive_avg_pool2d_backward
     return table
 
 

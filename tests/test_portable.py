@@ -511,3 +511,39 @@ def test_adamw_with_torch_default_eps_keeps_parameters_without_gradient(tmp_path
     reference.step()
     for name, p in block.named_parameters():
         np.testing.assert_allclose(got[f"next:param:{name}"], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_average_pooling_gradients_equal_torch(tmp_path: Path, dims: int) -> None:
+    """Average pools (padding counted or not, a divisor) and adaptive pools to sizes that do not divide the input:
+    their backward has no ONNX translation and is built from matrix products. (Ceil mode is left to the next test:
+    onnxruntime's forward of a ceil-mode window that runs past the input differs from torch's.)"""
+    pool, adaptive = (nn.AvgPool1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    torch.manual_seed(0)
+    units = [conv(2, 4, 3, padding=1), nn.ReLU(), pool(3, stride=2, padding=1, count_include_pad=False), conv(4, 4, 1),
+             pool(3, stride=1, padding=1), conv(4, 4, 1), adaptive(3), nn.ReLU()]
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 3 ** dims, 10))
+    assert_sgd_step_like_torch(units, head, (2, *(13, 11)[:dims]), tmp_path)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode, count_include_pad, divisor", [
+    (2, 2, 0, False, True, None), (3, 2, 1, False, False, None), (3, 2, 1, True, True, None),
+    (3, 2, 1, True, False, None), (2, 3, 0, True, True, None), ((3, 2), (1, 2), (1, 0), False, True, 5),
+])
+def test_average_pool_backward_decomposition_equals_aten(kernel, stride, padding, ceil_mode, count_include_pad,
+                                                         divisor) -> None:
+    from edgebll.export.pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
+
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    y = torch.nn.functional.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    grad = torch.randn_like(y)
+    args = (list(np.atleast_1d(kernel)), list(np.atleast_1d(stride)), list(np.atleast_1d(padding)), ceil_mode,
+            count_include_pad, divisor)
+    expected = torch.ops.aten.avg_pool2d_backward(grad, x, *args)
+    torch.testing.assert_close(avg_pool2d_backward(grad, x, *args), expected)
+    for size in [(4, 3), (9, 8), (2, 5)]:
+        y = torch.nn.functional.adaptive_avg_pool2d(x, size)
+        grad = torch.randn_like(y)
+        torch.testing.assert_close(adaptive_avg_pool2d_backward(grad, x),
+                                   torch.ops.aten._adaptive_avg_pool2d_backward(grad, x))
