@@ -104,8 +104,12 @@ class InMemoryDataset:
         if n is None:
             return self
         _check_subset_size(n, len(self))
+        return self.slice(0, n)
+
+    def slice(self: _Samples, start: int, stop: int) -> _Samples:
+        """Samples ``start`` to ``stop`` (views, no copy)."""
         inputs, labels = self.arrays()
-        return type(self)(inputs[:n], labels[:n])
+        return type(self)(inputs[start:stop], labels[start:stop])
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches :meth:`batches` yields for this batch size."""

@@ -8,10 +8,11 @@ writes::
     DIR/train_y.npy      int64 labels: [N] one class per sample, or [N, T] one per token
     DIR/test_x.npy, DIR/test_y.npy
 
-Loading (:func:`load_dataset_folder`) memory-maps the samples, takes the first ``limit`` before
-converting anything, and normalises what it keeps to float32 (token ids stay int64): uint8 is
-scaled to [0, 1], then every input channel (axis 1 of a sample with more than one axis, else the
-whole sample) gets the mean and standard deviation measured on the training split at import. A
+Loading (:func:`load_dataset_folder`) memory-maps the samples and normalises each batch when it
+is read, so what a board holds of the data is the labels, the pages of the file it touches and
+one float32 batch (token ids stay int64): uint8 is scaled to [0, 1], then every input channel
+(axis 1 of a sample with more than one axis, else the whole sample) gets the mean and standard
+deviation measured on the training split at import. A
 run exported with ``--data DIR`` records the folder and its hashes in run.json, and every command
 that trains or evaluates it reads the folder back through here (numpy only: this runs on boards).
 """
@@ -52,6 +53,45 @@ class ArrayDataset(InMemoryDataset):
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.inputs, self.labels
+
+
+class NormalisedSamples:
+    """The samples of a dataset folder as the blocks take them, normalised when read (a batch at a time).
+
+    Indexing returns a normalised numpy array of what it picks; ``shape``/``dtype`` describe the
+    whole as if converted, which never happens unless a caller asks with ``np.asarray``.
+    """
+
+    def __init__(self, raw: np.ndarray, info: "DatasetInfo") -> None:
+        self.raw, self.info = raw, info
+        self.dtype = np.dtype(np.int64 if info.dtype == "int64" else np.float32)
+        self.shape = tuple(raw.shape)
+        self.ndim = raw.ndim
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return _normalised(self.raw[index], self.info)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = _normalised(self.raw, self.info)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class FolderDataset(InMemoryDataset):
+    """A split of a dataset folder: memory-mapped samples, normalised batch by batch; labels in memory."""
+
+    raw: np.ndarray
+    labels: np.ndarray
+    info: "DatasetInfo"
+
+    def arrays(self) -> tuple[NormalisedSamples, np.ndarray]:  # type: ignore[override]
+        return NormalisedSamples(self.raw, self.info), self.labels
+
+    def slice(self, start: int, stop: int) -> "FolderDataset":
+        return FolderDataset(self.raw[start:stop], self.labels[start:stop], self.info)
 
 
 @dataclass(frozen=True)
@@ -211,7 +251,7 @@ def read_dataset_info(path: str | os.PathLike) -> DatasetInfo:
 
 
 def load_dataset_folder(path: str | os.PathLike, split: str, limit: int | None = None,
-                        expected_sha256: dict[str, str] | None = None) -> ArrayDataset:
+                        expected_sha256: dict[str, str] | None = None) -> FolderDataset:
     """The ``split`` of the dataset folder ``path``, its first ``limit`` samples normalised (see the module doc).
 
     ``expected_sha256`` (run.json's record) must match the folder's files: a run is not trained or
@@ -249,13 +289,13 @@ def load_dataset_folder(path: str | os.PathLike, split: str, limit: int | None =
         bad = int(np.flatnonzero(((labels >= info.num_classes) | (labels < 0)).reshape(len(labels), -1).any(axis=1))[0])
         raise DataError(f"{folder / names[1]}: sample {bad} has label {int(labels[bad].max())} outside 0.."
                         f"{info.num_classes - 1}; {_HINT}")
-    return ArrayDataset(_normalised(x, info), labels)
+    return FolderDataset(x, labels, info)
 
 
 def _normalised(x: np.ndarray, info: DatasetInfo) -> np.ndarray:
     if info.dtype == "int64":
-        return np.ascontiguousarray(x)
-    out = np.array(x, dtype=np.float32)  # the one copy: only the samples kept
+        return np.array(x, dtype=np.int64)  # a copy, not a view of the file
+    out = np.array(x, dtype=np.float32)  # the one copy: only the samples read
     if info.dtype == "uint8":
         out *= np.float32(1 / 255)
     if info.mean is not None and info.std is not None:

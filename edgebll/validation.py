@@ -33,8 +33,7 @@ def split_validation(data: _Samples, size: int) -> tuple[_Samples, _Samples]:
         raise EdgeBLLError(f"--val-split {size}: expected between 1 and {len(data) - 1} of the {len(data)} training "
                            "samples; hint: --val-split 5000 holds out the last 5,000")
     cut = len(data) - size
-    inputs, labels = data.arrays()
-    return type(data)(inputs[:cut], labels[:cut]), type(data)(inputs[cut:], labels[cut:])
+    return data.slice(0, cut), data.slice(cut, len(data))
 
 
 def training_data(data: InMemoryDataset | None, data_dir: str | None, limit: int | None, val_split: int,

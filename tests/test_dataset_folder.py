@@ -45,7 +45,7 @@ def test_windows_and_token_ids_keep_their_shape_and_dtype(tmp_path: Path) -> Non
     rng = np.random.default_rng(0)
     windows = {s: (rng.standard_normal((n, 1, 128)).astype(np.float32), rng.integers(0, 3, n)) for s, n in
                (("train", 32), ("test", 8))}
-    x, _ = load_dataset_folder(write_dataset_folder(tmp_path / "imu", windows), "train").arrays()
+    x = np.asarray(load_dataset_folder(write_dataset_folder(tmp_path / "imu", windows), "train").arrays()[0])
     assert x.shape == (32, 1, 128) and x.dtype == np.float32 and abs(float(x.mean())) < 0.1
     tokens = {s: (rng.integers(0, 50, (n, 10)), rng.integers(0, 10, (n, 10))) for s, n in (("train", 16), ("test", 4))}
     folder = write_dataset_folder(tmp_path / "tok", tokens, num_classes=10)
@@ -150,3 +150,55 @@ def test_zoo_image_models_take_the_images_size(tmp_path: Path) -> None:
         build_model("vgg8b", input_shape=(1, 8, 8))
     with pytest.raises(ExportError, match=r"cnn-small takes images \[C, H, W\], got samples of shape \[1, 128\]"):
         build_model("cnn-small", input_shape=(1, 128))
+
+
+@pytest.mark.slow
+def test_a_board_holds_a_batch_of_the_data_not_the_dataset(tmp_path: Path) -> None:
+    """An epoch over 20,000 uint8 images (245 MB as float32): the process's anonymous memory grows by batches only.
+
+    Measured in a fresh process from /proc/self/status: RssAnon leaves out the file's pages, which the
+    kernel shares and can drop (the mapped file itself is 61 MB).
+    """
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20_000, 3, 32, 32), dtype=np.uint8)
+    folder = write_dataset_folder(tmp_path / "big", {"train": (x, rng.integers(0, 10, len(x))),
+                                                     "test": (x[:64], np.zeros(64, np.int64))}, num_classes=10)
+    del x
+    script = f"""
+import numpy as np
+from edgebll.dataset_folder import load_dataset_folder
+def anon():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024
+data = load_dataset_folder({str(folder)!r}, "train")
+before, peak, seen = anon(), 0, 0
+for x, y in data.batches(64, shuffle=True, seed=0, epoch=0):
+    seen += len(x)
+    peak = max(peak, anon())
+print(seen, peak - before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    seen, growth = (int(v) for v in done.stdout.split())
+    assert seen == 20_000
+    assert growth < 16 * 2**20, f"anonymous memory grew by {growth / 2**20:.1f} MiB over the epoch"
+
+
+@pytest.mark.slow
+def test_mpi_trains_on_a_dataset_folder_as_in_process(tmp_path: Path) -> None:
+    import shutil
+
+    from edgebll.export import export_model
+    from tests.test_worker import assert_same_weights, edgebll
+
+    data = write_dataset_folder(tmp_path / "cam", {"train": _images(256, 0), "test": _images(32, 1)})
+    run = export_model("cnn-small", out=tmp_path / "run", blocks=2, batch_size=16, data=data, portable=False,
+                       progress=False)
+    runs = {name: Path(shutil.copytree(run, tmp_path / name)) for name in ("inprocess", "mpi")}
+    options = ["--limit", "128", "--threads", "1", "--no-progress"]
+    done = edgebll("train", str(runs["inprocess"]), *options)
+    assert done.returncode == 0, done.stderr
+    done = edgebll("train", str(runs["mpi"]), "--transport", "mpi", "-n", "2", *options)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(runs["inprocess"], runs["mpi"], blocks=2)
