@@ -69,7 +69,7 @@ PORTABLE_RUNTIME_BYTES = int(13.9 * 2**20)
 """RUNTIME_BYTES of the portable backend: two inference sessions of the standard-op graphs
 (benchmarks/results/memory_portable.json, calibration.runtime_bytes)."""
 
-PORTABLE_ARENA_OVERHEAD = 0.46
+PORTABLE_ARENA_OVERHEAD = 0.19
 """ARENA_OVERHEAD of the portable backend (benchmarks/results/memory_portable.json)."""
 
 _ACCUMULATION_SUFFIX = "_grad.accumulation.buffer"
