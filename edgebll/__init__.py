@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Runtime": "edgebll.runtime", "TrainConfig": "edgebll.runtime", "BlockRunner": "edgebll.runner",
-    "EdgeBLLError": "edgebll.errors",
+    "EdgeBLLError": "edgebll.errors", "ArrayDataset": "edgebll.dataset_folder",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

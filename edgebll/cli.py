@@ -249,12 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Dataset folders hold raw arrays a board memory-maps and dataset.json (shape, "
                                    "classes, normalisation, sha256). Export with --data DIR to train on one.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    q = data_sub.add_parser("import", help="write a dataset folder from .npz files",
-                            description="Write a dataset folder from TRAIN.npz and --test TEST.npz, each holding "
-                                        "x (the samples [N, ...]: uint8 or float32 images or windows, or int64 token "
-                                        "ids) and y (integer labels [N], or [N, T] per token): np.savez(f, x=x, y=y).")
-    q.add_argument("train", help=".npz with the training samples (arrays x and y)")
-    q.add_argument("--test", required=True, help=".npz with the test samples (arrays x and y)")
+    q = data_sub.add_parser("import", help="write a dataset folder from .npz files, IDX files or folders of images",
+                            description="Write a dataset folder from SOURCE: TRAIN.npz with --test TEST.npz, each "
+                                        "holding x (the samples [N, ...]: uint8 or float32 images or windows, or int64 "
+                                        "token ids) and y (integer labels [N], or [N, T] per token): np.savez(f, x=x, "
+                                        "y=y); or a folder of MNIST-style IDX files (both splits); or a folder with one "
+                                        "sub-folder of images per class, with --test DIR (images need Pillow).")
+    q.add_argument("train", metavar="SOURCE", help="TRAIN.npz, a folder of IDX files, or a folder of class sub-folders")
+    q.add_argument("--test", default=None, help="TEST.npz, or the test images' folder (not for IDX files)")
+    q.add_argument("--size", default=None, metavar="HxW", help="images: resize every image to H x W pixels (default: "
+                   "the first training image's size)")
+    q.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="images: 1 grayscale or 3 RGB (default: 1 if the first image is grayscale, else 3)")
     q.add_argument("--out", required=True, help="the dataset folder to write")
     q.add_argument("--name", default=None, help="the dataset's name (default: the folder's name)")
     q.add_argument("--classes", default=None, metavar="A,B,...",
@@ -335,10 +341,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not getattr(args, "no_progress", False)
     if args.command == "data":
-        from edgebll.dataset_folder import import_npz, read_dataset_info
+        from edgebll.data_import import import_any
+        from edgebll.dataset_folder import read_dataset_info
 
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        out = import_npz(args.train, args.test, args.out, name=args.name, classes=classes, overwrite=args.overwrite)
+        size = None
+        if args.size:
+            try:
+                size = tuple(int(v) for v in args.size.lower().split("x"))
+            except ValueError:
+                size = ()
+            if len(size) != 2 or min(size) < 1:
+                raise EdgeBLLError(f"--size takes HxW in pixels, e.g. 32x32; got {args.size!r}")
+        out = import_any(args.train, args.out, test=args.test, name=args.name, classes=classes, size=size,
+                         channels=args.channels, overwrite=args.overwrite)
         info = read_dataset_info(out)
         print(f"wrote {out}: {info.name}, {info.counts['train']} train / {info.counts['test']} test samples of "
               f"{info.dtype} {list(info.sample_shape)}, {info.num_classes} classes; export with --data {out}")

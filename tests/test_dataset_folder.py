@@ -202,3 +202,39 @@ def test_mpi_trains_on_a_dataset_folder_as_in_process(tmp_path: Path) -> None:
     done = edgebll("train", str(runs["mpi"]), "--transport", "mpi", "-n", "2", *options)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_weights(runs["inprocess"], runs["mpi"], blocks=2)
+
+
+def test_import_from_idx_files_and_from_folders_of_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from edgebll.data_import import import_any
+    from tests.test_data import write_idx_file
+
+    rng = np.random.default_rng(0)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 20), ("t10k", 6))}
+    labels = {s: rng.integers(0, 10, len(images[s])).astype(np.uint8) for s in images}
+    for prefix in images:
+        write_idx_file(idx / f"{prefix}-images-idx3-ubyte.gz", images[prefix])
+        write_idx_file(idx / f"{prefix}-labels-idx1-ubyte", labels[prefix])
+    folder = import_any(idx, tmp_path / "fm")
+    info = read_dataset_info(folder)
+    assert (info.sample_shape, info.counts) == ((1, 28, 28), {"train": 20, "test": 6})
+    np.testing.assert_array_equal(load_dataset_folder(folder, "test").labels, labels["t10k"])
+
+    for split, n in (("train", 3), ("test", 2)):
+        for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (12 + i, 10), color).save(tmp_path / split / cls / f"{i}.png")
+    assert main(["data", "import", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--size", "8x6",
+                 "--out", str(tmp_path / "pets")]) == 0
+    assert "6 train / 4 test samples of uint8 [3, 8, 6], 2 classes" in capsys.readouterr().out
+    info = read_dataset_info(tmp_path / "pets")
+    assert info.classes == ["cat", "dog"]
+    raw = np.load(tmp_path / "pets" / "test_x.npy")
+    assert raw[0, 0].min() == 255 and raw[-1, 2].min() == 255  # a red cat first, a blue dog last
+    np.testing.assert_array_equal(load_dataset_folder(tmp_path / "pets", "test").labels, [0, 0, 1, 1])
+    with pytest.raises(DataError, match=r"a folder of images holds one split; give the test images with --test"):
+        import_any(tmp_path / "train", tmp_path / "x")

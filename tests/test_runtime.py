@@ -207,3 +207,33 @@ def test_a_save_interrupted_between_its_two_files_leaves_a_complete_pair(run_cop
         np.testing.assert_array_equal(reloaded.parameters()[name], value, err_msg=name)
     reloaded.save(epoch=1)  # and the next save completes normally
     assert BlockRunner(run_copy / "block-1", threads=1).progress == {"epoch": 1, "step": 2}
+
+
+@pytest.mark.parametrize("bad, message", [(10, r"sample 3 has label 10, but the run has 10 classes \(0\.\.9\)"),
+                                          (-1, r"sample 3 has label -1, but the run has 10 classes")])
+def test_labels_outside_the_runs_classes_are_refused_before_the_first_step(run_copy: Path, bad: int,
+                                                                           message: str) -> None:
+    from edgebll.errors import DataError
+
+    data = synthetic(32)
+    data.labels[3] = bad
+    runtime = Runtime.from_run(run_copy, threads=1)
+    with pytest.raises(DataError, match=r"training data: " + message):
+        runtime.train(data=data, epochs=1, progress=False)
+    with pytest.raises(DataError, match=r"test data: " + message):
+        runtime.evaluate(data=data, progress=False)
+    assert not (run_copy / "block-0" / "trained").exists()  # nothing trained, nothing saved
+
+
+def test_arrays_of_any_sample_shape_train_from_python(run_copy: Path) -> None:
+    """ArrayDataset takes what Dataset (images [N, C, H, W]) does not; a shape the run cannot take is refused."""
+    from edgebll import ArrayDataset
+    from edgebll.errors import DataError
+
+    rng = np.random.default_rng(0)
+    flat = ArrayDataset(rng.standard_normal((32, 784)).astype(np.float32), rng.integers(0, 10, 32))
+    with pytest.raises(DataError, match=r"samples are float32 \[784\], but the run's first block takes float32 \[1, 28, 28\]"):
+        Runtime.from_run(run_copy, threads=1).train(data=flat, epochs=1, progress=False)
+    images = ArrayDataset(flat.inputs.reshape(32, 1, 28, 28), flat.labels.astype(np.int64))
+    summary = Runtime.from_run(run_copy, threads=1).train(data=images, epochs=1, progress=False)
+    assert summary["steps"] > 0
