@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", dest="data_dir", default=None, metavar="DIR",
                    help="a dataset folder (`edgebll data import`) to train on: the samples' shape and the classes "
                         "come from it (default: Fashion-MNIST, or the model's own task)")
+    p.add_argument("--init-from", default=None, metavar="SRC",
+                   help="start from pretrained weights: a trained edgebll run of the same model (units by name; a "
+                        "block with the same units also gets its head), or a torch state_dict file of "
+                        "nn.Sequential(*units)")
     p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
                    help="board(s) the blocks must fit (`edgebll devices` lists them; a mixed set: one per block in "
                         "order with --blocks K, or with --blocks auto a pool where each board takes at most one block): "
@@ -373,6 +377,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 raise EdgeBLLError(f"export --data {args.data_dir}: not a dataset folder (no dataset.json); hint: write "
                                    "one with `edgebll data import`; Fashion-MNIST needs no --data at export")
             options["data"] = args.data_dir
+        if args.init_from is not None:
+            options["init_from"] = args.init_from
         devices = _devices(args)
         if devices:
             from edgebll.export.fit import require_portable_graphs

@@ -31,6 +31,7 @@ from edgebll.manifest import (
 
 from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, generate_block_artifacts
 from .heads import make_head
+from .init_from import initialise
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
 from .models import ModelSpec, build_model
 from .portable import export_portable
@@ -170,6 +171,7 @@ def export_model(
     bounds: Sequence[int] | None = None,
     portable: bool = True,
     data: str | os.PathLike | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``model`` as ``blocks`` ORT training artifacts under ``out`` and return the run folder.
 
@@ -186,6 +188,8 @@ def export_model(
     onnxruntime trains it, on boards where onnxruntime-training does not install).
     ``data``: a dataset folder (``edgebll data import``): the sample shape and classes come from it
     (instead of ``input_shape`` and ``num_classes``) and run.json records it for training.
+    ``init_from``: pretrained weights, from a trained edgebll run of the same model or a torch
+    state_dict of ``nn.Sequential(*units)`` (:mod:`.init_from`).
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")
@@ -200,6 +204,7 @@ def export_model(
     predsim = predsim or PredSimConfig()
     predsim.validate()
     plans = plan_blocks(spec, method, blocks, head, latent, predsim, bounds=bounds)
+    initialised = initialise(init_from, spec, plans) if init_from is not None else None
     out.mkdir(parents=True, exist_ok=True)
     try:  # a layer refused half-way leaves no half-written run behind
         for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
@@ -215,6 +220,7 @@ def export_model(
             "units": [p.units for p in plans if p.kind == "forward"],
             "predsim": asdict(predsim) if method == "predsim" else None,
             "backends": ["ort-training", "portable"] if portable else ["ort-training"],
+            "init_from": initialised,
         }
         write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
     except BaseException:

@@ -238,3 +238,45 @@ def test_import_from_idx_files_and_from_folders_of_images(tmp_path: Path, capsys
     np.testing.assert_array_equal(load_dataset_folder(tmp_path / "pets", "test").labels, [0, 0, 1, 1])
     with pytest.raises(DataError, match=r"a folder of images holds one split; give the test images with --test"):
         import_any(tmp_path / "train", tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_where_the_source_ended(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--init-from a trained run: the same split evaluates exactly as the source before any step; another split
+    gets the units; a state_dict of the units gives those weights; a mismatch is refused naming the key."""
+    import torch
+    from torch import nn
+
+    from edgebll import Runtime
+    from edgebll.errors import ExportError
+    from edgebll.export import export_model
+    from edgebll.export.models import build_model
+
+    data = write_dataset_folder(tmp_path / "cam", {"train": _images(256, 0), "test": _images(64, 1)})
+    options = dict(batch_size=32, data=data, portable=False, progress=False)
+    source = export_model("cnn-small", out=tmp_path / "src", blocks=2, **options)
+    Runtime.from_run(source, threads=1).train(epochs=1, progress=False)
+    before = Runtime.from_run(source, threads=1).evaluate(codec="fp32", progress=False)
+    assert main(["export", "--model", "cnn-small", "--blocks", "2", "--batch-size", "32", "--data", str(data),
+                 "--init-from", str(source), "--out", str(tmp_path / "same"), "--no-portable", "--no-progress"]) == 0
+    same = Runtime.from_run(tmp_path / "same", threads=1).evaluate(codec="fp32", progress=False)
+    assert same["per_block_accuracy"] == before["per_block_accuracy"] and same["test_loss"] == before["test_loss"]
+    assert json.loads((tmp_path / "same" / "run.json").read_text())["init_from"]["heads"] == 2
+    # another split: every unit's weights, no head
+    other = export_model("cnn-small", out=tmp_path / "k4", blocks=4, init_from=source, **options)
+    from edgebll.runner import BlockRunner
+
+    src0, new1 = BlockRunner(source / "block-0").parameters(), BlockRunner(other / "block-1").parameters()
+    np.testing.assert_array_equal(new1["body.0.0.weight"], src0["body.1.0.weight"])  # stage1 moved to block 1
+    # a state_dict of the units
+    torch.manual_seed(5)
+    units = nn.Sequential(*build_model("cnn-small", input_shape=(3, 32, 32), num_classes=4).units)
+    torch.save(units.state_dict(), tmp_path / "units.pt")
+    run = export_model("cnn-small", out=tmp_path / "sd", blocks=2, init_from=tmp_path / "units.pt", **options)
+    np.testing.assert_array_equal(BlockRunner(run / "block-1").parameters()["body.1.3.weight"],
+                                  units.state_dict()["3.3.weight"].numpy())
+    del units[3]
+    torch.save(units.state_dict(), tmp_path / "short.pt")
+    with pytest.raises(ExportError, match=r"nn.Sequential\(\*units\) does not match: missing \['3.0.weight'"):
+        export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / "short.pt", **options)
+    assert not (tmp_path / "bad").exists()
