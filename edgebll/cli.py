@@ -76,6 +76,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cutout", type=int, default=0, metavar="SIZE",
                    help="cutout augmentation: zero one SIZE x SIZE square per training image, placed anew every "
                         "step (seeded by --seed and the step, so --resume repeats it; default: 0 = off)")
+    p.add_argument("--freeze-blocks", type=_block_list, default=(), metavar="K[,K...]",
+                   help="forward blocks that do not train, e.g. 0,1 to fine-tune the top of a pretrained run: they run "
+                        "their eval graph and pass their message on; their weights stay byte for byte")
     p.add_argument("--val-split", type=int, default=0, metavar="N",
                    help="hold out the last N training images; train.json reports each epoch's accuracy on them "
                         "(make model choices there; `edgebll eval` gives the final epoch's test accuracy; default: 0)")
@@ -103,6 +106,14 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="mpi: how long a rank waits for a neighbour before it names it as dead and the run stops "
                         "(default: 120)")
+
+
+def _block_list(text: str) -> tuple[int, ...]:
+    """``--freeze-blocks 0,1`` -> (0, 1)."""
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 0,1, got {text!r}") from None
 
 
 def _worker_config(args: argparse.Namespace) -> Any:
@@ -325,7 +336,8 @@ def _train_config(args: argparse.Namespace) -> Any:
                        rounding=args.rounding, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                        limit=args.limit, seed=args.seed, resume=getattr(args, "resume", False),
                        checkpoint_every=args.checkpoint_every, mix_start=args.mix_start, mix_end=args.mix_end,
-                       feedback_lr_scale=args.feedback_lr_scale, cutout=args.cutout, val_split=args.val_split)
+                       feedback_lr_scale=args.feedback_lr_scale, cutout=args.cutout, val_split=args.val_split,
+                       freeze_blocks=tuple(getattr(args, "freeze_blocks", ())))
 
 
 def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:

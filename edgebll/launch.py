@@ -82,6 +82,7 @@ def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | No
               "--seed": train.seed, "--checkpoint-every": train.checkpoint_every, "--mix-start": train.mix_start,
               "--mix-end": train.mix_end, "--feedback-lr-scale": train.feedback_lr_scale, "--cutout": train.cutout,
               "--val-split": train.val_split,
+              "--freeze-blocks": ",".join(map(str, train.freeze_blocks)) or None,
               "--max-in-flight": worker.max_in_flight, "--peer-timeout": worker.peer_timeout,
               "--feedback-lookahead": worker.feedback_lookahead, "--data-dir": data_dir, "--threads": threads,
               "--backend": backend, "--provider": provider}
@@ -111,6 +112,7 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     train.validate()
     worker.validate()
     blocks = int(load_run_config(run_dir)["blocks"])
+    train.check_frozen(blocks)
     ranks = blocks if ranks is None else ranks
     if ranks != blocks:
         raise EdgeBLLError(f"{run_dir} has {blocks} blocks, so it trains on {blocks} ranks, got -n {ranks}; "

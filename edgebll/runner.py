@@ -68,6 +68,13 @@ class RunnerBase:
     def _check_inputs(self, *arrays: np.ndarray) -> None:
         check_step_inputs(self.name, self.block_dir, self._inputs, *arrays)
 
+    def frozen_step(self, x: np.ndarray, side: np.ndarray) -> StepResult:
+        """A step of a frozen block (``--freeze-blocks``): its eval graph (BatchNorm on its running statistics), no
+        update; the step still counts, so a frozen block checkpoints and resumes in step with the others."""
+        result = self.eval_step(x, side)  # type: ignore[attr-defined]
+        self.progress["step"] += 1  # type: ignore[attr-defined]
+        return result
+
     def _result(self, outputs: tuple[np.ndarray, ...]) -> StepResult:
         message = outputs[self._message_at] if self._message_at is not None else None
         metric = float(outputs[self._metric_at]) if self._metric_at is not None else None

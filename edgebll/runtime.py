@@ -70,6 +70,9 @@ class TrainConfig:
     """Cutout augmentation: side of the square zeroed in every training image (0: none), seeded per step."""
     val_split: int = 0
     """Hold out the last N training images; train.json reports every epoch's accuracy on them (0: none)."""
+    freeze_blocks: tuple[int, ...] = ()
+    """Forward blocks that do not train (fine-tuning the others): they run their eval graph and send their message
+    on; their weights stay as they are."""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -90,6 +93,14 @@ class TrainConfig:
             raise EdgeBLLError(f"--cutout and --val-split must be >= 0, got {self.cutout} and {self.val_split}")
         if self.mix_start < 0 or self.mix_end < 0:
             raise EdgeBLLError(f"BLL mixing weights must be >= 0, got --mix-start {self.mix_start} --mix-end {self.mix_end}")
+
+    def check_frozen(self, num_blocks: int) -> None:
+        """``freeze_blocks`` against a run of ``num_blocks`` forward blocks."""
+        wrong = [k for k in self.freeze_blocks if not 0 <= k < num_blocks]
+        if wrong:
+            raise EdgeBLLError(f"--freeze-blocks {wrong[0]}: the run has blocks 0..{num_blocks - 1}")
+        if len(set(self.freeze_blocks)) == num_blocks:
+            raise EdgeBLLError(f"--freeze-blocks freezes all {num_blocks} blocks: nothing would train; leave one out")
 
 
 def eval_file_name(recorded: dict[str, Any] | None, data_dir: str | os.PathLike | None) -> str:
@@ -193,6 +204,8 @@ class Runtime:
         for key, value in overrides.items():
             setattr(config, key, value)
         config.validate()
+        config.check_frozen(self.num_blocks)
+        frozen = set(config.freeze_blocks)
         data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.get("data"))
         check_data_fits(data, self.runners, "training data")
         check_cutout(config.cutout, data.arrays()[0].shape, self.config["model"])
@@ -221,7 +234,7 @@ class Runtime:
                 h = x
                 for k, runner in enumerate(self.runners):
                     side = labels if priors is None or k == self.num_blocks - 1 else (mix * priors[k]).astype(np.float32)
-                    result = runner.train_step(h, side, lr)
+                    result = runner.frozen_step(h, side) if k in frozen else runner.train_step(h, side, lr)
                     sums[0, k] += result.loss * len(labels)
                     sums[1, k] += count_correct(result.logits, labels)
                     if result.metric is not None:

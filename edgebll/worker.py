@@ -393,7 +393,10 @@ class Worker:
         else:
             x = self._receive(self.up_recv, step, self._expected_x)
         side = labels if prior is None else (mix_weight(self.train, step, self.total) * prior).astype(np.float32)
-        result = self.runner.train_step(x, side, self._lr(step))
+        if self.runner.index in self.train.freeze_blocks:
+            result = self.runner.frozen_step(x, side)
+        else:
+            result = self.runner.train_step(x, side, self._lr(step))
         sums = self._sums(step)
         sums.loss += result.loss * len(labels)
         sums.correct += count_correct(result.logits, labels)
@@ -529,6 +532,7 @@ class Worker:
     def run(self) -> dict[str, Any] | None:
         """Train this rank's block(s) to the end; rank 0 writes and returns train.json's content."""
         self.train.validate()
+        self.train.check_frozen(int(self.config["blocks"]))
         self.worker.validate()
         self._check_size()
         self._register()

@@ -280,3 +280,34 @@ def test_fine_tuning_starts_where_the_source_ended(tmp_path: Path, capsys: pytes
     with pytest.raises(ExportError, match=r"nn.Sequential\(\*units\) does not match: missing \['3.0.weight'"):
         export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / "short.pt", **options)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_frozen_blocks_keep_their_weights_in_process_and_over_mpi(tmp_path: Path) -> None:
+    import shutil
+
+    from edgebll.export import export_model
+    from edgebll.runner import BlockRunner
+    from tests.test_worker import edgebll
+
+    data = write_dataset_folder(tmp_path / "cam", {"train": _images(256, 0), "test": _images(32, 1)})
+    run = export_model("cnn-small", out=tmp_path / "run", blocks=2, batch_size=16, data=data, portable=False,
+                       progress=False)
+    exported = BlockRunner(run / "block-0").parameters()
+    runs = {name: Path(shutil.copytree(run, tmp_path / name)) for name in ("inprocess", "mpi")}
+    options = ["--limit", "128", "--threads", "1", "--no-progress", "--freeze-blocks", "0"]
+    assert edgebll("train", str(runs["inprocess"]), *options).returncode == 0
+    done = edgebll("train", str(runs["mpi"]), "--transport", "mpi", "-n", "2", *options)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for folder in runs.values():
+        frozen = BlockRunner(folder / "block-0").parameters()
+        assert all(np.array_equal(frozen[k], exported[k]) for k in exported)  # byte for byte, BatchNorm included
+        top = BlockRunner(folder / "block-1").parameters()
+        assert any(not np.array_equal(top[k], BlockRunner(run / "block-1").parameters()[k]) for k in top)
+    from tests.test_worker import assert_same_weights
+
+    assert_same_weights(runs["inprocess"], runs["mpi"], blocks=2)
+    # resume after a frozen epoch: every block is at the same step
+    assert edgebll("train", str(runs["inprocess"]), *options, "--epochs", "2", "--resume").returncode == 0
+    done = edgebll("train", str(runs["inprocess"]), "--freeze-blocks", "0,1", "--no-progress")
+    assert done.returncode == 2 and "freezes all 2 blocks: nothing would train" in done.stderr
