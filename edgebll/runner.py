@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebll.errors import ManifestError, TrainingError
+from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
 from edgebll.manifest import BlockManifest, TensorSpec, load_block_manifest, sha256_file, write_json_atomic
 from edgebll.ort_training import training_api, training_available
 
@@ -199,6 +199,8 @@ def session_options(threads: int) -> "SessionOptions":  # noqa: F821 (onnxruntim
         training_api()  # registers the torch-free onnxruntime.training package before onnxruntime loads
     from onnxruntime import SessionOptions
 
+    if threads < 0:
+        raise EdgeBLLError(f"--threads must be >= 0 (0: onnxruntime decides), got {threads}")
     options = SessionOptions()
     options.intra_op_num_threads = threads
     # Idle worker threads must not spin: on a board they would burn the cores another block (or

@@ -8,6 +8,7 @@ carry it) and decoded by the next block. No gradient ever crosses a block bounda
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -87,11 +88,19 @@ class TrainConfig:
             raise EdgeBLLError(f"--group-size must be at least 1, got {self.group_size}")
         if self.schedule not in SCHEDULES:
             raise EdgeBLLError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
-        if self.lr is not None and not self.lr > 0:
-            raise EdgeBLLError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise EdgeBLLError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.feedback_lr_scale) and self.feedback_lr_scale > 0):
+            raise EdgeBLLError(f"--feedback-lr-scale must be a finite number > 0, got {self.feedback_lr_scale}")
+        counts = {"--seed": self.seed, "--warmup-steps": self.warmup_steps, "--checkpoint-every": self.checkpoint_every}
+        for flag, value in counts.items():
+            if value < 0:
+                raise EdgeBLLError(f"{flag} must be >= 0, got {value}")
+        if self.limit is not None and self.limit < 1:
+            raise EdgeBLLError(f"--limit must be at least 1, got {self.limit}")
         if self.cutout < 0 or self.val_split < 0:
             raise EdgeBLLError(f"--cutout and --val-split must be >= 0, got {self.cutout} and {self.val_split}")
-        if self.mix_start < 0 or self.mix_end < 0:
+        if not (math.isfinite(self.mix_start) and math.isfinite(self.mix_end)) or self.mix_start < 0 or self.mix_end < 0:
             raise EdgeBLLError(f"BLL mixing weights must be >= 0, got --mix-start {self.mix_start} --mix-end {self.mix_end}")
 
     def check_frozen(self, num_blocks: int) -> None:

@@ -25,6 +25,7 @@ restores every block to the step in ``progress.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -108,8 +109,8 @@ class WorkerConfig:
             raise EdgeBLLError(f"--feedback-lookahead must be >= 0, got {self.feedback_lookahead}")
         if self.max_in_flight < 1:
             raise EdgeBLLError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
-        if not self.peer_timeout > 0:
-            raise EdgeBLLError(f"--peer-timeout must be positive, got {self.peer_timeout}")
+        if not (math.isfinite(self.peer_timeout) and self.peer_timeout > 0):
+            raise EdgeBLLError(f"--peer-timeout must be a finite number of seconds > 0, got {self.peer_timeout}")
 
 
 @dataclass(slots=True)

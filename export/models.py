@@ -183,6 +183,12 @@ def build_model(model: str | ModelSpec | Sequence[nn.Module] | nn.Sequential, *,
                               "your own list of units for other data (export_model(units, input_shape=...))")
         return IMAGE_MODELS[model](in_channels=input_shape[0], num_classes=num_classes,
                                    image_size=tuple(input_shape[1:]))
+    if isinstance(model, nn.Module) and not isinstance(model, (nn.Sequential, nn.ModuleList)):
+        children = [name for name, _ in model.named_children()]
+        raise ExportError(f"custom model: a {type(model).__name__} is one module with its own forward(), not a list of "
+                          f"units the partitioner can split; hint: pass the units in order, e.g. "
+                          f"[model.{children[0] if children else 'stem'}, ...] (list(model.children()) when forward() "
+                          "only chains its children), with any reshaping (torch.flatten) as an nn.Flatten unit")
     units = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
     bad = [i for i, u in enumerate(units) if not isinstance(u, nn.Module)]
     if bad:

@@ -311,3 +311,23 @@ def test_frozen_blocks_keep_their_weights_in_process_and_over_mpi(tmp_path: Path
     assert edgebll("train", str(runs["inprocess"]), *options, "--epochs", "2", "--resume").returncode == 0
     done = edgebll("train", str(runs["inprocess"]), "--freeze-blocks", "0,1", "--no-progress")
     assert done.returncode == 2 and "freezes all 2 blocks: nothing would train" in done.stderr
+
+
+def test_a_model_that_is_not_a_list_of_units_gets_told_how_to_split_it() -> None:
+    from torch import nn
+
+    from edgebll.errors import ExportError
+    from edgebll.export.models import build_model
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features, self.classifier = nn.Conv2d(1, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    with pytest.raises(ExportError, match=r"a Net is one module with its own forward\(\), not a list of units.*"
+                                          r"\[model.features, \.\.\.\]"):
+        build_model(Net())
+    assert len(build_model(nn.ModuleList([nn.Conv2d(1, 4, 3), nn.ReLU()])).units) == 2

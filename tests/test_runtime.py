@@ -96,7 +96,7 @@ def test_non_finite_message_names_sender_and_step(feedback: bool, sender: str | 
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(epochs=0), r"--epochs must be at least 1"), (dict(codec="int3"), r"unknown codec 'int3'"),
-    (dict(lr=-1.0), r"--lr must be positive"), (dict(schedule="wavy"), r"unknown schedule 'wavy'"),
+    (dict(lr=-1.0), r"--lr must be a finite number > 0"), (dict(schedule="wavy"), r"unknown schedule 'wavy'"),
 ])
 def test_bad_train_options(tiny_run: Path, overrides: dict, match: str) -> None:
     with pytest.raises(EdgeBLLError, match=match):
@@ -237,3 +237,25 @@ def test_arrays_of_any_sample_shape_train_from_python(run_copy: Path) -> None:
     images = ArrayDataset(flat.inputs.reshape(32, 1, 28, 28), flat.labels.astype(np.int64))
     summary = Runtime.from_run(run_copy, threads=1).train(data=images, epochs=1, progress=False)
     assert summary["steps"] > 0
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", float("inf"), r"--lr must be a finite number > 0, got inf"),
+    ("lr", float("nan"), r"--lr must be a finite number > 0, got nan"),
+    ("lr", -1.0, r"--lr must be a finite number > 0, got -1.0"),
+    ("seed", -1, r"--seed must be >= 0, got -1"),
+    ("warmup_steps", -10, r"--warmup-steps must be >= 0, got -10"),
+    ("checkpoint_every", -1, r"--checkpoint-every must be >= 0, got -1"),
+    ("limit", 0, r"--limit must be at least 1, got 0"),
+    ("feedback_lr_scale", float("inf"), r"--feedback-lr-scale must be a finite number > 0"),
+    ("mix_start", float("nan"), r"BLL mixing weights must be >= 0"),
+])
+def test_absurd_training_options_are_refused_up_front(option: str, value: float, message: str) -> None:
+    config = TrainConfig(**{option: value})
+    with pytest.raises(EdgeBLLError, match=message):
+        config.validate()
+
+
+def test_negative_threads_are_refused(run_copy: Path) -> None:
+    with pytest.raises(EdgeBLLError, match=r"--threads must be >= 0 \(0: onnxruntime decides\), got -3"):
+        Runtime.from_run(run_copy, threads=-3)
