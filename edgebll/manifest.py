@@ -178,6 +178,9 @@ class BlockManifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> BlockManifest:
         """Build from parsed JSON, refusing unknown or missing keys and newer formats."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: holds a JSON {type(data).__name__}, not an object; this is not an edgebll "
+                                "block manifest")
         version = data.get("format_version")
         if not isinstance(version, int):
             raise ManifestError(f"{where}: no integer 'format_version'; this is not an edgebll block manifest")
@@ -197,6 +200,14 @@ class BlockManifest:
         except (KeyError, TypeError) as exc:
             known = sorted(f.name for f in fields(cls))
             raise ManifestError(f"{where}: malformed manifest ({exc}); expected keys {known}") from exc
+        if not isinstance(manifest.files, dict):
+            raise ManifestError(f"{where}: 'files' must map file names to sha256 digests")
+        for name, digest in manifest.files.items():
+            if not _plain_file_name(name):
+                raise ManifestError(f"{where}: file name {name!r} is not a plain name inside the block folder (no "
+                                    "folders, '..' or absolute paths); the manifest was tampered with; hint: re-export")
+            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise ManifestError(f"{where}: the sha256 of {name!r} is not 64 hex digits")
         if manifest.method not in METHODS:
             raise ManifestError(f"{where}: unknown method {manifest.method!r}; this runtime knows {list(METHODS)}")
         if manifest.kind not in KINDS:
@@ -238,10 +249,12 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
     path = block_dir / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: missing; hint: export the run again with `edgebll export ... --out RUN`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {path.stat().st_size} bytes; a manifest is a few KiB; hint: re-export the run")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
     manifest = BlockManifest.from_dict(data, str(path))
     if not manifest.backends():
         missing = [name for name in ARTIFACT_FILES if name not in manifest.files]
@@ -249,6 +262,9 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
     if verify_files:
         for name, expected in manifest.files.items():
             file = block_dir / name
+            if file.is_symlink():
+                raise ManifestError(f"block {manifest.index} ({block_dir}): {name} is a symbolic link; a run folder holds "
+                                    "its own files; hint: copy the run with its files (cp -rL), or re-export it")
             if not file.is_file():
                 raise ManifestError(f"block {manifest.index} ({block_dir}): file {name!r} is missing; hint: re-export the run")
             got = sha256_file(file)
@@ -258,6 +274,16 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
                     f"{expected[:16]}…; the file was modified or corrupted; hint: re-export the run"
                 )
     return manifest
+
+
+MAX_MANIFEST_BYTES = 4 << 20
+"""A manifest is a few KiB; anything near this is not one (and is not read into memory)."""
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file directly in the block folder: no separators, no '..', not absolute, not empty."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and not os.path.isabs(name))
 
 
 def block_dir_name(index: int) -> str:

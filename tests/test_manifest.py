@@ -109,3 +109,39 @@ def test_non_finite_loss_stops_before_the_update(tiny_run: Path) -> None:
         runner.train_step(x, np.zeros(4, np.int64), 0.01)
     after = runner.parameters()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), r"file name '\.\./\.\./etc/passwd' is not a plain name"),
+    (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), r"file name '/etc/passwd' is not a plain name"),
+    (lambda m: m["files"].update({"sub/x": "0" * 64}), r"file name 'sub/x' is not a plain name"),
+    (lambda m: m["files"].update({"x": "not-a-digest"}), r"the sha256 of 'x' is not 64 hex digits"),
+    (lambda m: m.update(files=["eval_model.onnx"]), r"'files' must map file names to sha256 digests"),
+])
+def test_hostile_manifests_are_refused_before_any_file_is_read(run_copy: Path, edit, match: str) -> None:
+    path = run_copy / "block-0" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=match):
+        load_block_manifest(run_copy / "block-0")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[1, 2]", r"holds a JSON list, not an object"),
+    ("null", r"holds a JSON NoneType, not an object"),
+    ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(RecursionError"),
+])
+def test_manifests_that_are_not_objects_are_refused(run_copy: Path, text: str, match: str) -> None:
+    (run_copy / "block-0" / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match=match):
+        load_block_manifest(run_copy / "block-0")
+
+
+def test_a_linked_artifact_is_refused(run_copy: Path, tmp_path: Path) -> None:
+    block = run_copy / "block-0"
+    outside = tmp_path / "outside.onnx"
+    (block / "eval_model.onnx").rename(outside)
+    (block / "eval_model.onnx").symlink_to(outside)
+    with pytest.raises(ManifestError, match=r"eval_model.onnx is a symbolic link"):
+        load_block_manifest(block)
