@@ -49,7 +49,7 @@ def test_the_run_config_chooses_the_dataset() -> None:
     data = load_run_dataset(SMALL.to_dict(), "test", limit=7)
     np.testing.assert_array_equal(data.tokens, load_reversal("test", SMALL).tokens[:7])
     with pytest.raises(DataError, match=r"run.json names dataset 'cifar-10'.*expected one of \['fashion-mnist', "
-                                        r"'reverse-permutation'\]; hint"):
+                                        r"'reverse-permutation', 'folder'\]; hint"):
         load_run_dataset({"dataset": "cifar-10"}, "train")
     with pytest.raises(DataError, match=r"unknown data settings \['vocab'\]"):
         load_run_dataset({**SMALL.to_dict(), "vocab": 12}, "train")
