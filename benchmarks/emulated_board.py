@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
         "'numpy': numpy.__version__, 'onnxruntime': onnxruntime.__version__, "
         "'native_codec': codec.native_available(), 'training_build': training_available(), "
-        "'installed_at': codec.__file__.split('/edgebll/')[0], "
+        "'installed_at': codec.__file__.rsplit('/edgebll/codec/', 1)[0], "
         "'torch': 'torch' in sys.modules}))")), "the board's python").strip().splitlines()[-1])
     if (facts["machine"] != "aarch64" or not facts["native_codec"] or facts["training_build"]
             or facts["installed_at"] != BOARD_PATH[0]):
