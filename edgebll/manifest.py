@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -295,10 +296,49 @@ def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / RUN_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: missing; {run_dir} is not an exported run; hint: `edgebll export --out {run_dir}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {path.stat().st_size} bytes; a run.json is a few KiB; hint: re-export the run")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    _check_run_config(config, path)
+    return config
+
+
+def _check_run_config(config: Any, path: Path) -> None:
+    """The fields every command reads, with their types and ranges; the message names the key."""
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path}: holds a JSON {type(config).__name__}, not an object; hint: re-export the run")
+
+    def integer(key: str, least: int) -> None:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ManifestError(f"{path}: {key!r} must be an integer >= {least}, got {value!r}; hint: re-export the run")
+
+    integer("blocks", 1)
+    integer("batch_size", 1)
+    if config.get("method") not in METHODS:
+        raise ManifestError(f"{path}: 'method' must be one of {list(METHODS)}, got {config.get('method')!r}")
+    if not isinstance(config.get("model"), str):
+        raise ManifestError(f"{path}: 'model' must be the model's name, got {config.get('model')!r}")
+    lr = config.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ManifestError(f"{path}: 'lr' must be a finite number > 0, got {lr!r}; hint: re-export the run")
+    if "num_classes" in config:
+        integer("num_classes", 2)
+    if config.get("data") is not None and not isinstance(config["data"], dict):
+        raise ManifestError(f"{path}: 'data' must be an object naming the dataset, got {config['data']!r}")
+
+
+def check_run_agrees(config: dict[str, Any], manifests: list[BlockManifest], run_dir: str | os.PathLike) -> None:
+    """run.json and the block manifests must describe one run: block count and training batch size."""
+    if len(manifests) != int(config["blocks"]):
+        raise ManifestError(f"{run_dir}: run.json says {config['blocks']} blocks, {len(manifests)} were loaded")
+    sizes = sorted({m.batch_size for m in manifests})
+    if sizes != [int(config["batch_size"])]:
+        raise ManifestError(f"{run_dir}: run.json's batch_size {config['batch_size']} differs from the manifests' "
+                            f"{sizes}; the run was edited or mixed from two exports; hint: re-export the run")
 
 
 def check_chain(manifests: list[BlockManifest], run_dir: str | os.PathLike) -> None:

@@ -22,7 +22,9 @@ from edgebll import codec as message_codec
 from edgebll.augment import check_cutout, cutout
 from edgebll.data import InMemoryDataset, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
-from edgebll.manifest import FEEDBACK_DIR, block_dir_name, check_chain, load_run_config, write_json_atomic
+from edgebll.manifest import (
+    FEEDBACK_DIR, block_dir_name, check_chain, check_run_agrees, load_run_config, write_json_atomic,
+)
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.backends import Runner, open_block
@@ -177,6 +179,7 @@ class Runtime:
                     provider=provider)
         runners = [open_block(Path(run_dir) / block_dir_name(k), **load) for k in range(blocks)]
         check_chain([r.manifest for r in runners], run_dir)
+        check_run_agrees(config, [r.manifest for r in runners], run_dir)
         feedback = []
         if config["method"] == "bll":
             feedback = [open_block(Path(run_dir) / block_dir_name(k) / FEEDBACK_DIR, **load) for k in range(blocks - 1)]

@@ -145,3 +145,30 @@ def test_a_linked_artifact_is_refused(run_copy: Path, tmp_path: Path) -> None:
     (block / "eval_model.onnx").symlink_to(outside)
     with pytest.raises(ManifestError, match=r"eval_model.onnx is a symbolic link"):
         load_block_manifest(block)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: {}, r"'blocks' must be an integer >= 1, got None"),
+    (lambda c: None, r"holds a JSON NoneType, not an object"),
+    (lambda c: c | {"blocks": "3"}, r"'blocks' must be an integer >= 1, got '3'"),
+    (lambda c: c | {"blocks": 2.5}, r"'blocks' must be an integer >= 1, got 2.5"),
+    (lambda c: c | {"blocks": 0}, r"'blocks' must be an integer >= 1, got 0"),
+    (lambda c: c | {"blocks": -1}, r"'blocks' must be an integer >= 1, got -1"),
+    (lambda c: c | {"batch_size": 0}, r"'batch_size' must be an integer >= 1, got 0"),
+    (lambda c: c | {"lr": float("inf")}, r"'lr' must be a finite number > 0, got inf"),
+    (lambda c: c | {"method": "magic"}, r"'method' must be one of"),
+    (lambda c: c | {"data": "fashion-mnist"}, r"'data' must be an object naming the dataset"),
+])
+def test_broken_run_configs_are_refused_naming_the_key(run_copy: Path, edit, match: str) -> None:
+    path = run_copy / "run.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ManifestError, match=match):
+        Runtime.from_run(run_copy)
+
+
+def test_run_json_and_manifests_must_agree_on_the_batch_size(run_copy: Path) -> None:
+    path = run_copy / "run.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"batch_size": config["batch_size"] * 2}))
+    with pytest.raises(ManifestError, match=r"run.json's batch_size \d+ differs from the manifests' \[\d+\]"):
+        Runtime.from_run(run_copy)
