@@ -19,7 +19,6 @@ that trains or evaluates it reads the folder back through here (numpy only: this
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import numpy as np
 
 from edgebll.data import InMemoryDataset
 from edgebll.errors import DataError
+from edgebll.manifest import read_json_file, sha256_file
 
 INFO_FILE = "dataset.json"
 FORMAT = 1
@@ -120,14 +120,6 @@ class DatasetInfo:
         return {"dataset": FOLDER, "path": str(path.resolve()), "name": self.name, "sha256": dict(self.sha256)}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_split(split: str, x: np.ndarray, y: np.ndarray, where: str) -> None:
     if x.dtype.name not in INPUT_DTYPES:
         raise DataError(f"{where}: x has dtype {x.dtype}; the samples must be uint8, float32 or int64 (token ids); "
@@ -207,7 +199,7 @@ def write_dataset_folder(out: str | os.PathLike, splits: dict[str, tuple[np.ndar
             for kind, array in (("x", x), ("y", y.astype(np.int64))):
                 file = tmp / f"{split}_{kind}.npy"
                 np.save(file, np.ascontiguousarray(array))
-                sha[file.name] = _sha256(file)
+                sha[file.name] = sha256_file(file)
         info = {"format": FORMAT, "name": name or out.name, "sample_shape": list(train_x.shape[1:]),
                 "dtype": train_x.dtype.name, "num_classes": count, "label_shape": list(arrays["train"][1].shape[1:]),
                 "classes": list(classes) if classes else None, "mean": mean, "std": std,
@@ -228,12 +220,7 @@ def read_dataset_info(path: str | os.PathLike) -> DatasetInfo:
     file = folder / INFO_FILE
     if not file.is_file():
         raise DataError(f"{folder}: no {INFO_FILE}, so it is not a dataset folder; {_HINT}")
-    if file.stat().st_size > MAX_INFO_BYTES:
-        raise DataError(f"{file}: {file.stat().st_size} bytes is too large for a dataset description; {_HINT}")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise DataError(f"{file}: not valid JSON ({exc}); {_HINT}") from exc
+    raw = read_json_file(file, MAX_INFO_BYTES, DataError, _HINT)
     try:
         if raw["format"] != FORMAT:
             raise DataError(f"{file}: format {raw['format']!r}, this edgebll reads format {FORMAT}; {_HINT}")
@@ -265,7 +252,7 @@ def load_dataset_folder(path: str | os.PathLike, split: str, limit: int | None =
     for file in names:
         if not (folder / file).is_file():
             raise DataError(f"{folder / file}: missing; {_HINT}")
-        got = _sha256(folder / file)
+        got = sha256_file(folder / file)
         if got != info.sha256.get(file):
             raise DataError(f"{folder / file}: sha256 {got[:16]}… does not match {INFO_FILE}; the file changed since "
                             f"import; {_HINT}")
@@ -284,12 +271,8 @@ def load_dataset_folder(path: str | os.PathLike, split: str, limit: int | None =
     if tuple(x.shape[1:]) != info.sample_shape or x.dtype.name != info.dtype or len(y) != len(x):
         raise DataError(f"{folder / names[0]}: {x.dtype} {list(x.shape)} does not match {INFO_FILE} "
                         f"({info.dtype} [N, {', '.join(map(str, info.sample_shape))}]); {_HINT}")
-    labels = np.ascontiguousarray(y, dtype=np.int64)
-    if len(labels) and (int(labels.max()) >= info.num_classes or int(labels.min()) < 0):
-        bad = int(np.flatnonzero(((labels >= info.num_classes) | (labels < 0)).reshape(len(labels), -1).any(axis=1))[0])
-        raise DataError(f"{folder / names[1]}: sample {bad} has label {int(labels[bad].max())} outside 0.."
-                        f"{info.num_classes - 1}; {_HINT}")
-    return FolderDataset(x, labels, info)
+    # labels were checked at import and the sha256 holds them to that; the run's classes are checked at train/eval
+    return FolderDataset(x, np.ascontiguousarray(y, dtype=np.int64), info)
 
 
 def _normalised(x: np.ndarray, info: DatasetInfo) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgebll.errors import ManifestError
+from edgebll.errors import EdgeBLLError, ManifestError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -244,18 +244,24 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def read_json_file(path: Path, max_bytes: int, error: type[EdgeBLLError], hint: str) -> Any:
+    """Parse a small JSON file of a run or dataset folder: bounded in size, depth errors and bad bytes as ``error``."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path}: {size} bytes, too large for what it should hold; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise error(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); {hint}") from exc
+
+
 def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = True) -> BlockManifest:
     """Read and validate ``block_dir/manifest.json``; with ``verify_files`` check every file's sha256."""
     block_dir = Path(block_dir)
     path = block_dir / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: missing; hint: export the run again with `edgebll export ... --out RUN`")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: {path.stat().st_size} bytes; a manifest is a few KiB; hint: re-export the run")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    data = read_json_file(path, MAX_MANIFEST_BYTES, ManifestError, "hint: re-export the run")
     manifest = BlockManifest.from_dict(data, str(path))
     if not manifest.backends():
         missing = [name for name in ARTIFACT_FILES if name not in manifest.files]
@@ -278,7 +284,7 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
 
 
 MAX_MANIFEST_BYTES = 4 << 20
-"""A manifest is a few KiB; anything near this is not one (and is not read into memory)."""
+"""A manifest or run.json is a few KiB; anything near this is not one (and is not read into memory)."""
 
 
 def _plain_file_name(name: object) -> bool:
@@ -296,12 +302,7 @@ def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / RUN_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: missing; {run_dir} is not an exported run; hint: `edgebll export --out {run_dir}`")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: {path.stat().st_size} bytes; a run.json is a few KiB; hint: re-export the run")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    config = read_json_file(path, MAX_MANIFEST_BYTES, ManifestError, "hint: re-export the run")
     _check_run_config(config, path)
     return config
 
