@@ -190,6 +190,11 @@ class Dataset(InMemoryDataset):
         return self.images, self.labels
 
 
+def first_sample(mask: np.ndarray) -> int:
+    """The index of the first sample (axis 0) with any True in ``mask`` (per sample: a scalar, labels per token, pixels)."""
+    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled sample order of ``epoch``: a function of (seed, epoch) alone, so every rank of a
     distributed run, and a resumed run, computes the same batches without being sent them."""

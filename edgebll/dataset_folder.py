@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebll.data import InMemoryDataset
+from edgebll.data import InMemoryDataset, first_sample
 from edgebll.errors import DataError
 from edgebll.manifest import read_json_file, sha256_file
 
@@ -132,12 +132,13 @@ def _check_split(split: str, x: np.ndarray, y: np.ndarray, where: str) -> None:
     if len(x) == 0:
         raise DataError(f"{where}: the {split} split has no samples")
     if x.dtype == np.float32:
-        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
-        if len(bad):
-            raise DataError(f"{where}: sample {int(bad[0])} of x holds a non-finite value ({len(bad)} such samples)")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            count = int(bad.reshape(len(x), -1).any(axis=1).sum())
+            raise DataError(f"{where}: sample {first_sample(bad)} of x holds a non-finite value ({count} such samples)")
     if (y < 0).any():
-        raise DataError(f"{where}: sample {int(np.flatnonzero((y < 0).reshape(len(y), -1).any(axis=1))[0])} has a "
-                        "negative label; labels are class indices 0..classes-1")
+        raise DataError(f"{where}: sample {first_sample(y < 0)} has a negative label; labels are class indices "
+                        "0..classes-1")
 
 
 def _normalisation(x: np.ndarray) -> tuple[list[float], list[float]] | tuple[None, None]:
@@ -185,7 +186,7 @@ def write_dataset_folder(out: str | os.PathLike, splits: dict[str, tuple[np.ndar
     count = len(classes) if classes else (num_classes or largest + 1)
     if largest >= count:
         split = next(s for s, (_, y) in arrays.items() if int(y.max()) == largest)
-        sample = int(np.flatnonzero((arrays[split][1] == largest).reshape(len(arrays[split][1]), -1).any(axis=1))[0])
+        sample = first_sample(arrays[split][1] == largest)
         raise DataError(f"the {split} split: sample {sample} has label {largest}, but there are {count} classes; "
                         "labels are class indices 0..classes-1")
     if count < 2:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from edgebll.data import InMemoryDataset, load_fashion_mnist
 from edgebll.dataset_folder import FOLDER, INFO_FILE, load_dataset_folder, read_dataset_info
@@ -46,16 +45,16 @@ def load_run_dataset(data: dict[str, Any] | None, split: str, data_dir: str | os
     records unless ``data_dir`` names where it lies here. The synthetic sequence task needs no files.
     """
     name = (data or {}).get("dataset", FASHION_MNIST)
-    if is_dataset_folder(data_dir) or name == FOLDER:
-        used = resolve_run_data(data, data_dir) or {}
-        folder = data_dir if is_dataset_folder(data_dir) else used.get("path")
+    if is_dataset_folder(data_dir):  # --data: this folder, whatever the run was exported with
+        return load_dataset_folder(data_dir, split, limit=limit)
+    if name == FOLDER:
+        folder = (data or {}).get("path")
         if not folder:
             raise DataError("run.json names a dataset folder without its path; hint: pass --data DIR")
         if not is_dataset_folder(folder):
             raise DataError(f"{folder}: the run's dataset folder is not there; hint: copy it to this machine and pass "
                             "--data DIR")
-        recorded = None if is_dataset_folder(data_dir) else used.get("sha256")  # --data: other data on purpose
-        return load_dataset_folder(folder, split, limit=limit, expected_sha256=recorded)
+        return load_dataset_folder(folder, split, limit=limit, expected_sha256=(data or {}).get("sha256"))
     if name == FASHION_MNIST:
         return load_fashion_mnist(split, data_dir, limit=limit)
     if name == REVERSAL:

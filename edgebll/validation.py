@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from edgebll.data import InMemoryDataset
+from edgebll.data import InMemoryDataset, first_sample
 from edgebll.errors import DataError, EdgeBLLError
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
@@ -64,7 +64,7 @@ def check_data_fits(data: InMemoryDataset, runners: Sequence[Runner], where: str
                         f"{spec.dtype} {expected}; hint: export the run for this data (edgebll export --data DIR)")
     classes = int(last.output("logits").shape[-1])
     if len(labels) and (int(labels.max()) >= classes or int(labels.min()) < 0):
-        bad = int(np.flatnonzero(((labels >= classes) | (labels < 0)).reshape(len(labels), -1).any(axis=1))[0])
+        bad = first_sample((labels >= classes) | (labels < 0))
         raise DataError(f"{where}: sample {bad} has label {int(labels[bad].max())}, but the run has {classes} classes "
                         f"(0..{classes - 1}); hint: export the run for this data (edgebll export --data DIR)")
 
