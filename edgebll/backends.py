@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from edgebll.errors import EdgeBLLError
 from edgebll.manifest import STATE_FILE, load_block_manifest
 from edgebll.ort_training import training_available
 from edgebll.portable import PROVIDERS, PortableRunner
-from edgebll.runner import TRAINED_DIR, BlockRunner
+from edgebll.checkpoints import TRAINED_DIR
+from edgebll.runner import BlockRunner
+
+if TYPE_CHECKING:
+    from edgebll.frozen import FrozenRunner
 
 TRAINED_STATE = {"ort-training": "checkpoint", "portable": STATE_FILE}
 """Each backend's trained state in a block's ``trained/`` (one at a time: a save removes the other's)."""
 
 BACKENDS = ("auto", "ort-training", "portable")
-Runner = Union[BlockRunner, PortableRunner]
+Runner = Union[BlockRunner, PortableRunner, "FrozenRunner"]
 
 
 def resolve_backend(backend: str, offered: list[str], *, provider: str = "cpu", where: str = "the block") -> str:
@@ -52,12 +56,13 @@ def trained_backend(block_dir: str | os.PathLike) -> str | None:
 
 
 def open_block(block_dir: str | os.PathLike, *, backend: str = "auto", provider: str = "cpu", threads: int = 0,
-               verify_files: bool = True, load_trained: bool = True) -> Runner:
+               verify_files: bool = True, load_trained: bool = True, frozen: bool = False) -> Runner:
     """A runner for the block in ``block_dir`` on ``backend`` ("auto", "ort-training" or "portable").
 
     With ``load_trained``, a trained block continues on the backend that trained it: "auto" picks
     that one, and another backend is refused (its state would silently start from the exported
-    weights). ``load_trained=False`` (``--restart``) may switch.
+    weights). ``load_trained=False`` (``--restart``) may switch. ``frozen``: the block does not
+    train (``--freeze-blocks``): its eval graph and weights only (:class:`~edgebll.frozen.FrozenRunner`).
     """
     manifest = load_block_manifest(block_dir, verify_files=False)  # the runner verifies the files it loads
     where = f"{Path(block_dir)}"
@@ -73,10 +78,23 @@ def open_block(block_dir: str | os.PathLike, *, backend: str = "auto", provider:
                            "machine does not have; hint: continue on a machine that has it, or --restart to train "
                            "again here on the portable backend from the exported weights")
     chosen = resolve_backend(backend, manifest.backends(), provider=provider, where=where)
+    if frozen:
+        from edgebll.frozen import FrozenRunner
+
+        return FrozenRunner(block_dir, backend=chosen, threads=threads, verify_files=verify_files,
+                            load_trained=load_trained, provider=provider)
     if chosen == "portable":
         return PortableRunner(block_dir, threads=threads, verify_files=verify_files, load_trained=load_trained,
                               provider=provider)
     return BlockRunner(block_dir, threads=threads, verify_files=verify_files, load_trained=load_trained)
+
+
+def block_list(text: str) -> tuple[int, ...]:
+    """``--freeze-blocks 0,1`` -> (0, 1)."""
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 0,1, got {text!r}") from None
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebll import __version__
-from edgebll.backends import add_backend_options
+from edgebll.backends import add_backend_options, block_list
 from edgebll.errors import EdgeBLLError
 
 DEMO_EXAMPLE = """\
@@ -76,7 +76,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cutout", type=int, default=0, metavar="SIZE",
                    help="cutout augmentation: zero one SIZE x SIZE square per training image, placed anew every "
                         "step (seeded by --seed and the step, so --resume repeats it; default: 0 = off)")
-    p.add_argument("--freeze-blocks", type=_block_list, default=(), metavar="K[,K...]",
+    p.add_argument("--freeze-blocks", type=block_list, default=(), metavar="K[,K...]",
                    help="forward blocks that do not train, e.g. 0,1 to fine-tune the top of a pretrained run: they run "
                         "their eval graph and pass their message on; their weights stay byte for byte")
     p.add_argument("--val-split", type=int, default=0, metavar="N",
@@ -106,14 +106,6 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="mpi: how long a rank waits for a neighbour before it names it as dead and the run stops "
                         "(default: 120)")
-
-
-def _block_list(text: str) -> tuple[int, ...]:
-    """``--freeze-blocks 0,1`` -> (0, 1)."""
-    try:
-        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block indices like 0,1, got {text!r}") from None
 
 
 def _worker_config(args: argparse.Namespace) -> Any:
@@ -414,8 +406,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         _load_exporter()
         from edgebll.export.inference import chain_inference_model
 
+        from edgebll.checkpoints import read_progress
+
         out = chain_inference_model(args.run, args.out, all_heads=args.all_heads, threads=args.threads)
-        print(f"wrote {out}: x -> logits{' and every block head' if args.all_heads else ''}")
+        progress = read_progress(Path(args.run))
+        weights = f"the weights of step {progress['step']}" if progress else "the latest weights"
+        print(f"wrote {out}: x -> logits{' and every block head' if args.all_heads else ''}, {weights}")
         return 0
     if args.command in ("devices", "profile"):
         from edgebll.profiler import run_command
@@ -442,9 +438,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         if args.ranks is not None or args.hosts is not None:
             raise EdgeBLLError(f"{'-n/--ranks' if args.ranks is not None else '--hosts'} needs --transport mpi")
+        config = _train_config(args)
         runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart,
-                                   backend=args.backend, provider=args.provider)
-        summary = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
+                                   backend=args.backend, provider=args.provider, freeze_blocks=config.freeze_blocks)
+        summary = runtime.train(config, data_dir=args.data_dir, progress=progress)
         last = summary["epochs"][-1]
         print(f"trained {summary['steps']} steps · train accuracy per block {last['accuracy']} · "
               f"{summary['samples_per_s']} samples/s · wrote {Path(args.run) / 'train.json'}")

@@ -41,3 +41,7 @@ class DeviceError(EdgeBLLError):
 
 class MemoryCapError(DeviceError):
     """A block ran out of memory under the cap it was given (``edgebll profile --enforce-budget``)."""
+
+
+class DiskFullError(EdgeBLLError):
+    """A checkpoint cannot be written: the disk (or the user's quota) has no room for it."""

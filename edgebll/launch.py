@@ -254,7 +254,8 @@ def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exi
     ``first_exit_at`` (time.time()). A rank that recorded its error before then stopped the run
     (its MPI_Abort makes mpiexec kill the others, in any order); otherwise the first to end died.
     """
-    from edgebll.worker import PROGRESS_NAME, RANKS_DIR, registered_ranks
+    from edgebll.checkpoints import PROGRESS_NAME
+    from edgebll.worker import RANKS_DIR, registered_ranks
 
     by_rank = registered_ranks(run_dir)
     pids = {int(info["pid"]): info for info in by_rank.values()}

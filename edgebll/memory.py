@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebll.errors import EdgeBLLError, ManifestError
-from edgebll.manifest import MANIFEST_NAME, NEXT, TRAIN_FILE, BlockManifest, load_block_manifest
+from edgebll.manifest import EVAL_FILE, MANIFEST_NAME, NEXT, TRAIN_FILE, BlockManifest, load_block_manifest
 
 RUNTIME_BYTES = int(11.8 * 2**20)
 """ONNX Runtime's own memory for one block: three sessions (training, eval, optimizer) and the
@@ -124,7 +124,7 @@ class _GraphMemory:
 def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None, *, codec: str = "int8",
                         codec_backend: str = "auto", memory_pattern: bool | None = None,
                         manifest: BlockManifest | None = None, in_flight: int = 0,
-                        validation: bool = False, backend: str = "ort-training") -> MemoryEstimate:
+                        validation: bool = False, backend: str = "ort-training", frozen: bool = False) -> MemoryEstimate:
     """Estimate the peak memory of training the block in ``block`` (its folder or its manifest.json).
 
     ``batch_size`` defaults to the one it was exported with. ``codec`` is the message codec
@@ -137,6 +137,8 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
     ``validation``: the MPI run validates (``--val-split``), so a forward block's links have a
     second ring of that many frames, for the held-out batches (the same batch size).
     ``backend``: "ort-training" reads training_model.onnx, "portable" portable_train.onnx.
+    ``frozen``: the block does not train (``--freeze-blocks``): its eval graph (eval_model.onnx or
+    portable_eval.onnx) with its weights, no gradients, no optimizer state.
     """
     block_dir = Path(block)
     if block_dir.name == MANIFEST_NAME:
@@ -148,7 +150,10 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
         raise EdgeBLLError(f"batch size must be at least 1, got {batch}")
     if memory_pattern is None:
         memory_pattern = runner_uses_memory_pattern()
-    if backend == "portable":
+    if frozen and backend in ("ort-training", "portable"):
+        graph = _graph_memory(block_dir / (EVAL_FILE if backend == "portable" else "eval_model.onnx"), manifest, batch)
+        optimizer_state = 0
+    elif backend == "portable":
         if manifest.portable is None:
             raise ManifestError(f"block {manifest.index}: exported without portable graphs; hint: re-export the run "
                                 "with --portable (the default)")

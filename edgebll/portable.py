@@ -23,7 +23,8 @@ import numpy as np
 
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
 from edgebll.manifest import EVAL_FILE, NEXT, STATE_FILE, TRAIN_FILE, BlockManifest, load_block_manifest
-from edgebll.runner import TRAINED_DIR, RunnerBase, StepResult, save_trained, session_options, verify_trained
+from edgebll.checkpoints import TRAINED_DIR
+from edgebll.runner import RunnerBase, StepResult, save_trained, session_options, verify_trained
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -97,19 +97,20 @@ def _inputs(manifest: Any, batch: int, seed: int = 0) -> list[Any]:
 def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_size: int | None, lr: float,
                  save: bool, mode: str = "train", backend: str = "auto") -> dict[str, Any]:
     """Train ``block_dir`` for ``steps`` steps as a device would (``mode`` "eval": run its eval graph
-    instead, as ``edgebll eval`` does); returns the measurements."""
+    instead, as ``edgebll eval`` does; "frozen": as a block of ``--freeze-blocks`` runs, loaded without
+    its training graph); returns the measurements."""
     _import_runtime()
     imported = _status()
     from edgebll import codec as message_codec
     from edgebll.backends import open_block
 
-    runner = open_block(block_dir, threads=threads, load_trained=False, backend=backend)
+    runner = open_block(block_dir, threads=threads, load_trained=False, backend=backend, frozen=mode == "frozen")
     loaded = _status()
     manifest = runner.manifest
     batch = batch_size or manifest.batch_size
     arrays = _inputs(manifest, batch)
     kind = getattr(manifest, "kind", "forward")
-    if mode == "eval" and kind != "forward":
+    if mode != "train" and kind != "forward":
         raise EdgeBLLError(f"{block_dir} is a {kind} block: only forward blocks are evaluated (BLL's feedback "
                            "blocks are not needed at test time)")
     # a block but the first receives its message as a frame (the one a neighbour would send)
@@ -118,7 +119,8 @@ def _train_child(block_dir: str, *, steps: int, threads: int, codec: str, batch_
     for _ in range(steps):
         began = time.perf_counter()
         x = message_codec.decode(frame_in) if frame_in is not None else arrays[0]
-        result = runner.eval_step(x, *arrays[1:]) if mode == "eval" else runner.train_step(x, *arrays[1:], lr)
+        result = (runner.eval_step(x, *arrays[1:]) if mode == "eval" else runner.frozen_step(x, *arrays[1:])
+                  if mode == "frozen" else runner.train_step(x, *arrays[1:], lr))
         frame_out = message_codec.encode(result.message, codec) if result.message is not None else None
         times.append(time.perf_counter() - began)
         del x, result, frame_out  # a device loop drops this step's buffers before the next message arrives
@@ -154,7 +156,7 @@ def _child_main(args: argparse.Namespace) -> int:
         else:
             result = _train_child(args.block, steps=args.steps, threads=args.threads, codec=args.codec,
                                   batch_size=args.batch_size, lr=args.lr, save=args.save,
-                                  mode="eval" if args.eval else "train", backend=args.backend)
+                                  mode=args.mode, backend=args.backend)
     except Exception as exc:
         if args.cap and _is_out_of_memory(exc):
             os.write(2, message.encode() + b"\n")
@@ -244,8 +246,8 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
         raise EdgeBLLError(f"--steps must be at least 2 (the first step warms up), got {steps}")
     if budget is not None and cap is not None:
         raise EdgeBLLError("give a resident budget or an address-space cap, not both")
-    if mode not in ("train", "eval"):
-        raise EdgeBLLError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if mode not in ("train", "eval", "frozen"):
+        raise EdgeBLLError(f"mode must be 'train', 'eval' or 'frozen', got {mode!r}")
     if save and mode == "eval":
         raise EdgeBLLError("an eval measurement trains nothing to save; drop save=True")
     if budget is not None:
@@ -257,7 +259,7 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
     arguments += ["--budget", str(budget)] if budget else []
     arguments += ["--index", str(index)] if index is not None else []
     arguments += ["--save"] if save else []
-    arguments += ["--eval"] if mode == "eval" else []
+    arguments += ["--mode", mode]
     done = _run_child(arguments, cap=cap, timeout=timeout)
     if cap and done.returncode != 0:
         # OOM_EXIT with our message, or a crash (a C++ allocation failure can abort): both mean it did not fit
@@ -302,12 +304,14 @@ def _block_dirs(run_dir: Path) -> list[Path]:
 
 def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, threads: int = 0, codec: str = "int8",
                 batch_size: int | None = None, bp_run: str | os.PathLike | None = None, enforce_budget: bool = False,
-                plot: bool = True, progress: bool = True, backend: str = "auto") -> dict[str, Any]:
+                plot: bool = True, progress: bool = True, backend: str = "auto",
+                freeze_blocks: tuple[int, ...] = ()) -> dict[str, Any]:
     """Measure and estimate every block of ``run_dir`` on this machine; write profile.json (and .png).
 
     ``backend``: the runtime that trains the blocks (see :func:`edgebll.backends.open_block`); "auto" with a
     board that trains on the portable graphs (``device.backend``, every aarch64 board) measures those, as
-    the board would run them.
+    the board would run them. ``freeze_blocks``: forward blocks measured and estimated as ``--freeze-blocks``
+    runs them (eval graph and weights, no training state).
     """
     from edgebll.manifest import load_block_manifest, load_run_config, write_json_atomic
     from edgebll.backends import resolve_backend
@@ -331,15 +335,17 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
     def one(folder: Path) -> dict[str, Any]:
         manifest = load_block_manifest(folder, verify_files=False)
         chosen = resolve_backend(backend, manifest.backends(), where=str(folder))
-        estimate = estimate_peak_bytes(folder, batch_size, codec=codec, backend=chosen)
+        frozen = manifest.kind == "forward" and manifest.index in freeze_blocks
+        estimate = estimate_peak_bytes(folder, batch_size, codec=codec, backend=chosen, frozen=frozen)
         entry: dict[str, Any] = {"index": manifest.index, "kind": getattr(manifest, "kind", "forward"), "backend": chosen,
+                                 "frozen": frozen,
                                  "folder": str(folder.relative_to(run_dir.parent) if folder.is_relative_to(run_dir.parent)
                                                else folder),
                                  "estimated_peak_bytes": estimate.total, "estimate": estimate.to_dict()}
         try:
             measured = measure_block(folder, baseline, steps=steps, threads=threads, codec=codec,
                                      batch_size=batch_size, budget=budget, estimate=estimate.total,
-                                     index=manifest.index, backend=backend)
+                                     index=manifest.index, backend=backend, mode="frozen" if frozen else "train")
         except MemoryCapError as exc:
             entry.update(measured_peak_bytes=None, step_ms=None, fits=False, error=str(exc))
         else:
@@ -359,7 +365,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
         "format_version": 1, "run": str(run_dir), "model": config.get("model"), "method": config.get("method"),
         "num_blocks": int(config["blocks"]), "device": device.to_dict(),
         "batch_size": batch_size or int(config["batch_size"]), "codec": codec, "steps": steps, "threads": threads,
-        "backend": backend,
+        "backend": backend, "freeze_blocks": list(freeze_blocks),
         "memory_pattern": runner_uses_memory_pattern(), "enforce_budget": enforce_budget,
         "address_space_cap_bytes": address_space_cap(allowance, baseline) if enforce_budget else None,
         "baseline": asdict(baseline), "blocks": blocks, "bp": bp, "machine": _machine(),
@@ -423,7 +429,7 @@ def format_profile_table(profile: dict[str, Any]) -> str:
     rows = [header]
     entries = profile["blocks"] + ([{**profile["bp"], "index": "bp", "kind": "forward"}] if profile.get("bp") else [])
     for e in entries:
-        name = f"fb {e['index']}" if e["kind"] == "feedback" else str(e["index"])
+        name = f"fb {e['index']}" if e["kind"] == "feedback" else f"{e['index']}{' (frozen)' if e.get('frozen') else ''}"
         if e["measured_peak_bytes"] is None:
             rows.append(f"{name:>8}  {'—':>9}  {e['estimated_peak_bytes'] / mib:>5.1f} MiB  {'':>7}  {'':>8}  "
                         f"no: {e['error']}")
@@ -447,7 +453,7 @@ def format_profile_table(profile: dict[str, Any]) -> str:
 
 def add_commands(sub: Any) -> None:
     """Add ``devices`` and ``profile`` to the ``edgebll`` command line."""
-    from edgebll.backends import add_backend_options
+    from edgebll.backends import add_backend_options, block_list
 
     p = sub.add_parser("devices", help="list the device profiles (RAM, training budget, cores, link)",
                        description="The shipped device profiles (devices/boards/*.toml).")
@@ -475,6 +481,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip RUN/profile.png")
     p.add_argument("--json", action="store_true", help="print profile.json instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--freeze-blocks", type=block_list, default=(), metavar="K[,K...]",
+                   help="forward blocks measured as `edgebll train --freeze-blocks` runs them: eval graph and weights, "
+                        "no gradients or optimizer state")
     add_backend_options(p)
 
 
@@ -513,7 +522,8 @@ def run_command(args: argparse.Namespace) -> int:
     device = load_profile(args.device) if args.device else _this_machine(args.budget, args.cores)
     profile = profile_run(args.run, device, steps=args.steps, threads=args.threads, codec=args.codec,
                           batch_size=args.batch_size, bp_run=args.bp_run, enforce_budget=args.enforce_budget,
-                          plot=not args.no_plot, progress=not args.no_progress, backend=args.backend)
+                          plot=not args.no_plot, progress=not args.no_progress, backend=args.backend,
+                          freeze_blocks=args.freeze_blocks)
     if args.json:
         print(json.dumps(profile, indent=1))
         return 0
@@ -538,7 +548,8 @@ def _child_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save", action="store_true", help="save trained/checkpoint at the end")
-    p.add_argument("--eval", action="store_true", help="run the eval graph instead of training steps")
+    p.add_argument("--mode", choices=("train", "eval", "frozen"), default="train",
+                   help="train steps, the eval graph, or frozen steps (the eval graph, loaded without training state)")
     p.add_argument("--backend", default="auto", help="the runtime that trains the block (see edgebll.backends)")
     p.add_argument("--cap", type=int, default=None, help="RLIMIT_AS in bytes, set before anything is imported")
     p.add_argument("--estimate", type=int, default=None, help="estimated peak (for the out-of-memory message)")

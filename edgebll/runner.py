@@ -15,14 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgebll.checkpoints import TRAINED_DIR, TRAINED_FILES
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
 from edgebll.manifest import BlockManifest, TensorSpec, load_block_manifest, sha256_file, write_json_atomic
 from edgebll.ort_training import training_api, training_available
-
-TRAINED_DIR = "trained"
-"""Sub-folder of a block folder holding the trained checkpoint (the exported files stay untouched)."""
-TRAINED_FILES = ("checkpoint", "checkpoint.json", "portable_state.npz", "portable_state.json")
-"""What ``trained/`` may hold: each backend's state and its sidecar (see ``BlockRunner.trained_files``)."""
 
 
 @dataclass(slots=True)
@@ -222,13 +218,17 @@ def save_trained(final: Path, progress: dict[str, int], write: Callable[[Path], 
     final.parent.mkdir(exist_ok=True)
     tmp, sidecar = final.with_name(f".{final.name}.tmp"), sidecar_of(final)
     previous = _read_sidecar(sidecar) if final.is_file() else None
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    info = {**progress, "sha256": sha256_file(tmp)}
-    if previous is not None:
-        info["previous"] = {k: previous[k] for k in ("epoch", "step", "sha256")}
-    write_json_atomic(sidecar, json.dumps(info))
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        info = {**progress, "sha256": sha256_file(tmp)}
+        if previous is not None:
+            info["previous"] = {k: previous[k] for k in ("epoch", "step", "sha256")}
+        write_json_atomic(sidecar, json.dumps(info))
+    except BaseException:  # a full disk, an interrupt: no half-written state stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     # the other backend's state (a run trained on one backend, then the other) is now stale: a
     # later `auto` must find this one only
@@ -248,6 +248,14 @@ def _read_sidecar(sidecar: Path) -> dict | None:
         return json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def trained_step(block_dir: Path) -> int | None:
+    """The step a block's trained state holds, checked against its sidecar (None: not trained)."""
+    for name in ("checkpoint", "portable_state.npz"):
+        if (block_dir / TRAINED_DIR / name).is_file():
+            return verify_trained(block_dir / TRAINED_DIR / name)["step"]
+    return None
 
 
 def verify_trained(checkpoint: Path) -> dict[str, int]:

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,10 @@ from tqdm import tqdm
 
 from edgebll import codec as message_codec
 from edgebll.augment import check_cutout, cutout
+from edgebll.checkpoints import (
+    PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained, mark_step, note, prune_history,
+    read_progress, remove_leftovers, restore_step, save_blocks,
+)
 from edgebll.data import InMemoryDataset, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
 from edgebll.manifest import (
@@ -28,7 +33,8 @@ from edgebll.manifest import (
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.backends import Runner, open_block
-from edgebll.runner import TRAINED_DIR
+from edgebll.frozen import FrozenRunner
+from edgebll.runner import trained_step
 from edgebll.schedule import SCHEDULES, learning_rate
 from edgebll.validation import Send, chain_accuracy, check_data_fits, training_data
 
@@ -154,6 +160,13 @@ def mix_weight(config: TrainConfig, step: int, total: int) -> float:
     return config.mix_start + (config.mix_end - config.mix_start) * step / max(total - 1, 1)
 
 
+def block_dirs(run_dir: str | os.PathLike, config: dict[str, Any]) -> list[Path]:
+    """Every block folder of a run: the forward blocks, then (BLL) their feedback blocks."""
+    blocks = int(config["blocks"])
+    forward = [Path(run_dir) / block_dir_name(k) for k in range(blocks)]
+    return forward + ([f / FEEDBACK_DIR for f in forward[:-1]] if config["method"] == "bll" else [])
+
+
 class Runtime:
     """All blocks of one run, trained in this process."""
 
@@ -164,26 +177,43 @@ class Runtime:
         self.feedback = feedback or []
         """BLL: feedback block k (on the same device as forward block k), k < K-1."""
         self.config = config
+        self._resumable: dict[str, Any] = {}
+        """What progress.json holds beyond the step: the interrupted epoch's running totals (in-process runs)."""
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, threads: int = 0, load_trained: bool = True,
-                 verify_files: bool = True, backend: str = "auto", provider: str = "cpu") -> Runtime:
+                 verify_files: bool = True, backend: str = "auto", provider: str = "cpu",
+                 freeze_blocks: Sequence[int] = ()) -> Runtime:
         """Load and validate every block of ``run_dir`` (an ``edgebll export`` output folder).
 
         ``backend``: "ort-training", "portable" (plain onnxruntime) or "auto" (the training build
         where it is installed, else the portable graphs); ``provider``: "cpu" or "cuda".
+        ``freeze_blocks``: forward blocks that will not train (fine-tuning the others): they load
+        their eval graph and weights only, no gradients or optimizer state, and ``train`` keeps them
+        frozen.
         """
         config = load_run_config(run_dir)
         blocks = int(config["blocks"])
+        progress = read_progress(Path(run_dir)) if load_trained else None
+        if progress is not None:  # a crash between two blocks' saves: every block goes back to the common step
+            moved = restore_step(block_dirs(run_dir, config), progress["step"], trained_step)
+            if moved:
+                note(f"{run_dir}: using step {progress['step']}, the last step every block saved ({PROGRESS_NAME}); "
+                     f"put back {', '.join(moved)}")
         load = dict(threads=threads, load_trained=load_trained, verify_files=verify_files, backend=backend,
                     provider=provider)
-        runners = [open_block(Path(run_dir) / block_dir_name(k), **load) for k in range(blocks)]
+        TrainConfig(freeze_blocks=tuple(freeze_blocks)).check_frozen(blocks)
+        runners = [open_block(Path(run_dir) / block_dir_name(k), frozen=k in freeze_blocks, **load)
+                   for k in range(blocks)]
         check_chain([r.manifest for r in runners], run_dir)
         check_run_agrees(config, [r.manifest for r in runners], run_dir)
         feedback = []
         if config["method"] == "bll":
             feedback = [open_block(Path(run_dir) / block_dir_name(k) / FEEDBACK_DIR, **load) for k in range(blocks - 1)]
-        return cls(run_dir, runners, config, feedback)
+        runtime = cls(run_dir, runners, config, feedback)
+        if progress is not None:
+            runtime._resumable = progress.get("inprocess") or {}
+        return runtime
 
     @property
     def is_bll(self) -> bool:
@@ -215,20 +245,29 @@ class Runtime:
         config = config or TrainConfig()
         for key, value in overrides.items():
             setattr(config, key, value)
+        loaded_frozen = tuple(k for k, r in enumerate(self.runners) if isinstance(r, FrozenRunner))
+        config.freeze_blocks = tuple(sorted(set(config.freeze_blocks) | set(loaded_frozen)))
         config.validate()
         config.check_frozen(self.num_blocks)
         frozen = set(config.freeze_blocks)
         data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.get("data"))
-        check_data_fits(data, self.runners, "training data")
+        check_data_fits(data, [r.manifest for r in self.runners], "training data")
         check_cutout(config.cutout, data.arrays()[0].shape, self.config["model"])
         batch = int(self.config["batch_size"])
         steps_per_epoch = full_batches(len(data), batch)
         total = steps_per_epoch * config.epochs
         base_lr = float(config.lr if config.lr is not None else self.config["lr"])
         start = self._start_step(config.resume)
-        history = self._load_history() if config.resume and start > 0 else []
+        remove_leftovers([r.block_dir for r in self.all_runners], self.run_dir)
+        if start == 0:  # starting over: no earlier checkpoint of the run may be resumed by mistake
+            clear_trained([r.block_dir for r in self.all_runners], self.run_dir)
+        check_disk_room(self.run_dir, self._checkpoint_bytes())
+        resumed = self._resumable if config.resume and start > 0 else {}
+        history = resumed.get("epochs", self._load_history()) if config.resume and start > 0 else []
         up_bytes = np.zeros(max(self.num_blocks - 1, 1), dtype=np.int64)
         down_bytes = np.zeros(max(self.num_blocks - 2, 1), dtype=np.int64)
+        if "up_bytes" in resumed:
+            up_bytes[:], down_bytes[:] = resumed["up_bytes"], resumed["down_bytes"]
         samples, began, validating = 0, time.perf_counter(), 0.0
         step = start
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
@@ -237,6 +276,8 @@ class Runtime:
             sums = np.zeros((4, self.num_blocks))
             seen, labelled, epoch_began = 0, 0, time.perf_counter()  # labelled: labels (per-token: tokens) seen
             done = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
+            if done and resumed.get("epoch") == epoch:  # the interrupted epoch's totals go on
+                sums[:], seen, labelled = resumed["sums"], resumed["seen"], resumed["labelled"]
             for x, labels in data.batches(batch, shuffle=True, seed=config.seed, epoch=epoch, drop_last=True,
                                           start_batch=done):
                 lr = learning_rate(config.schedule, base_lr, step, total, config.warmup_steps)
@@ -258,11 +299,12 @@ class Runtime:
                 labelled += labels.size
                 samples += len(labels)
                 step += 1
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    self.save(epoch=epoch)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step % steps_per_epoch:
+                    self.save(epoch=epoch, totals={"epoch": epoch, "sums": sums.tolist(), "seen": seen,
+                                                   "labelled": labelled, "epochs": history,
+                                                   "up_bytes": up_bytes.tolist(), "down_bytes": down_bytes.tolist()})
                 bar.update()
                 bar.set_postfix(loss=f"{sums[0, -1] / seen:.3f}", acc=f"{sums[1, -1] / labelled:.3f}")
-            self.save(epoch=epoch + 1)
             record = {
                 "epoch": epoch + 1,
                 "loss": (sums[0] / max(seen, 1)).round(5).tolist(),
@@ -282,6 +324,8 @@ class Runtime:
                     batch_size=batch)
                 validating += time.perf_counter() - checked  # not training time: kept out of samples_per_s
             history.append(record)
+            self.save(epoch=epoch + 1, totals={"epoch": epoch + 1, "epochs": history, "up_bytes": up_bytes.tolist(),
+                                               "down_bytes": down_bytes.tolist()})
         bar.close()
         elapsed = time.perf_counter() - began - validating
         steps_done = max(step - start, 1)
@@ -337,10 +381,28 @@ class Runtime:
         path = self.run_dir / TRAIN_NAME
         return json.loads(path.read_text()).get("epochs", []) if path.is_file() else []
 
-    def save(self, *, epoch: int) -> None:
-        """Checkpoint every block (each atomically)."""
-        for runner in self.all_runners:
-            runner.save(epoch=epoch)
+    def _checkpoint_bytes(self) -> int:
+        return sum(checkpoint_bytes(r.manifest, r.block_dir) for r in self.all_runners)
+
+    def save(self, *, epoch: int, totals: dict[str, Any] | None = None) -> int:
+        """Checkpoint every block at their common step, as one: either every block's state of that step is the
+        run's checkpoint (``progress.json``), or the previous one stays. Returns the step.
+
+        Weights that are no longer finite are refused before anything is written, so the last good
+        checkpoint stays. ``totals``: the running epoch's totals, so that a resumed train.json
+        covers the whole epoch.
+        """
+        steps = {r.progress["step"] for r in self.all_runners}
+        if len(steps) != 1:
+            raise TrainingError(f"{self.run_dir}: blocks are at different steps {sorted(steps)}; cannot checkpoint")
+        step = steps.pop()
+        save_blocks(self.all_runners, step=step, epoch=epoch, run_dir=self.run_dir)
+        record = {"step": step, "epoch": epoch, "transport": "inprocess", "blocks": self.num_blocks,
+                  "inprocess": totals or {}}
+        mark_step(self.run_dir, record)
+        self._resumable = record["inprocess"]
+        prune_history([r.block_dir for r in self.all_runners], step)
+        return step
 
     def evaluate(self, *, data: InMemoryDataset | None = None, data_dir: str | None = None, limit: int | None = None,
                  codec: str | None = None, granularity: str | None = None, progress: bool = True,
@@ -367,7 +429,7 @@ class Runtime:
             data = load_run_dataset(self.config.get("data"), "test", data_dir, limit=limit)
         elif limit is not None:
             data = data.subset(limit)
-        check_data_fits(data, self.runners, "test data")
+        check_data_fits(data, [r.manifest for r in self.runners], "test data")
         began = time.perf_counter()
         send = self._eval_send(codec, granularity, int(trained.get("group_size", 64)))
         if batch_size is not None and batch_size < 1:
@@ -378,7 +440,8 @@ class Runtime:
             "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": loss,
             "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],
             "model": self.config["model"], "blocks": self.num_blocks,
-            "trained_epochs": self.runners[-1].progress["epoch"], "batch_size": batch_size,
+            "trained_epochs": self.runners[-1].progress["epoch"], "trained_step": self.runners[-1].progress["step"],
+            "batch_size": batch_size,
             "seconds": round(time.perf_counter() - began, 3),
         }
         if result_name != EVAL_NAME:

@@ -1,6 +1,6 @@
 """Learning-rate schedules, set by the runtime on every step.
 
-ORT's own LinearLRScheduler swaps warmup and total steps (DESIGN.md), so the runtime computes
+ORT's own LinearLRScheduler swaps warmup and total steps (docs/design.md), so the runtime computes
 the rate itself and calls ``Optimizer.set_learning_rate`` before each step.
 """
 

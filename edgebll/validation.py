@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from edgebll.data import InMemoryDataset, first_sample
 from edgebll.errors import DataError, EdgeBLLError
+from edgebll.manifest import BlockManifest
 from edgebll.metrics import count_correct
 from edgebll.run_data import load_run_dataset
 from edgebll.backends import Runner
@@ -53,10 +54,11 @@ def training_data(data: InMemoryDataset | None, data_dir: str | None, limit: int
     return (data.subset(limit) if limit is not None else data), validation
 
 
-def check_data_fits(data: InMemoryDataset, runners: Sequence[Runner], where: str) -> None:
-    """Refuse data whose samples or labels the run's blocks cannot take, before the first step, naming what differs."""
+def check_data_fits(data: InMemoryDataset, manifests: Sequence[BlockManifest], where: str) -> None:
+    """Refuse data whose samples or labels the run's blocks (their ``manifests``, in order) cannot take, before the
+    first step, naming what differs."""
     inputs, labels = data.arrays()
-    first, last = runners[0].manifest, runners[-1].manifest
+    first, last = manifests[0], manifests[-1]
     spec = first.inputs[0]  # block 0 takes the samples first, then its side input
     expected = list(spec.per_sample_shape())
     if list(inputs.shape[1:]) != expected or np.dtype(spec.dtype) != inputs.dtype:

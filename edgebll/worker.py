@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -45,21 +44,22 @@ from edgebll.augment import check_cutout, cutout
 from edgebll.data import epoch_order, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, ManifestError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
-from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_run_config, write_json_atomic
+from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_block_manifest, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
 from edgebll.backends import Runner, open_block
-from edgebll.runner import TRAINED_DIR, TRAINED_FILES
+from edgebll.checkpoints import (
+    PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained, history_dir, mark_step,
+    prune_history, read_progress, remove_leftovers, restore_step, save_blocks,
+)
+from edgebll.runner import trained_step
 from edgebll.runtime import TRAIN_NAME, TrainConfig, encode_message, mix_weight
 from edgebll.schedule import learning_rate
-from edgebll.validation import eval_side, training_data
+from edgebll.validation import check_data_fits, eval_side, training_data
 
-PROGRESS_NAME = "progress.json"
-"""Run-level marker: the last step that every rank has checkpointed (written by rank 0)."""
 RANKS_DIR = "ranks"
 """``RUN/ranks/rank-K.json``: pid and host of each rank, so a launcher can name a rank that died."""
 
 
-HISTORY_DIR = "history"
 WORKER_STATE = "worker.json"
 FAULT_ENV = "EDGEBLL_INJECT_FAULT"
 """For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step), ``hang:RANK:STEP`` (it
@@ -201,9 +201,8 @@ class Worker:
         """Rank 0 reads the marker; every rank learns the step to start from."""
         step = 0
         if self.rank == 0 and self.train.resume and not self.restart:
-            path = self.run_dir / PROGRESS_NAME
-            if path.is_file():
-                step = int(json.loads(path.read_text())["step"])
+            progress = read_progress(self.run_dir)
+            step = progress["step"] if progress is not None else 0
         return int(self.comm.bcast(step, root=0))
 
     def _runner_dirs(self) -> list[Path]:
@@ -212,45 +211,33 @@ class Worker:
     def _prepare_checkpoints(self, start: int) -> _RankState:
         """Put every block of this rank at step ``start``: restore that step's checkpoint, or refuse."""
         if self.restart:
-            for folder in self._runner_dirs():
-                shutil.rmtree(folder / TRAINED_DIR, ignore_errors=True)
-            if self.rank == 0:
-                (self.run_dir / PROGRESS_NAME).unlink(missing_ok=True)
+            clear_trained(self._runner_dirs(), self.run_dir if self.rank == 0 else None)
             return _RankState()
         if start == 0:
-            trained = [f for f in self._runner_dirs() if (f / TRAINED_DIR / "checkpoint").is_file()]
+            trained = [f for f in self._runner_dirs() if trained_step(f) is not None]
             if trained and not self.train.resume:
                 raise EdgeBLLError(f"{self.name}: {trained[0]} already holds trained weights ({TRAINED_DIR}/); hint: "
                                    "pass --resume to continue, or --restart to start over")
             if trained:  # never delete weights that a user may want: they can only say so with --restart
                 raise EdgeBLLError(f"{self.name}: --resume finds no {PROGRESS_NAME} in {self.run_dir}, so no step was "
-                                   f"saved by every rank of an MPI run, but {trained[0]} holds trained weights (from "
-                                   "an in-process run, or an MPI run that stopped before its first common "
-                                   "checkpoint); hint: --restart to start over, or continue in one process with "
-                                   "`edgebll train RUN --resume`")
+                                   f"saved by every block, but {trained[0]} holds trained weights (from a run that "
+                                   "stopped before its first common checkpoint); hint: --restart to start over")
             return _RankState()
-        state = None
-        for folder in self._runner_dirs():
-            saved = folder / TRAINED_DIR / HISTORY_DIR / f"step-{start}"
-            kept = [name for name in TRAINED_FILES if (saved / name).is_file()]
-            if not kept:
-                raise ManifestError(f"{self.name}: {saved} is missing, but {PROGRESS_NAME} says every rank saved step "
-                                    f"{start}; hint: copy that folder from where the block trained, or --restart")
-            for name in kept:
-                tmp = folder / TRAINED_DIR / f".{name}.restore"
-                shutil.copyfile(saved / name, tmp)
-                os.replace(tmp, folder / TRAINED_DIR / name)
-            if folder == self._block_dir():
-                state = _RankState.from_json((saved / WORKER_STATE).read_text())
-        assert state is not None and state.step == start
-        return state
+        restore_step(self._runner_dirs(), start, trained_step)
+        totals = history_dir(self._block_dir(), start) / WORKER_STATE
+        # a run checkpointed in one process has no rank totals: its resumed train.json counts from here
+        return _RankState.from_json(totals.read_text()) if totals.is_file() else _RankState(step=start)
 
     def _load_runners(self) -> tuple[Runner, Runner | None]:
         load = dict(threads=self.threads, backend=self.backend, provider=self.provider)
-        runner = open_block(self._block_dir(), **load)
+        runner = open_block(self._block_dir(), frozen=self.rank in self.train.freeze_blocks, **load)
         if runner.index != self.rank or runner.manifest.num_blocks != self.blocks:
             raise ManifestError(f"{self.name}: {self._block_dir()} holds block {runner.index} of "
                                 f"{runner.manifest.num_blocks}; hint: re-export all blocks together")
+        if runner.manifest.batch_size != self.batch:
+            raise ManifestError(f"{self.name}: run.json's batch_size {self.batch} differs from {self._block_dir()}'s "
+                                f"{runner.manifest.batch_size}; the run was edited or mixed from two exports; hint: "
+                                "re-export the run")
         feedback = open_block(self._block_dir(feedback=True), **load) if self.has_feedback else None
         return runner, feedback
 
@@ -267,6 +254,8 @@ class Worker:
             try:
                 data, validation = training_data(None, self.data_dir, self.train.limit, self.train.val_split,
                                                  self.config.get("data"))
+                last = load_block_manifest(self.run_dir / block_dir_name(self.blocks - 1), verify_files=False)
+                check_data_fits(data, [self.runner.manifest, last], "training data")
                 inputs, labels = data.arrays()
                 if validation is not None:
                     self.val_inputs, val_labels = validation.arrays()
@@ -462,29 +451,13 @@ class Worker:
 
     def _checkpoint(self, step: int) -> None:
         """Save every block of this rank after ``step`` steps, keep a per-step copy, tell rank 0."""
-        epoch = step // self.steps_per_epoch
         self.state.step = step
-        for runner in self._own_runners:
-            runner.save(epoch=epoch)
-            trained = runner.block_dir / TRAINED_DIR
-            keep = trained / HISTORY_DIR / f"step-{step}"
-            tmp = trained / HISTORY_DIR / f".step-{step}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name in runner.trained_files:
-                os.link(trained / name, tmp / name)  # the saved files are never rewritten in place: links are safe
-            if runner is self.runner:
-                write_json_atomic(tmp / WORKER_STATE, self.state.to_json())
-            shutil.rmtree(keep, ignore_errors=True)
-            os.replace(tmp, keep)
+        save_blocks(self._own_runners, step=step, epoch=step // self.steps_per_epoch, run_dir=self.run_dir,
+                    extra={self.runner.block_dir: {WORKER_STATE: self.state.to_json()}})
         self._control({"kind": "saved", "rank": self.rank, "step": step})
 
     def _prune(self, below: int) -> None:
-        for runner in self._own_runners:
-            history = runner.block_dir / TRAINED_DIR / HISTORY_DIR
-            for folder in history.glob("step-*"):
-                if int(folder.name.split("-")[1]) < below:
-                    shutil.rmtree(folder, ignore_errors=True)
+        prune_history([r.block_dir for r in self._own_runners], below)
 
     def _control(self, message: dict[str, Any]) -> None:
         """Small bookkeeping messages to rank 0 (pickled dicts of numbers; never tensors)."""
@@ -503,8 +476,8 @@ class Worker:
             self._done[message["rank"]] = message
 
     def _mark(self, step: int) -> None:
-        write_json_atomic(self.run_dir / PROGRESS_NAME, json.dumps(
-            {"step": step, "epoch": step // self.steps_per_epoch, "ranks": self.size, "total_steps": self.total}))
+        mark_step(self.run_dir, {"step": step, "epoch": step // self.steps_per_epoch, "transport": "mpi",
+                                 "ranks": self.size, "total_steps": self.total})
         self._marked = step
         for rank in range(1, self.size):
             self._control_sends.append(self.comm.isend(step, dest=rank, tag=_MARK))
@@ -540,6 +513,8 @@ class Worker:
         start = self._resume_step()
         self.state = self._prepare_checkpoints(start)
         self.runner, self.feedback_runner = self._load_runners()
+        remove_leftovers(self._runner_dirs(), self.run_dir if self.rank == 0 else None)
+        check_disk_room(self.run_dir, sum(checkpoint_bytes(r.manifest, r.block_dir) for r in self._own_runners))
         if self.runner.progress["step"] != start:
             raise ManifestError(f"{self.name}: the checkpoint holds step {self.runner.progress['step']}, expected "
                                 f"{start}; hint: --restart")

@@ -10,7 +10,7 @@ Every block but the last trains on ``(1 - beta) * pred + beta * sim`` (beta = 0.
 
 The last block's head is the classifier, trained with plain cross-entropy (as in the paper).
 
-ONNX has no stop-gradient (DESIGN.md), so the label-similarity matrix, a target, is computed
+ONNX has no stop-gradient (docs/design.md), so the label-similarity matrix, a target, is computed
 from the ``labels`` input alone (Equal + Cast + affine map): no parameter lies on its path, and
 ORT's gradient graph cannot flow into it. ``tests/test_predsim.py`` checks the exported graph for that.
 """

@@ -3,7 +3,7 @@
 The BLL paper's sequence model is a 20-layer transformer with one attention head. Each layer is
 a unit, so ``--blocks K`` puts 20/K layers in a block (the embedding joins the first block).
 Everything here is built from ops that ONNX Runtime 1.19 differentiates and that match torch
-(see DESIGN.md): attention is written out as matmul + softmax, the MLP uses ReLU (GELU-tanh has a
+(see docs/design.md): attention is written out as matmul + softmax, the MLP uses ReLU (GELU-tanh has a
 wrong gradient at opset 20), LayerNorm gets its optional outputs named at export.
 """
 

@@ -153,11 +153,13 @@ def test_an_eval_step_at_the_training_batch_needs_less_than_a_training_step(wide
     train = measure_block(block, baseline, steps=3, threads=1)
     evaluated = measure_block(block, baseline, steps=3, threads=1, mode="eval")
     large = measure_block(block, baseline, steps=3, threads=1, mode="eval", batch_size=8 * 64)
-    assert (train.mode, evaluated.mode) == ("train", "eval")
+    frozen = measure_block(block, baseline, steps=3, threads=1, mode="frozen")  # --freeze-blocks: no training state
+    assert (train.mode, evaluated.mode, frozen.mode) == ("train", "eval", "frozen")
     assert evaluated.measured_peak_bytes < train.measured_peak_bytes < large.measured_peak_bytes
+    assert frozen.measured_peak_bytes < evaluated.measured_peak_bytes  # not even the training graph is loaded
     with pytest.raises(EdgeBLLError, match="is a feedback block: only forward blocks are evaluated"):
         measure_block(tiny_bll_run / "block-0" / "feedback", baseline, steps=2, mode="eval")
-    with pytest.raises(EdgeBLLError, match="mode must be 'train' or 'eval', got 'infer'"):
+    with pytest.raises(EdgeBLLError, match="mode must be 'train', 'eval' or 'frozen', got 'infer'"):
         measure_block(block, baseline, mode="infer")
 
 

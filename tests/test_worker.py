@@ -262,8 +262,9 @@ def test_a_rank_that_hangs_is_named_by_its_neighbour_after_the_peer_timeout(bll_
     assert "nothing within 3 s; rank 1 (block 1) has died or hangs" in failed.stderr, failed.stderr
 
 
-def test_resume_never_deletes_weights_that_no_mpi_checkpoint_covers(tiny_run: Path, tmp_path: Path) -> None:
-    run = in_process(tiny_run, tmp_path, epochs=1)  # trained in one process: no progress.json
+def test_resume_never_deletes_weights_that_no_common_checkpoint_covers(tiny_run: Path, tmp_path: Path) -> None:
+    run = in_process(tiny_run, tmp_path, epochs=1)
+    (run / "progress.json").unlink()  # as if the run died before every block had saved one step
     before = weights(run)
     done = mpi_train(run, "--epochs", "2", "--resume")
     assert done.returncode == 2
@@ -271,6 +272,18 @@ def test_resume_never_deletes_weights_that_no_mpi_checkpoint_covers(tiny_run: Pa
     after = weights(run)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def test_a_run_checkpointed_in_one_process_resumes_over_mpi(tiny_run: Path, tmp_path: Path) -> None:
+    """One checkpoint layout for both transports: an epoch in one process, the next over MPI, the in-process
+    weights of two epochs."""
+    reference = in_process(tiny_run, tmp_path, epochs=2, schedule="constant")  # so that 1 epoch of 2 = 1 of 1
+    run = Path(shutil.copytree(tiny_run, tmp_path / "switched"))
+    Runtime.from_run(run, threads=1).train(limit=LIMIT, data_dir=str(require_real_data()), progress=False, epochs=1,
+                                           schedule="constant")
+    done = mpi_train(run, "--epochs", "2", "--resume", "--schedule", "constant")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(reference, run)
 
 
 def test_cutout_over_mpi_cuts_the_in_process_pixels(tiny_run: Path, tmp_path: Path) -> None:
