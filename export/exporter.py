@@ -30,6 +30,7 @@ from edgebll.manifest import (
 )
 
 from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, generate_block_artifacts
+from .gaps import alternative, missing_gradient, unexportable
 from .heads import make_head
 from .init_from import initialise
 from .local_block import LATENTS, BLLForwardBlock, FeedbackBlock, LocalBlock
@@ -207,10 +208,12 @@ def export_model(
     initialised = initialise(init_from, spec, plans) if init_from is not None else None
     out.mkdir(parents=True, exist_ok=True)
     try:  # a layer refused half-way leaves no half-written run behind
+        manifests = []
         for plan in tqdm(plans, desc="export", unit="graph", disable=not progress):
             folder = out / block_dir_name(plan.index)
-            export_block(plan, folder / FEEDBACK_DIR if plan.kind == "feedback" else folder, num_blocks=blocks,
-                         method=method, model_name=spec.name, batch_size=batch_size, optimizer=config, portable=portable)
+            manifests.append(export_block(plan, folder / FEEDBACK_DIR if plan.kind == "feedback" else folder,
+                                          num_blocks=blocks, method=method, model_name=spec.name,
+                                          batch_size=batch_size, optimizer=config, portable=portable))
         run = {
             "format_version": 1, "model": spec.name, "method": method, "blocks": blocks, "batch_size": batch_size,
             # a sequence model's heads are per-token read-outs whatever --head says
@@ -219,7 +222,7 @@ def export_model(
             "num_classes": spec.num_classes, "data": spec.data,
             "units": [p.units for p in plans if p.kind == "forward"],
             "predsim": asdict(predsim) if method == "predsim" else None,
-            "backends": ["ort-training", "portable"] if portable else ["ort-training"],
+            "backends": sorted(set.intersection(*(set(m.backends()) for m in manifests))),
             "init_from": initialised,
         }
         write_json_atomic(out / RUN_NAME, json.dumps(run, indent=1))
@@ -239,13 +242,34 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
     and its estimate still use ``batch_size``.
     """
     block_dir.mkdir(parents=True, exist_ok=True)
-    onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
+    where = f"{'feedback ' if plan.kind == 'feedback' else ''}block {plan.index} (units {plan.units})"
+    try:
+        onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
+    except Exception as exc:  # torch.onnx's errors share no base class worth naming
+        refused = unexportable(str(exc), plan.module)
+        if refused is None:
+            raise
+        raise ExportError(f"{where}: {refused}") from exc
     trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
-    generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
-    files = list(ARTIFACT_FILES)
+    files: list[str] = []
+    try:
+        generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
+        files += ARTIFACT_FILES
+    except RuntimeError as exc:
+        gap = missing_gradient(str(exc), plan.module)
+        if gap is None:
+            raise
+        op, layer = gap
+        if not portable:
+            raise ExportError(f"{where}: onnxruntime-training has no gradient for {op}, which {layer} becomes; hint: "
+                              "export with --portable (the default) to train the block on the portable backend, or "
+                              f"use {alternative(op)}") from exc
+        for name in ARTIFACT_FILES:  # the portable graphs train it; the training build's half is left out
+            (block_dir / name).unlink(missing_ok=True)
+        with open(block_dir / "export.log", "a", encoding="utf-8") as log:
+            log.write(f"{where}: onnxruntime-training has no gradient for {op} ({layer}): portable graphs only\n")
     schema = None
     if portable:
-        where = f"{'feedback ' if plan.kind == 'feedback' else ''}block {plan.index} (units {plan.units})"
         schema = export_portable(plan.module, plan.inputs, plan.outputs, block_dir, optimizer, where=where)
         files += PORTABLE_FILES
     manifest = BlockManifest(
@@ -255,9 +279,10 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
         estimated_peak_bytes=0, files={name: sha256_file(block_dir / name) for name in files}, portable=schema,
     )
     # the device-side estimator, from the training graph itself (see edgebll/memory.py for its calibration)
-    manifest.estimated_peak_bytes = int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest).total)
     if schema is not None:
         schema.estimated_peak_bytes = int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest,
                                                               backend="portable").total)
+    manifest.estimated_peak_bytes = (int(estimate_peak_bytes(block_dir, batch_size, manifest=manifest).total)
+                                     if ARTIFACT_FILES[0] in files else schema.estimated_peak_bytes)
     write_json_atomic(block_dir / MANIFEST_NAME, manifest.to_json())
     return manifest

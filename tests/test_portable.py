@@ -10,6 +10,7 @@ scales such a step by the gradient's size, so they compare at 1e-5 too.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from edgebll.export.local_block import LocalBlock
 from edgebll.export.portable import export_portable
 from edgebll.export.artifacts import GraphInput
 from edgebll.manifest import PORTABLE_FILES, load_block_manifest
+from edgebll.ort_training import training_available
 from edgebll.portable import PortableRunner
 from edgebll.runner import BlockRunner
+from edgebll.runtime import Runtime
 
 BATCH = 8
 LR = 1e-2
@@ -254,6 +257,39 @@ def test_layer_without_ort_gradient_trains_like_torch(tmp_path: Path) -> None:
              nn.Hardsigmoid()]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     assert_sgd_step_like_torch(units, head, (1, 9, 9), tmp_path)
+
+
+def test_group_and_instance_norm_train_like_torch(tmp_path: Path) -> None:
+    """GroupNorm and InstanceNorm become ONNX InstanceNormalization, which ORT's builder cannot differentiate."""
+    torch.manual_seed(0)
+    units = [nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+             nn.InstanceNorm2d(4, affine=True), nn.ReLU()]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    assert_sgd_step_like_torch(units, head, (1, 9, 9), tmp_path)
+
+
+def test_a_block_the_training_build_cannot_differentiate_is_exported_portable_only(tmp_path: Path) -> None:
+    """The other blocks keep both backends; ``auto`` trains this one on the portable graphs. Without them (and
+    for a layer torch.onnx cannot export in training mode) the export is refused naming the layer and the fix."""
+    units = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+             nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Hardswish())]
+    run = export_model(units, out=tmp_path / "run", blocks=2, batch_size=BATCH, progress=False)
+    assert [load_block_manifest(run / f"block-{k}").backends() for k in (0, 1)] == [["ort-training", "portable"],
+                                                                                   ["portable"]]
+    assert json.loads((run / "run.json").read_text())["backends"] == ["portable"]
+    assert "no gradient for HardSwish" in (run / "block-1" / "export.log").read_text()
+    runtime = Runtime.from_run(run, threads=1)
+    assert [r.backend for r in runtime.runners] == ["ort-training" if training_available() else "portable",
+                                                    "portable"]
+    with pytest.raises(ExportError, match=r"block 1 \(units \['unit1'\]\): onnxruntime-training has no gradient for "
+                                          r"HardSwish, which body.0.1 \(Hardswish\) becomes; hint: export with "
+                                          r"--portable .* or use nn.ReLU or nn.SiLU"):
+        export_model(units, out=tmp_path / "no-portable", blocks=2, batch_size=BATCH, progress=False, portable=False)
+    units[1] = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Dropout2d(0.1))
+    with pytest.raises(ExportError, match=r"body.0.1 \(Dropout2d\) cannot be exported in training mode "
+                                          r"\(aten::feature_dropout\); hint: use nn.Dropout"):
+        export_model(units, out=tmp_path / "dropout", blocks=2, batch_size=BATCH, progress=False)
+    assert not (tmp_path / "no-portable").exists() and not (tmp_path / "dropout").exists()
 
 
 @pytest.mark.parametrize("dims", [1, 2])

@@ -95,6 +95,9 @@ def test_mpi_run_ends_with_the_in_process_weights(bll_run: Path, tmp_path: Path,
     assert summary["message_bytes_per_sample"] == expected["message_bytes_per_sample"]
     for got, want in zip(summary["epochs"], expected["epochs"], strict=True):
         np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5)
+        # the same figures per epoch: BLL's KL and feedback loss per sample, whichever transport counted them
+        np.testing.assert_allclose(got["kl"], want["kl"], atol=1e-5)
+        np.testing.assert_allclose(got["feedback_loss"], want["feedback_loss"], atol=1e-5)
         assert got["accuracy"] == want["accuracy"] and got["samples_per_block"] == [LIMIT] * 3
     assert json.loads((run / "progress.json").read_text())["step"] == 16
     # eval works on an MPI-trained run as on any other
