@@ -331,3 +331,53 @@ def test_a_model_that_is_not_a_list_of_units_gets_told_how_to_split_it() -> None
                                           r"\[model.features, \.\.\.\]"):
         build_model(Net())
     assert len(build_model(nn.ModuleList([nn.Conv2d(1, 4, 3), nn.ReLU()])).units) == 2
+
+
+def test_the_shifted_fine_tuning_dataset_keeps_ten_classes_and_shifts_the_pixels(tmp_path: Path) -> None:
+    """tools/shifted_fashion.py: five classes of Fashion-MNIST under a camera gamma, low contrast and noise."""
+    import sys
+
+    from conftest import require_real_data
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from shifted_fashion import make
+
+    from edgebll.data import read_idx
+
+    data_dir = require_real_data()
+    out = make(tmp_path / "low-light", train=64, test=32, data_dir=data_dir)
+    info = read_dataset_info(out)
+    assert info.num_classes == 10 and info.counts == {"train": 64, "test": 32}
+    train = load_dataset_folder(out, "train")
+    x, y = np.asarray(train.raw), np.asarray(train.labels)
+    assert x.dtype == np.uint8 and x.shape == (64, 1, 28, 28) and set(np.unique(y)) <= {0, 1, 2, 3, 4}
+    originals = read_idx(next(data_dir.glob("train-images-idx3-ubyte*")))
+    first = originals[np.flatnonzero(read_idx(next(data_dir.glob("train-labels-idx1-ubyte*"))) < 5)[0]]
+    assert abs(float(x[0, 0].astype(float).mean()) - (0.6 * 255 * np.mean((first / 255) ** 0.5) + 40)) < 3
+    assert make(tmp_path / "again", train=64, test=32, data_dir=data_dir) and np.array_equal(
+        np.asarray(load_dataset_folder(tmp_path / "again", "train").raw), x)  # seeded: the same noise
+
+
+def test_token_ids_train_through_the_cli_on_a_model_of_ones_own(tmp_path: Path) -> None:
+    """(10,) int64 token ids: `edgebll data import`, an export of the user's embedding units, `edgebll train` and
+    `edgebll eval` from the command line; the classes (the first token mod 4) are learnt well above chance."""
+    from torch import nn
+
+    from edgebll.export import export_model
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 512), ("test", 128)):
+        x = rng.integers(0, 50, (n, 10))
+        np.savez(tmp_path / f"{split}.npz", x=x, y=(x[:, 0] % 4).astype(np.int64))
+    folder = tmp_path / "tokens"
+    assert main(["data", "import", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
+                 "--out", str(folder)]) == 0
+    units = [nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(160, 32), nn.ReLU()),
+             nn.Sequential(nn.Linear(32, 32), nn.ReLU())]
+    run = export_model(units, out=tmp_path / "run", blocks=2, batch_size=32, data=folder, lr=0.01, progress=False)
+    assert main(["train", str(run), "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    train = json.loads((run / "train.json").read_text())["epochs"][-1]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert train["samples"] == 512 and train["accuracy"][-1] > 0.6 and evaluation["samples"] == 128
+    assert evaluation["test_accuracy"] > 0.35  # chance: 0.25
