@@ -36,6 +36,12 @@ def initialise(source: str | os.PathLike, spec: ModelSpec, plans: list["BlockPla
     path = Path(source)
     if path.is_dir() and (path / "run.json").is_file():
         return _from_run(path, spec, plans)
+    if path.is_file() and path.suffix == ".onnx":
+        # both of torch.onnx's exporters fold BatchNorm into the convolutions (measured: 2.13, eval mode, with and
+        # without constant folding), so an ONNX model no longer holds the units' own weights and statistics
+        raise ExportError(f"--init-from {path}: an ONNX model cannot give back the units' weights (its BatchNorm "
+                          "layers are folded into the convolutions); hint: start from the trained edgebll run, or "
+                          "torch.save(nn.Sequential(*units).state_dict(), 'units.pt') and pass that")
     if path.is_file():
         return _from_state_dict(path, spec)
     raise ExportError(f"--init-from {path}: neither an edgebll run folder (with run.json) nor a state_dict file")

@@ -279,6 +279,9 @@ def test_fine_tuning_starts_where_the_source_ended(tmp_path: Path, capsys: pytes
     torch.save(units.state_dict(), tmp_path / "short.pt")
     with pytest.raises(ExportError, match=r"nn.Sequential\(\*units\) does not match: missing \['3.0.weight'"):
         export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / "short.pt", **options)
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(ExportError, match=r"model.onnx: an ONNX model cannot give back the units' weights"):
+        export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / "model.onnx", **options)
     assert not (tmp_path / "bad").exists()
 
 
