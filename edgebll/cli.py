@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from edgebll import __version__
-from edgebll.backends import add_backend_options, block_list
+from edgebll.backends import add_backend_options
+from edgebll.options import add_options, from_args
 from edgebll.errors import EdgeBLLError
 
 DEMO_EXAMPLE = """\
@@ -46,42 +47,10 @@ def _blocks_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {text!r}") from None
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from edgebll.codec import CODECS, DEFAULT_GROUP_SIZE, GRANULARITIES, ROUNDINGS
-    from edgebll.schedule import SCHEDULES
+def _add_train_options(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
+    from edgebll.runtime import TrainConfig
 
-    p.add_argument("--epochs", type=int, default=1, help="epochs to train (default: 1)")
-    p.add_argument("--codec", choices=CODECS, default="int8", help="message codec between blocks (default: int8)")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="tensor",
-                   help="scales of the int codecs: one per tensor, per channel, or per group of --group-size "
-                        "consecutive values (default: tensor)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="N",
-                   help=f"values per scale with --granularity group (default: {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
-                   help="rounding of the int codecs: nearest, or stochastic (unbiased; default: nearest)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the one given at export)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule (default: cosine)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="train on the first N samples only (images, or sequences of the sequence task)")
-    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default: 0)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                   help="also checkpoint every STEPS steps (default: end of each epoch only)")
-    p.add_argument("--mix-start", type=float, default=2.0, metavar="M",
-                   help="bll: weight m of the feedback natural parameters b in the posterior (natural parameters "
-                        "a + m*b) at the first step (default: 2.0)")
-    p.add_argument("--mix-end", type=float, default=0.5, metavar="M", help="bll: m at the last step (default: 0.5)")
-    p.add_argument("--feedback-lr-scale", type=float, default=10.0, metavar="S",
-                   help="bll: feedback blocks learn at S times --lr (default: 10)")
-    p.add_argument("--cutout", type=int, default=0, metavar="SIZE",
-                   help="cutout augmentation: zero one SIZE x SIZE square per training image, placed anew every "
-                        "step (seeded by --seed and the step, so --resume repeats it; default: 0 = off)")
-    p.add_argument("--freeze-blocks", type=block_list, default=(), metavar="K[,K...]",
-                   help="forward blocks that do not train, e.g. 0,1 to fine-tune the top of a pretrained run: they run "
-                        "their eval graph and pass their message on; their weights stay byte for byte")
-    p.add_argument("--val-split", type=int, default=0, metavar="N",
-                   help="hold out the last N training images; train.json reports each epoch's accuracy on them "
-                        "(make model choices there; `edgebll eval` gives the final epoch's test accuracy; default: 0)")
+    add_options(p, TrainConfig, skip=() if resume else ("resume",))
 
 
 WORKER_EXAMPLE = """\
@@ -94,25 +63,15 @@ examples:
 
 
 def _add_worker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sync", action="store_true",
-                   help="mpi: lock-step, every rank finishes a step before any starts the next (no pipelining; "
-                        "the same weights, slower)")
-    p.add_argument("--max-in-flight", type=int, default=4, metavar="N",
-                   help="mpi: frames per link that may wait for the receiving rank before the sender waits "
-                        "(back-pressure; default: 4)")
-    p.add_argument("--feedback-lookahead", type=int, default=None, metavar="STEPS",
-                   help="mpi, bll: steps rank k's feedback pass may run ahead of its forward pass (default: 2k+1, "
-                        "the least with which no rank waits; beta messages are never stale either way)")
-    p.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="mpi: how long a rank waits for a neighbour before it names it as dead and the run stops "
-                        "(default: 120)")
+    from edgebll.worker import WorkerConfig
+
+    add_options(p, WorkerConfig)
 
 
 def _worker_config(args: argparse.Namespace) -> Any:
     from edgebll.worker import WorkerConfig
 
-    return WorkerConfig(sync=args.sync, max_in_flight=args.max_in_flight, peer_timeout=args.peer_timeout,
-                        feedback_lookahead=args.feedback_lookahead)
+    return from_args(WorkerConfig, args)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -194,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "message codec. Writes RUN/train.json and RUN/block-*/trained/checkpoint.")
     p.add_argument("run", help="run folder written by `edgebll export`")
     _add_train_options(p)
-    p.add_argument("--resume", action="store_true", help="continue from the trained checkpoints up to --epochs")
     p.add_argument("--restart", action="store_true", help="start over from the exported weights")
     p.add_argument("--transport", choices=("inprocess", "mpi"), default="inprocess",
                    help="inprocess: every block in this process, one after another (default); mpi: one rank per "
@@ -216,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rank has checkpointed; --resume restarts there).")
     p.add_argument("run", help="run folder written by `edgebll export` (on every board, at the same path)")
     _add_train_options(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last step every rank checkpointed")
     p.add_argument("--restart", action="store_true", help="start over from the exported weights")
     _add_worker_options(p)
     _add_common(p)
@@ -249,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=4, help="(default: 4)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--head", choices=("conv", "linear", "mlp"), default="conv", help="(default: conv)")
-    _add_train_options(p)
+    _add_train_options(p, resume=False)
     _add_common(p)
 
     p = sub.add_parser("data", help="turn your own data into a dataset folder (edgebll data import)",
@@ -324,12 +281,7 @@ def _print_auto_partition(chosen: Any, model: str, method: str) -> None:
 def _train_config(args: argparse.Namespace) -> Any:
     from edgebll.runtime import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, codec=args.codec, granularity=args.granularity, group_size=args.group_size,
-                       rounding=args.rounding, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                       limit=args.limit, seed=args.seed, resume=getattr(args, "resume", False),
-                       checkpoint_every=args.checkpoint_every, mix_start=args.mix_start, mix_end=args.mix_end,
-                       feedback_lr_scale=args.feedback_lr_scale, cutout=args.cutout, val_split=args.val_split,
-                       freeze_blocks=tuple(getattr(args, "freeze_blocks", ())))
+    return from_args(TrainConfig, args)
 
 
 def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:

@@ -76,19 +76,12 @@ def _record_error(run_dir: Path, rank: int, line: str) -> None:
 def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | None = None, restart: bool = False,
                 progress: bool = True, backend: str = "auto", provider: str = "cpu") -> list[str]:
     """A TrainConfig and a WorkerConfig as ``edgebll worker`` options (what every rank must be told)."""
-    valued = {"--epochs": train.epochs, "--codec": train.codec, "--granularity": train.granularity,
-              "--group-size": train.group_size, "--rounding": train.rounding, "--lr": train.lr,
-              "--schedule": train.schedule, "--warmup-steps": train.warmup_steps, "--limit": train.limit,
-              "--seed": train.seed, "--checkpoint-every": train.checkpoint_every, "--mix-start": train.mix_start,
-              "--mix-end": train.mix_end, "--feedback-lr-scale": train.feedback_lr_scale, "--cutout": train.cutout,
-              "--val-split": train.val_split,
-              "--freeze-blocks": ",".join(map(str, train.freeze_blocks)) or None,
-              "--max-in-flight": worker.max_in_flight, "--peer-timeout": worker.peer_timeout,
-              "--feedback-lookahead": worker.feedback_lookahead, "--data-dir": data_dir, "--threads": threads,
-              "--backend": backend, "--provider": provider}
+    from edgebll.options import to_argv
+
+    valued = {"--data-dir": data_dir, "--threads": threads, "--backend": backend, "--provider": provider}
     out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
-    flags = {"--resume": train.resume, "--restart": restart, "--sync": worker.sync, "--no-progress": not progress}
-    return out + [flag for flag, on in flags.items() if on]
+    flags = {"--restart": restart, "--no-progress": not progress}
+    return to_argv(train) + to_argv(worker) + out + [flag for flag, on in flags.items() if on]
 
 
 def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None, *, ranks: int | None = None,

@@ -31,8 +31,9 @@ from edgebll.manifest import (
     FEEDBACK_DIR, block_dir_name, check_chain, check_run_agrees, load_run_config, write_json_atomic,
 )
 from edgebll.metrics import count_correct
+from edgebll.options import option
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
-from edgebll.backends import Runner, open_block
+from edgebll.backends import Runner, block_list, open_block
 from edgebll.frozen import FrozenRunner
 from edgebll.runner import trained_step
 from edgebll.schedule import SCHEDULES, learning_rate
@@ -46,42 +47,38 @@ EVAL_NAME = "eval.json"
 class TrainConfig:
     """How to train a run (defaults that work; ``lr`` None takes run.json's)."""
 
-    epochs: int = 1
-    """Total epochs; with ``resume`` the run continues until it has done this many."""
-    codec: str = "int8"
-    """Message codec between blocks: one of edgebll.codec.CODECS."""
-    granularity: str = "tensor"
-    """Scales of the int codecs: "tensor", "channel" or "group" (of ``group_size`` consecutive values)."""
-    group_size: int = 64
-    rounding: str = "nearest"
-    """"nearest" or "stochastic" (seeded per step and block, so a resumed run sends the same bytes)."""
-    lr: float | None = None
-    """Base learning rate (None: the one stored at export)."""
-    schedule: str = "cosine"
-    """Learning-rate schedule over all steps: cosine, step or constant."""
-    warmup_steps: int = 0
-    limit: int | None = None
-    """Train on the first ``limit`` training samples only (None: all of them)."""
-    seed: int = 0
-    """Shuffling seed (the order is a function of seed and epoch, so a resumed run repeats it)."""
-    resume: bool = False
-    """Continue from the blocks' trained checkpoints instead of the exported weights."""
-    checkpoint_every: int = 0
-    """Also save every N steps (0: at the end of every epoch only)."""
-    mix_start: float = 2.0
-    """BLL: mixing weight m of the feedback message in the posterior sigmoid(a + m b), at step 0."""
-    mix_end: float = 0.5
-    """BLL: m at the last step (linear in between): the forward latent is trusted more as it learns."""
-    feedback_lr_scale: float = 10.0
-    """BLL: feedback blocks learn at this multiple of the learning rate: they are tiny, and until they
-    carry the label the forward blocks' posterior targets are uninformative."""
-    cutout: int = 0
-    """Cutout augmentation: side of the square zeroed in every training image (0: none), seeded per step."""
-    val_split: int = 0
-    """Hold out the last N training images; train.json reports every epoch's accuracy on them (0: none)."""
-    freeze_blocks: tuple[int, ...] = ()
-    """Forward blocks that do not train (fine-tuning the others): they run their eval graph and send their message
-    on; their weights stay as they are."""
+    epochs: int = option(1, "epochs to train; with --resume the run continues until it has done this many")
+    codec: str = option("int8", "message codec between blocks", choices=message_codec.CODECS)
+    granularity: str = option("tensor", "scales of the int codecs: one per tensor, per channel, or per group of "
+                              "--group-size consecutive values", choices=message_codec.GRANULARITIES)
+    group_size: int = option(message_codec.DEFAULT_GROUP_SIZE, "values per scale with --granularity group",
+                             metavar="N")
+    rounding: str = option("nearest", "rounding of the int codecs: nearest, or stochastic (unbiased; seeded per step "
+                           "and block, so a resumed run sends the same bytes)", choices=message_codec.ROUNDINGS)
+    lr: float | None = option(None, "base learning rate (none: the one given at export)", parse=float)
+    schedule: str = option("cosine", "learning-rate schedule over all steps", choices=tuple(SCHEDULES))
+    warmup_steps: int = option(0, "linear warmup steps")
+    limit: int | None = option(None, "train on the first N samples only (images, or sequences of the sequence task)",
+                               metavar="N", parse=int)
+    seed: int = option(0, "shuffling seed (the order is a function of seed and epoch, so a resumed run repeats it)")
+    resume: bool = option(False, "continue from the run's last checkpoint (every block's) up to --epochs")
+    checkpoint_every: int = option(0, "also checkpoint every STEPS steps (0: at the end of each epoch only)",
+                                   metavar="STEPS")
+    mix_start: float = option(2.0, "bll: weight m of the feedback natural parameters b in the posterior (natural "
+                              "parameters a + m*b) at the first step", metavar="M")
+    mix_end: float = option(0.5, "bll: m at the last step (linear in between: the forward latent is trusted more as "
+                            "it learns)", metavar="M")
+    feedback_lr_scale: float = option(10.0, "bll: feedback blocks learn at S times --lr (they are tiny, and until "
+                                      "they carry the label the forward blocks' targets are uninformative)",
+                                      metavar="S")
+    cutout: int = option(0, "cutout augmentation: zero one SIZE x SIZE square per training image, placed anew every "
+                         "step (seeded by --seed and the step, so --resume repeats it; 0: off)", metavar="SIZE")
+    val_split: int = option(0, "hold out the last N training images; train.json reports each epoch's accuracy on them "
+                            "(make model choices there; `edgebll eval` gives the final test accuracy)", metavar="N")
+    freeze_blocks: tuple[int, ...] = option((), "forward blocks that do not train, e.g. 0,1 to fine-tune the top of a "
+                                            "pretrained run: they load only their eval graph and weights and pass "
+                                            "their message on; their weights stay byte for byte",
+                                            metavar="K[,K...]", parse=block_list)
 
     def validate(self) -> None:
         if self.epochs < 1:

@@ -46,6 +46,7 @@ from edgebll.errors import CodecError, EdgeBLLError, ManifestError
 from edgebll.links import ENVELOPE, FrameReceiver, FrameSender, PeerError, wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_block_manifest, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
+from edgebll.options import option
 from edgebll.backends import Runner, open_block
 from edgebll.checkpoints import (
     PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained, history_dir, mark_step,
@@ -89,15 +90,15 @@ def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
 class WorkerConfig:
     """How the ranks talk to each other."""
 
-    sync: bool = False
-    """Lock-step: every rank finishes step t before any starts t+1 (no pipelining; same weights)."""
-    max_in_flight: int = 4
-    """Frames per link that may wait for the receiver (back-pressure bound; memory = this x frame size)."""
-    peer_timeout: float = 120.0
-    """Seconds to wait for a neighbour before declaring it dead (names the rank, exits non-zero)."""
-    feedback_lookahead: int | None = None
-    """BLL: how many steps rank k's feedback pass may run ahead of its forward pass (None: 2k + 1, the
-    least with which no rank waits for beta). Less only adds waiting: the messages are never stale."""
+    sync: bool = option(False, "mpi: lock-step, every rank finishes a step before any starts the next (no "
+                        "pipelining; the same weights, slower)")
+    max_in_flight: int = option(4, "mpi: frames per link that may wait for the receiving rank before the sender "
+                                "waits (back-pressure; memory = N x frame size)", metavar="N")
+    peer_timeout: float = option(120.0, "mpi: how long a rank waits for a neighbour before it names it as dead and "
+                                 "the run stops", metavar="SECONDS")
+    feedback_lookahead: int | None = option(None, "mpi, bll: steps rank k's feedback pass may run ahead of its "
+                                            "forward pass (none: 2k+1, the least with which no rank waits; beta "
+                                            "messages are never stale either way)", metavar="STEPS", parse=int)
 
     def lookahead(self, rank: int) -> int:
         if self.sync:

@@ -74,3 +74,40 @@ def test_blocks_auto_needs_a_board(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["export", "--blocks", "many", "--out", str(tmp_path / "r")])
     assert "expected a number of blocks or 'auto', got 'many'" in capsys.readouterr().err
+
+
+def changed(value: object, f: object) -> object:
+    """A value of ``f``'s option other than its default."""
+    meta = f.metadata  # type: ignore[attr-defined]
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, tuple):
+        return (0, 2)
+    if value is None:
+        return 0.25 if "learning rate" in meta["help"] else 3
+    return value * 3 + 1
+
+
+def test_every_training_option_reaches_the_cli_and_every_mpi_rank_unchanged() -> None:
+    """One source: each TrainConfig / WorkerConfig field is a `train` option, and what `edgebll train --transport
+    mpi` hands each rank (`worker_argv`) parses back, through `edgebll worker`'s parser, to an equal config."""
+    from dataclasses import fields, replace
+
+    from edgebll.cli import _train_config, _worker_config, build_parser
+    from edgebll.launch import worker_argv
+    from edgebll.runtime import TrainConfig
+    from edgebll.worker import WorkerConfig
+
+    parser = build_parser()
+    train_help = parser.parse_known_args(["train", "run"])[0]
+    for cls in (TrainConfig, WorkerConfig):
+        assert [f.name for f in fields(cls) if not hasattr(train_help, f.name)] == [], cls
+    train = replace(TrainConfig(), **{f.name: changed(f.default, f) for f in fields(TrainConfig)})
+    worker = replace(WorkerConfig(), **{f.name: changed(f.default, f) for f in fields(WorkerConfig)})
+    argv = worker_argv(train, worker, threads=1, restart=False, progress=False)
+    args = parser.parse_args(["worker", "run", *argv])
+    assert _train_config(args) == train and _worker_config(args) == worker
+    defaults = parser.parse_args(["worker", "run", *worker_argv(TrainConfig(), WorkerConfig())])
+    assert _train_config(defaults) == TrainConfig() and _worker_config(defaults) == WorkerConfig()
