@@ -58,7 +58,7 @@ cross-tools:
 		qemu-user-static; }
 
 test: setup data cross-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 wheel-aarch64: setup cross-tools
 	$(PY) tools/board_wheel.py --out dist

@@ -73,9 +73,8 @@ class FrameSender:
         self.depth, self.timeout, self.describe = depth, timeout, describe
         self._pending: deque[tuple[Any, np.ndarray, int]] = deque()
 
-    def send(self, frame: bytes, step: int, *, tamper: Callable[[np.ndarray], None] | None = None) -> None:
-        """Send ``frame`` as the message of ``step``; ``tamper`` may alter the whole message, envelope and frame,
-        before it goes (fault-injection tests)."""
+    def send(self, frame: bytes, step: int) -> None:
+        """Send ``frame`` as the message of ``step`` (once ``depth`` frames wait, first wait for the oldest)."""
         from mpi4py import MPI
 
         while len(self._pending) >= self.depth:
@@ -83,8 +82,6 @@ class FrameSender:
         buffer = np.empty(ENVELOPE.size + len(frame), np.uint8)
         ENVELOPE.pack_into(buffer, 0, MAGIC, self.rank, step)
         buffer[ENVELOPE.size:] = np.frombuffer(frame, np.uint8)
-        if tamper is not None:
-            tamper(buffer)
         request = self.comm.Issend([buffer, MPI.BYTE], dest=self.peer, tag=self.tag)
         self._pending.append((request, buffer, step))
 

@@ -27,13 +27,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,10 +60,6 @@ RANKS_DIR = "ranks"
 
 
 WORKER_STATE = "worker.json"
-FAULT_ENV = "EDGEBLL_INJECT_FAULT"
-"""For tests: ``kill:RANK:STEP`` (the rank SIGKILLs itself before that step), ``hang:RANK:STEP`` (it
-stops answering there), or at that step it sends a frame with a flipped byte (``corrupt``), an
-envelope naming the next step (``misstep``), or one sample short (``reshape``)."""
 
 _ACTIVATION, _FEEDBACK, _CONTROL, _MARK, _VALIDATION = 11, 12, 13, 14, 15
 
@@ -150,11 +144,6 @@ class _RankState:
         return cls(int(data["step"]), {int(e): _EpochSums(**s) for e, s in data["sums"].items()},
                    int(data["up_bytes"]), int(data["down_bytes"]),
                    {int(e): v for e, v in data.get("validation", {}).items()})  # runs before --val-split over MPI
-
-
-def _fault(kind: str, rank: int, step: int) -> bool:
-    spec = os.environ.get(FAULT_ENV, "")
-    return spec == f"{kind}:{rank}:{step}"
 
 
 class Worker:
@@ -396,18 +385,9 @@ class Worker:
             sums.metric += result.metric * len(labels)
         sums.samples += len(labels)
         if self.up_send is not None:
-            message = result.message[:-1] if _fault("reshape", self.rank, step) else result.message
-            frame = self._encode(message, step, feedback=False)
-            self.up_send.send(frame, step, tamper=self._tamper(step))
+            frame = self._encode(result.message, step, feedback=False)
+            self.up_send.send(frame, step)
             self.state.up_bytes += len(frame)
-
-    def _tamper(self, step: int) -> Callable[[np.ndarray], None] | None:
-        """Fault injection for tests: damage the message of ``step`` as a faulty link or sender would."""
-        if _fault("corrupt", self.rank, step):  # one flipped byte in the middle of the frame
-            return lambda b: b.__setitem__(len(b) // 2, b[len(b) // 2] ^ 0xFF)
-        if _fault("misstep", self.rank, step):  # an envelope that claims the next step
-            return lambda b: ENVELOPE.pack_into(b, 0, b"EBLM", self.rank, step + 1)
-        return None
 
     # ----------------------------------------------------------------------------------- validation
     def _validate(self, epoch: int) -> None:
@@ -562,10 +542,6 @@ class Worker:
         bar = tqdm(total=self.total, initial=start, desc=f"train (rank {self.rank} of {self.size})", unit="step",
                    disable=not self.progress or self.rank != self.size - 1)
         for step in range(start, self.total):
-            if _fault("kill", self.rank, step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            if _fault("hang", self.rank, step):
-                time.sleep(3600)  # alive but silent, like a board whose network dropped
             if self.feedback_runner is not None:
                 # run ahead, but never past the next checkpoint: a checkpoint must be a common state
                 limit = min(step + lookahead, next((c for c in checkpoints if c > step), self.total) - 1)

@@ -46,9 +46,16 @@ def bll_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+FAULTS = Path(__file__).resolve().parent / "faults"
+"""On PYTHONPATH with EDGEBLL_INJECT_FAULT set: its sitecustomize.py injects the fault into every rank."""
+
+
 def edgebll(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    if "EDGEBLL_INJECT_FAULT" in env:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "edgebll", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env=env)
 
 
 def mpi_train(run: Path, *args: str, ranks: int = 3, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
