@@ -424,18 +424,18 @@ def plot_profile(profile: dict[str, Any], path: Path) -> str | None:
 def format_profile_table(profile: dict[str, Any]) -> str:
     """The table ``edgebll profile`` prints."""
     mib = 2**20
-    header = (f"{'block':>8}  {'measured':>9}  {'estimated':>9}  {'error':>7}  {'step':>8}  "
+    header = (f"{'block':>10}  {'measured':>9}  {'estimated':>9}  {'error':>7}  {'step':>8}  "
               f"fits {profile['device']['name']} (measured/estimated)")
     rows = [header]
     entries = profile["blocks"] + ([{**profile["bp"], "index": "bp", "kind": "forward"}] if profile.get("bp") else [])
     for e in entries:
         name = f"fb {e['index']}" if e["kind"] == "feedback" else f"{e['index']}{' (frozen)' if e.get('frozen') else ''}"
         if e["measured_peak_bytes"] is None:
-            rows.append(f"{name:>8}  {'—':>9}  {e['estimated_peak_bytes'] / mib:>5.1f} MiB  {'':>7}  {'':>8}  "
+            rows.append(f"{name:>10}  {'—':>9}  {e['estimated_peak_bytes'] / mib:>5.1f} MiB  {'':>7}  {'':>8}  "
                         f"no: {e['error']}")
             continue
         fits = "/".join("yes" if ok else "NO" for ok in (e["fits"], e["estimate_fits"]))
-        rows.append(f"{name:>8}  {e['measured_peak_bytes'] / mib:>5.1f} MiB  {e['estimated_peak_bytes'] / mib:>5.1f} MiB  "
+        rows.append(f"{name:>10}  {e['measured_peak_bytes'] / mib:>5.1f} MiB  {e['estimated_peak_bytes'] / mib:>5.1f} MiB  "
                     f"{e['error_percent']:>+6.1f}%  {e['step_ms']:>5.0f} ms  {fits}")
     base = profile["baseline"]
     rows.append(f"above an idle runtime of {base['rss_bytes'] / mib:.1f} MiB resident; device budget "
