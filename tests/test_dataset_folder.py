@@ -363,10 +363,14 @@ def test_the_shifted_fine_tuning_dataset_keeps_ten_classes_and_shifts_the_pixels
 
 def test_token_ids_train_through_the_cli_on_a_model_of_ones_own(tmp_path: Path) -> None:
     """(10,) int64 token ids: `edgebll data import`, an export of the user's embedding units, `edgebll train` and
-    `edgebll eval` from the command line; the classes (the first token mod 4) are learnt well above chance."""
+    `edgebll eval` from the command line, and over MPI to the same weights; the classes (the first token mod 4)
+    are learnt well above chance."""
+    import shutil
+
     from torch import nn
 
     from edgebll.export import export_model
+    from tests.test_worker import assert_same_weights, edgebll
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 512), ("test", 128)):
@@ -378,8 +382,12 @@ def test_token_ids_train_through_the_cli_on_a_model_of_ones_own(tmp_path: Path) 
     units = [nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(160, 32), nn.ReLU()),
              nn.Sequential(nn.Linear(32, 32), nn.ReLU())]
     run = export_model(units, out=tmp_path / "run", blocks=2, batch_size=32, data=folder, lr=0.01, progress=False)
+    over_mpi = Path(shutil.copytree(run, tmp_path / "mpi"))
     assert main(["train", str(run), "--epochs", "3", "--threads", "1", "--no-progress"]) == 0
     assert main(["eval", str(run), "--no-progress"]) == 0
+    done = edgebll("train", str(over_mpi), "--transport", "mpi", "-n", "2", "--epochs", "3", "--no-progress")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_weights(run, over_mpi, blocks=2)  # rank 0 read the token folder; the same weights
     train = json.loads((run / "train.json").read_text())["epochs"][-1]
     evaluation = json.loads((run / "eval.json").read_text())
     assert train["samples"] == 512 and train["accuracy"][-1] > 0.6 and evaluation["samples"] == 128
