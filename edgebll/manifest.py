@@ -148,6 +148,9 @@ class BlockManifest:
     """Rough peak training memory at ``batch_size``: weights, gradients, optimizer state, activations."""
     device: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Bytes of each file in ``files``: checked before the file is hashed, so a swapped-in huge file is refused at
+    once (manifests written before it have none: their files are hashed as they are)."""
     """File name -> sha256 hex digest."""
     portable: PortableSchema | None = None
     """The portable graphs' state layout (``PORTABLE_FILES``); None when the block was exported without them."""
@@ -209,6 +212,9 @@ class BlockManifest:
                                     "folders, '..' or absolute paths); the manifest was tampered with; hint: re-export")
             if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
                 raise ManifestError(f"{where}: the sha256 of {name!r} is not 64 hex digits")
+        if not isinstance(manifest.sizes, dict) or not set(manifest.sizes) <= set(manifest.files) or not all(
+                type(n) is int and n >= 0 for n in manifest.sizes.values()):
+            raise ManifestError(f"{where}: 'sizes' must map the names in 'files' to byte counts; hint: re-export")
         if manifest.method not in METHODS:
             raise ManifestError(f"{where}: unknown method {manifest.method!r}; this runtime knows {list(METHODS)}")
         if manifest.kind not in KINDS:
@@ -274,6 +280,11 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
                                     "its own files; hint: copy the run with its files (cp -rL), or re-export it")
             if not file.is_file():
                 raise ManifestError(f"block {manifest.index} ({block_dir}): file {name!r} is missing; hint: re-export the run")
+            size = file.stat().st_size
+            if name in manifest.sizes and size != manifest.sizes[name]:  # refused before a byte of it is read
+                raise ManifestError(f"block {manifest.index} ({block_dir}): {name} has {size} bytes but the manifest "
+                                    f"says {manifest.sizes[name]}; the file was replaced or truncated; hint: re-export "
+                                    "the run")
             got = sha256_file(file)
             if got != expected:
                 raise ManifestError(

@@ -276,7 +276,8 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
         index=plan.index, num_blocks=num_blocks, method=method, kind=plan.kind, model=model_name, units=plan.units,
         inputs=graph.inputs, outputs=graph.outputs, bn_stats=graph.bn_stats, optimizer=optimizer.to_dict(),
         batch_size=batch_size, num_parameters=sum(p.numel() for p in plan.module.parameters()),
-        estimated_peak_bytes=0, files={name: sha256_file(block_dir / name) for name in files}, portable=schema,
+        estimated_peak_bytes=0, files={name: sha256_file(block_dir / name) for name in files},
+        sizes={name: (block_dir / name).stat().st_size for name in files}, portable=schema,
     )
     # the device-side estimator, from the training graph itself (see edgebll/memory.py for its calibration)
     if schema is not None:

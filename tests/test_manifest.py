@@ -41,10 +41,21 @@ def test_manifest_describes_the_block(tiny_run: Path) -> None:
 
 
 def test_modified_file_is_refused(run_copy: Path) -> None:
-    with open(run_copy / "block-1" / "eval_model.onnx", "ab") as f:
-        f.write(b"\0")
+    path = run_copy / "block-1" / "eval_model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: the sha256 finds it
+    path.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"block 1 .*eval_model.onnx has sha256 .* modified or corrupted"):
         BlockRunner(run_copy / "block-1")
+
+
+def test_a_file_of_another_size_is_refused_before_it_is_read(run_copy: Path) -> None:
+    """A huge (sparse) file put in place of an artifact would take minutes to hash: its size gives it away."""
+    with open(run_copy / "block-1" / "checkpoint", "r+b") as f:
+        f.truncate(50 << 30)  # 50 GiB, sparse: no disk used
+    with pytest.raises(ManifestError, match=r"block 1 .*checkpoint has 53687091200 bytes but the manifest says \d+; "
+                                            r"the file was replaced or truncated"):
+        BlockRunner(run_copy / "block-1")  # (hashing it first would have said "has sha256 …", after minutes)
 
 
 def test_missing_file_is_refused(run_copy: Path) -> None:
