@@ -371,7 +371,10 @@ class Runtime:
                                    "--resume to continue, or load with load_trained=False / --restart to start over")
             return 0
         if len(steps) != 1:
-            raise EdgeBLLError(f"{self.run_dir}: blocks stopped at different steps {sorted(steps)}; hint: --restart")
+            # progress.json would have put them back to a common step: the run stopped inside its first checkpoint
+            raise EdgeBLLError(f"{self.run_dir}: blocks stopped at different steps {sorted(steps)} and no step was saved "
+                               f"by every block ({PROGRESS_NAME} is missing), so there is no common state to resume; "
+                               "hint: --restart (it loses no complete checkpoint)")
         return steps.pop()
 
     def _load_history(self) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import pytest
 from edgebll.checkpoints import PROGRESS_NAME, check_disk_room
 from edgebll.data import Dataset
 from edgebll.dataset_folder import write_dataset_folder
-from edgebll.errors import DiskFullError, TrainingError
+from edgebll.errors import DiskFullError, EdgeBLLError, TrainingError
 from edgebll.runtime import Runtime
 
 KILL_TRIALS = 8
@@ -136,6 +136,20 @@ def mixed_steps(tiny_run: Path, tmp_path: Path) -> tuple[Path, Dataset]:
     with pytest.raises(KeyboardInterrupt):
         runtime.train(data=data, epochs=2, checkpoint_every=1, progress=False)
     return run, data
+
+
+def test_a_run_that_stopped_inside_its_first_checkpoint_says_nothing_complete_is_lost(tiny_run: Path,
+                                                                                    tmp_path: Path) -> None:
+    run = Path(shutil.copytree(tiny_run, tmp_path / "first"))
+    runtime = Runtime.from_run(run, threads=1)
+    before_save(runtime.runners[1], 2, power_lost)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.train(data=noise(64), epochs=1, checkpoint_every=2, progress=False)
+    assert not (run / PROGRESS_NAME).exists()
+    with pytest.raises(EdgeBLLError, match=r"blocks stopped at different steps \[0, 2\] and no step was saved by every "
+                                           r"block \(progress.json is missing\).*hint: --restart \(it loses no "
+                                           r"complete checkpoint\)"):
+        Runtime.from_run(run, threads=1).train(data=noise(64), epochs=1, resume=True, progress=False)
 
 
 def test_blocks_saved_at_different_steps_go_back_to_the_common_one(tiny_run: Path, tmp_path: Path,
