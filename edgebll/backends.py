@@ -8,17 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from edgebll.errors import EdgeBLLError
-from edgebll.manifest import STATE_FILE, load_block_manifest
+from edgebll.manifest import load_block_manifest
 from edgebll.ort_training import training_available
 from edgebll.portable import PROVIDERS, PortableRunner
-from edgebll.checkpoints import TRAINED_DIR
+from edgebll.checkpoints import TRAINED_DIR, TRAINED_STATE
 from edgebll.runner import BlockRunner
 
 if TYPE_CHECKING:
     from edgebll.frozen import FrozenRunner
 
-TRAINED_STATE = {"ort-training": "checkpoint", "portable": STATE_FILE}
-"""Each backend's trained state in a block's ``trained/`` (one at a time: a save removes the other's)."""
 
 BACKENDS = ("auto", "ort-training", "portable")
 Runner = Union[BlockRunner, PortableRunner, "FrozenRunner"]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgebll.errors import DiskFullError, ManifestError, TrainingError
-from edgebll.manifest import BlockManifest, read_json_file, write_json_atomic
+from edgebll.manifest import STATE_FILE, BlockManifest, read_json_file, write_json_atomic
 
 PROGRESS_NAME = "progress.json"
 """Run-level marker: the last step every block has checkpointed, with what resuming needs."""
@@ -31,7 +31,9 @@ HISTORY_DIR = "history"
 """``block-K/trained/history/step-N``: the block's saved files of step N (hard links)."""
 TRAINED_DIR = "trained"
 """Sub-folder of a block folder holding the trained state (the exported files stay untouched)."""
-TRAINED_FILES = ("checkpoint", "checkpoint.json", "portable_state.npz", "portable_state.json")
+TRAINED_STATE = {"ort-training": "checkpoint", "portable": STATE_FILE}
+"""Each backend's trained state in a block's ``trained/`` (one at a time: a save removes the other's)."""
+TRAINED_FILES = ("checkpoint", "checkpoint.json", STATE_FILE, "portable_state.json")
 """What ``trained/`` may hold: each backend's state and its sidecar."""
 MAX_PROGRESS_BYTES = 4 << 20
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -89,6 +91,28 @@ def read_progress(run_dir: Path) -> dict[str, Any] | None:
     if type(step) is not int or step < 0:
         raise ManifestError(f"{path}: 'step' must be an integer >= 0, got {step!r}; {hint}")
     return record
+
+
+def sidecar_of(state_file: Path) -> Path:
+    """The JSON next to a trained state that holds its progress and sha256 (``checkpoint`` -> ``checkpoint.json``)."""
+    return state_file.with_name(f"{state_file.name.split('.')[0]}.json")
+
+
+def saved_step(block_dir: Path) -> int | None:
+    """The step a block's trained state was last saved at, from its sidecar (None: not trained).
+
+    Not hashed: a save writes the sidecar before it replaces the state, so the sidecar never names an
+    older step than the file holds; a sidecar that names the run's marked step therefore vouches for
+    the file (which the runner hashes when it loads it), and any other step means "restore".
+    """
+    for name in TRAINED_STATE.values():
+        state = block_dir / TRAINED_DIR / name
+        if state.is_file():
+            try:
+                return int(json.loads(sidecar_of(state).read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return -1  # unreadable: not the marked step, so it is restored
+    return None
 
 
 def restore_step(block_dirs: Iterable[Path], step: int, steps_of: Callable[[Path], int | None]) -> list[str]:
@@ -167,7 +191,7 @@ def clear_trained(block_dirs: Iterable[Path], run_dir: Path | None = None) -> No
 def checkpoint_bytes(manifest: BlockManifest, block_dir: Path) -> int:
     """Disk one more checkpoint of the block takes: its last saved state's size, else an upper bound (weights and
     two AdamW moments in float32, plus room for buffers and the file format)."""
-    for name in ("checkpoint", "portable_state.npz"):
+    for name in TRAINED_STATE.values():
         path = block_dir / TRAINED_DIR / name
         if path.is_file():
             return path.stat().st_size

@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from edgebll.checkpoints import TRAINED_DIR
+from edgebll.checkpoints import TRAINED_DIR, TRAINED_STATE, sidecar_of
 from edgebll.errors import EdgeBLLError, ManifestError
-from edgebll.manifest import EVAL_FILE, STATE_FILE, BlockManifest, load_block_manifest
+from edgebll.manifest import EVAL_FILE, BlockManifest, load_block_manifest
 from edgebll.ort_training import training_api
 from edgebll.portable import PROVIDERS, load_state
 from edgebll.runner import RunnerBase, StepResult, save_trained, session_options, verify_trained
 
-_FILES = {"ort-training": ("checkpoint", "eval_model.onnx"), "portable": (STATE_FILE, EVAL_FILE)}
+EVAL_GRAPHS = {"ort-training": "eval_model.onnx", "portable": EVAL_FILE}
+"""The eval graph a frozen block runs, by the backend whose state it holds."""
 
 
 class FrozenRunner(RunnerBase):
@@ -37,13 +38,13 @@ class FrozenRunner(RunnerBase):
         it uses); with ``load_trained`` from its ``trained/`` state."""
         import onnxruntime
 
-        if backend not in _FILES:
+        if backend not in EVAL_GRAPHS:
             raise EdgeBLLError(f"a frozen block runs on 'ort-training' or 'portable', got {backend!r}")
         self.block_dir = Path(block_dir)
         self.manifest: BlockManifest = load_block_manifest(self.block_dir, verify_files=verify_files)
         self.backend = backend
-        state_name, graph_name = _FILES[backend]
-        self.trained_files = (state_name, f"{state_name.split('.')[0]}.json")
+        state_name, graph_name = TRAINED_STATE[backend], EVAL_GRAPHS[backend]
+        self.trained_files = (state_name, sidecar_of(Path(state_name)).name)
         self.progress = {"epoch": 0, "step": 0}
         self._source = self.block_dir / state_name
         trained = self.block_dir / TRAINED_DIR / state_name

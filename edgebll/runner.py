@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebll.checkpoints import TRAINED_DIR, TRAINED_FILES
+from edgebll.checkpoints import TRAINED_DIR, TRAINED_FILES, TRAINED_STATE, sidecar_of
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
 from edgebll.manifest import BlockManifest, TensorSpec, load_block_manifest, sha256_file, write_json_atomic
 from edgebll.ort_training import training_api, training_available
@@ -238,11 +238,6 @@ def save_trained(final: Path, progress: dict[str, int], write: Callable[[Path], 
     return final
 
 
-def sidecar_of(state_file: Path) -> Path:
-    """The JSON next to a trained state that holds its progress and sha256 (``checkpoint`` -> ``checkpoint.json``)."""
-    return state_file.with_name(f"{state_file.name.split('.')[0]}.json")
-
-
 def _read_sidecar(sidecar: Path) -> dict | None:
     try:
         return json.loads(sidecar.read_text())
@@ -252,7 +247,7 @@ def _read_sidecar(sidecar: Path) -> dict | None:
 
 def trained_step(block_dir: Path) -> int | None:
     """The step a block's trained state holds, checked against its sidecar (None: not trained)."""
-    for name in ("checkpoint", "portable_state.npz"):
+    for name in TRAINED_STATE.values():
         if (block_dir / TRAINED_DIR / name).is_file():
             return verify_trained(block_dir / TRAINED_DIR / name)["step"]
     return None

@@ -23,7 +23,7 @@ from edgebll import codec as message_codec
 from edgebll.augment import check_cutout, cutout
 from edgebll.checkpoints import (
     PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained, mark_step, note, prune_history,
-    read_progress, remove_leftovers, restore_step, save_blocks,
+    read_progress, remove_leftovers, restore_step, save_blocks, saved_step,
 )
 from edgebll.data import InMemoryDataset, full_batches
 from edgebll.errors import CodecError, EdgeBLLError, TrainingError
@@ -35,7 +35,6 @@ from edgebll.options import option
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.backends import Runner, block_list, open_block
 from edgebll.frozen import FrozenRunner
-from edgebll.runner import trained_step
 from edgebll.schedule import SCHEDULES, learning_rate
 from edgebll.validation import Send, chain_accuracy, check_data_fits, training_data
 
@@ -193,7 +192,7 @@ class Runtime:
         blocks = int(config["blocks"])
         progress = read_progress(Path(run_dir)) if load_trained else None
         if progress is not None:  # a crash between two blocks' saves: every block goes back to the common step
-            moved = restore_step(block_dirs(run_dir, config), progress["step"], trained_step)
+            moved = restore_step(block_dirs(run_dir, config), progress["step"], saved_step)
             if moved:
                 note(f"{run_dir}: using step {progress['step']}, the last step every block saved ({PROGRESS_NAME}); "
                      f"put back {', '.join(moved)}")

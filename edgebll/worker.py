@@ -48,9 +48,8 @@ from edgebll.options import option
 from edgebll.backends import Runner, open_block
 from edgebll.checkpoints import (
     PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained, history_dir, mark_step,
-    prune_history, read_progress, remove_leftovers, restore_step, save_blocks,
+    prune_history, read_progress, remove_leftovers, restore_step, save_blocks, saved_step,
 )
-from edgebll.runner import trained_step
 from edgebll.runtime import TRAIN_NAME, TrainConfig, encode_message, mix_weight
 from edgebll.schedule import learning_rate
 from edgebll.validation import check_data_fits, eval_side, training_data
@@ -204,7 +203,7 @@ class Worker:
             clear_trained(self._runner_dirs(), self.run_dir if self.rank == 0 else None)
             return _RankState()
         if start == 0:
-            trained = [f for f in self._runner_dirs() if trained_step(f) is not None]
+            trained = [f for f in self._runner_dirs() if saved_step(f) is not None]
             if trained and not self.train.resume:
                 raise EdgeBLLError(f"{self.name}: {trained[0]} already holds trained weights ({TRAINED_DIR}/); hint: "
                                    "pass --resume to continue, or --restart to start over")
@@ -213,7 +212,7 @@ class Worker:
                                    f"saved by every block, but {trained[0]} holds trained weights (from a run that "
                                    "stopped before its first common checkpoint); hint: --restart to start over")
             return _RankState()
-        restore_step(self._runner_dirs(), start, trained_step)
+        restore_step(self._runner_dirs(), start, saved_step)
         totals = history_dir(self._block_dir(), start) / WORKER_STATE
         # a run checkpointed in one process has no rank totals: its resumed train.json counts from here
         return _RankState.from_json(totals.read_text()) if totals.is_file() else _RankState(step=start)
