@@ -189,8 +189,9 @@ def export_model(
     onnxruntime trains it, on boards where onnxruntime-training does not install).
     ``data``: a dataset folder (``edgebll data import``): the sample shape and classes come from it
     (instead of ``input_shape`` and ``num_classes``) and run.json records it for training.
-    ``init_from``: pretrained weights, from a trained edgebll run of the same model or a torch
-    state_dict of ``nn.Sequential(*units)`` (:mod:`.init_from`).
+    ``init_from``: pretrained weights, from a trained edgebll run of the same model, a torch
+    state_dict of ``nn.Sequential(*units)`` or an ONNX model of it with BatchNorm unfolded
+    (:mod:`.init_from`).
     """
     if batch_size < 2:
         raise ExportError(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {batch_size}")

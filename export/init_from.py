@@ -7,7 +7,13 @@ Two sources:
   source also gets that block's head (and a BLL feedback block its weights), so the same split
   starts exactly where the source ended;
 - a torch ``state_dict`` file of ``nn.Sequential(*units)`` (keys ``"<unit index>.<name>"``):
-  ``torch.save(nn.Sequential(*units).state_dict(), "units.pt")``.
+  ``torch.save(nn.Sequential(*units).state_dict(), "units.pt")``;
+- an ONNX model of ``nn.Sequential(*units)`` whose initializers keep the state_dict's names and
+  BatchNorm unfolded: ``torch.onnx.export(nn.Sequential(*units).eval(), (x,), "units.onnx",
+  optimize=False)`` (the dynamo exporter). Both exporters' defaults fold BatchNorm into the
+  convolutions (measured, torch 2.13), which loses the units' own weights and statistics; such a
+  model is refused with that hint. (The TorchScript exporter keeps BatchNorm only in training mode,
+  and its trace then moves the running statistics it exports.)
 
 Parameters and buffers (BatchNorm statistics) are copied; a missing or surplus key, or a shape
 that differs, is refused naming it.
@@ -20,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from edgebll.errors import EdgeBLLError, ExportError
@@ -37,11 +45,7 @@ def initialise(source: str | os.PathLike, spec: ModelSpec, plans: list["BlockPla
     if path.is_dir() and (path / "run.json").is_file():
         return _from_run(path, spec, plans)
     if path.is_file() and path.suffix == ".onnx":
-        # both of torch.onnx's exporters fold BatchNorm into the convolutions (measured: 2.13, eval mode, with and
-        # without constant folding), so an ONNX model no longer holds the units' own weights and statistics
-        raise ExportError(f"--init-from {path}: an ONNX model cannot give back the units' weights (its BatchNorm "
-                          "layers are folded into the convolutions); hint: start from the trained edgebll run, or "
-                          "torch.save(nn.Sequential(*units).state_dict(), 'units.pt') and pass that")
+        return _from_onnx(path, spec)
     if path.is_file():
         return _from_state_dict(path, spec)
     raise ExportError(f"--init-from {path}: neither an edgebll run folder (with run.json) nor a state_dict file")
@@ -58,6 +62,47 @@ def _from_state_dict(path: Path, spec: ModelSpec) -> dict[str, Any]:
     units = nn.Sequential(*spec.units)
     _load(units, state, f"--init-from {path}", "nn.Sequential(*units)")
     return {"source": str(path.resolve()), "kind": "state_dict", "units": len(spec.units), "heads": 0}
+
+
+_ONNX_HINT = ("hint: export nn.Sequential(*units) with BatchNorm unfolded and the state_dict's names: "
+              "torch.onnx.export(units.eval(), (x,), 'units.onnx', optimize=False), or pass "
+              "units.state_dict() saved with torch.save")
+
+
+def _from_onnx(path: Path, spec: ModelSpec) -> dict[str, Any]:
+    """Weights from an ONNX model's initializers, matched to ``nn.Sequential(*units)``'s state_dict by name.
+
+    An initializer named like a key, or ending in ``.<key>`` (a model exported with a wrapper around the
+    units), gives that key; initializers that match no key (the exporter's constants) are ignored.
+    """
+    where = f"--init-from {path}"
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError, a missing external data file, ...
+        raise ExportError(f"{where}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    tensors = {init.name: init for init in model.graph.initializer}
+    units = nn.Sequential(*spec.units)
+    wanted = [k for k in units.state_dict() if not k.endswith("num_batches_tracked")]
+    state: dict[str, torch.Tensor] = {}
+    for key in wanted:
+        names = [n for n in tensors if n == key or n.endswith("." + key)]
+        if len(names) > 1 and key in names:
+            names = [key]
+        if len(names) > 1:
+            raise ExportError(f"{where}: initializers {names[:3]} all end in {key!r}; hint: export the units alone")
+        if names:
+            state[key] = torch.from_numpy(numpy_helper.to_array(tensors[names[0]]).copy())
+    missing = [k for k in wanted if k not in state]
+    if missing == wanted:
+        raise ExportError(f"{where}: none of its {len(tensors)} initializers is named like a weight of "
+                          f"nn.Sequential(*units) (e.g. {wanted[0]!r}); {_ONNX_HINT}")
+    norms = {f"{name}.{p}" for name, m in units.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in ("weight", "bias", "running_mean", "running_var")}
+    if missing and set(missing) <= norms:
+        raise ExportError(f"{where}: its BatchNorm layers are folded into the convolutions ({missing[0]!r} and "
+                          f"{len(missing) - 1} more are missing); {_ONNX_HINT}")
+    _load(units, state, where, "nn.Sequential(*units)")
+    return {"source": str(path.resolve()), "kind": "onnx", "units": len(spec.units), "heads": 0}
 
 
 def _from_run(run: Path, spec: ModelSpec, plans: list["BlockPlan"]) -> dict[str, Any]:

@@ -279,8 +279,49 @@ def test_fine_tuning_starts_where_the_source_ended(tmp_path: Path, capsys: pytes
     torch.save(units.state_dict(), tmp_path / "short.pt")
     with pytest.raises(ExportError, match=r"nn.Sequential\(\*units\) does not match: missing \['3.0.weight'"):
         export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / "short.pt", **options)
-    (tmp_path / "model.onnx").write_bytes(b"")
-    with pytest.raises(ExportError, match=r"model.onnx: an ONNX model cannot give back the units' weights"):
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_an_onnx_model(tmp_path: Path) -> None:
+    """--init-from an ONNX model of the units (dynamo exporter, BatchNorm kept) gives the state_dict's weights and
+    statistics exactly; both exporters' defaults (BatchNorm folded) and other files are refused."""
+    import torch
+    from torch import nn
+
+    from edgebll.errors import ExportError
+    from edgebll.export import export_model
+    from edgebll.export.models import build_model
+    from edgebll.runner import BlockRunner
+
+    data = write_dataset_folder(tmp_path / "cam", {"train": _images(64, 0), "test": _images(32, 1)})
+    options = dict(batch_size=32, data=data, portable=False, progress=False)
+    torch.manual_seed(7)
+    units = nn.Sequential(*build_model("cnn-small", input_shape=(3, 32, 32), num_classes=4).units).eval()
+    for module in units.modules():  # statistics that differ from a fresh layer's
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    state = {k: v.clone() for k, v in units.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    torch.onnx.export(units, (x,), str(tmp_path / "units.onnx"), dynamo=True, optimize=False)
+    run = export_model("cnn-small", out=tmp_path / "run", blocks=2, init_from=tmp_path / "units.onnx", **options)
+    params = [BlockRunner(run / f"block-{k}").parameters() for k in (0, 1)]
+    for key in state:
+        if not key.endswith("num_batches_tracked"):
+            block = int(key[0]) // 2  # cnn-small's MAC-balanced split: units 0-1 | 2-3
+            np.testing.assert_array_equal(params[block][f"body.{int(key[0]) - 2 * block}{key[1:]}"], state[key].numpy())
+    assert json.loads((run / "run.json").read_text())["init_from"]["kind"] == "onnx"
+    defaults = {"dynamo": (dict(dynamo=True), r"its BatchNorm layers are folded into the convolutions "
+                                              r"\('0.1.weight' and 31 more are missing\)"),
+                "torchscript": (dict(dynamo=False), r"none of its 16 initializers is named like a weight of "
+                                                    r"nn.Sequential\(\*units\) \(e.g. '0.0.weight'\)")}
+    for name, (how, why) in defaults.items():
+        torch.onnx.export(units, (x,), str(tmp_path / f"{name}.onnx"), **how)
+        with pytest.raises(ExportError, match=rf"{name}.onnx: {why}; hint: .*optimize=False"):
+            export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / f"{name}.onnx", **options)
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match=r"model.onnx: not a readable ONNX model"):
         export_model("cnn-small", out=tmp_path / "bad", blocks=2, init_from=tmp_path / "model.onnx", **options)
     assert not (tmp_path / "bad").exists()
 
