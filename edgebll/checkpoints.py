@@ -148,7 +148,8 @@ def save_blocks(runners: Iterable[Any], *, step: int, epoch: int, run_dir: Path,
                 extra: dict[Path, dict[str, str]] | None = None) -> None:
     """Save every one of ``runners`` (all at ``step``) and pin each save as ``history/step-<step>``.
 
-    Weights that are no longer finite are refused before anything is written, and a full disk is a
+    Weights that are no longer finite, or that turn the last batch into non-finite messages or logits
+    (one eval forward per block), are refused before anything is written, and a full disk is a
     DiskFullError; either way the run's last complete checkpoint stays. ``extra``: per block folder,
     more files to keep with its copy (an MPI rank's totals).
     """
@@ -159,6 +160,11 @@ def save_blocks(runners: Iterable[Any], *, step: int, epoch: int, run_dir: Path,
         if bad is not None:
             raise TrainingError(f"{runner.name}: weight {bad} is not finite after step {step}; nothing was saved at "
                                 f"this step and {safe}; hint: lower the learning rate (--lr)")
+        outputs = runner.nonfinite_outputs()
+        if outputs is not None:
+            raise TrainingError(f"{runner.name}: its weights after step {step} give a non-finite {outputs} on the "
+                                f"last batch; nothing was saved at this step and {safe}; hint: lower the learning "
+                                "rate (--lr)")
     for runner in runners:
         with disk_full_is_an_error(runner.block_dir / TRAINED_DIR / runner.trained_files[0],
                                    checkpoint_bytes(runner.manifest, runner.block_dir), safe):

@@ -175,6 +175,7 @@ class PortableRunner(RunnerBase):
             self._spare = {k: v for k, v in self.state.items() if v.shape() == updated[k].shape()}
         self.state = updated
         self.progress["step"] += 1
+        self.last_inputs = (x, side)
         return self._result(outputs)
 
     def eval_step(self, x: np.ndarray, side: np.ndarray) -> StepResult:

@@ -64,6 +64,23 @@ class RunnerBase:
     def _check_inputs(self, *arrays: np.ndarray) -> None:
         check_step_inputs(self.name, self.block_dir, self._inputs, *arrays)
 
+    last_inputs: tuple[np.ndarray, np.ndarray] | None = None
+    """The inputs of the last train step (references, not copies): a checkpoint probes the new weights on them."""
+
+    def nonfinite_outputs(self) -> str | None:
+        """Which outputs of an eval forward of the last trained batch, with the weights as they are now, are not
+        finite ("message", "logits"); None when all are, or when the block has not trained since it was opened.
+
+        A step's own outputs come from the weights before its update: finite weights can still send
+        non-finite messages on the next step. Checked before a checkpoint keeps such weights.
+        """
+        if self.last_inputs is None:
+            return None
+        result = self.eval_step(*self.last_inputs)  # type: ignore[attr-defined]
+        bad = [name for name, value in (("message", result.message), ("logits", result.logits))
+               if value is not None and not np.all(np.isfinite(value))]
+        return " and ".join(bad) or None
+
     def frozen_step(self, x: np.ndarray, side: np.ndarray) -> StepResult:
         """A step of a frozen block (``--freeze-blocks``): its eval graph (BatchNorm on its running statistics), no
         update; the step still counts, so a frozen block checkpoints and resumes in step with the others."""
@@ -132,6 +149,7 @@ class BlockRunner(RunnerBase):
         self.module.lazy_reset_grad()  # the next backward overwrites instead of accumulating
         self._write_back_batchnorm(outputs, batch=x.shape[0])
         self.progress["step"] += 1
+        self.last_inputs = (x, side)
         return self._result(outputs)
 
     def eval_step(self, x: np.ndarray, side: np.ndarray) -> StepResult:

@@ -263,6 +263,29 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(tiny_run: Path, tmp
     assert json.loads((run / PROGRESS_NAME).read_text())["step"] == 4
 
 
+def test_finite_weights_that_send_non_finite_messages_are_never_checkpointed(tiny_portable_run: Path,
+                                                                               tmp_path: Path) -> None:
+    """A step's outputs come from the weights before its update: the checkpoint probes the updated weights on the
+    last batch, so weights that are finite but overflow the next message are refused too."""
+    run = Path(shutil.copytree(tiny_portable_run, tmp_path / "run"))
+    runtime = Runtime.from_run(run, threads=1, backend="portable")
+    runtime.train(data=noise(32), epochs=1, progress=False)
+    assert json.loads((run / PROGRESS_NAME).read_text())["step"] == 4
+    for runner in runtime.runners:
+        arrays = runner.state_arrays()
+        if runner.index == 0:  # a huge but finite first convolution: its output overflows float32
+            key = next(k for k in arrays if k.startswith("param:") and arrays[k].ndim == 4)
+            arrays[key] = np.full_like(arrays[key], 1e38)
+        runner.load_state_arrays(arrays, 5)
+    assert all(np.isfinite(v).all() for r in runtime.runners for v in r.parameters().values())
+    with pytest.raises(TrainingError, match=r"block 0: its weights after step 5 give a non-finite message and logits "
+                                            r"on the last batch; nothing was saved at this step and the run's "
+                                            r"checkpoint of step 4 stays complete"):
+        runtime.save(epoch=1)
+    assert json.loads((run / PROGRESS_NAME).read_text())["step"] == 4
+    assert {r.progress["step"] for r in Runtime.from_run(run, threads=1, backend="portable").runners} == {4}
+
+
 def test_the_disk_check_names_what_is_needed(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     check_disk_room(tmp_path, free // 2)
