@@ -78,28 +78,40 @@ def eval_side(runner: Runner, labels: np.ndarray) -> np.ndarray:
     return labels if prior is None else np.zeros((len(labels), *prior.per_sample_shape()), np.float32)
 
 
-def chain_accuracy(runners: Sequence[Runner], data: InMemoryDataset, send: Send, *, batch_size: int,
-                   progress: bool = False, desc: str = "eval") -> tuple[list[float], float]:
-    """Per-block accuracy of the forward chain's eval graphs on ``data``, and the last block's mean loss.
+def chain_counts(runners: Sequence[Runner], data: InMemoryDataset, send: Send, *, batch_size: int,
+                 progress: bool = False, desc: str = "eval") -> list[list[float]]:
+    """Per block of the forward chain's eval graphs on ``data``: [correct labels, labels, loss sum, samples].
 
     Accuracy is per label: per image for a classifier, per token for a sequence model. Every
     message goes through ``send`` (the codec). A BLL forward block's prior input only feeds its
     loss, so it is zero here (in the manifest's per-sample shape, e.g. ``[T, C]`` for per-token
-    heads): the feedback blocks are not needed at test time. Callers pass the run's training batch
-    size: an eval batch never needs more memory than a training step of that size, so a block the
-    memory profile says fits also fits at test time (resnet18's block 0, K=4: 346 MiB to evaluate 500
-    images, 202 MiB to train at 64, 59 MiB to evaluate 64; benchmarks/eval_memory.py).
+    heads): the feedback blocks are not needed at test time.
     """
-    correct = np.zeros(len(runners))
-    loss, labelled = 0.0, 0
+    correct, loss = np.zeros(len(runners)), np.zeros(len(runners))
+    labelled = 0
     for x, labels in tqdm(data.batches(batch_size), total=data.num_batches(batch_size), desc=desc, unit="batch",
                           disable=not progress):
         h = x
         for k, runner in enumerate(runners):
             result = runner.eval_step(h, eval_side(runner, labels))
             correct[k] += count_correct(result.logits, labels)
+            loss[k] += result.loss * len(labels)
             if result.message is not None:
                 h = send(result.message, k)
-        loss += result.loss * len(labels)
         labelled += labels.size
-    return (correct / max(labelled, 1)).round(5).tolist(), round(loss / max(len(data), 1), 5)
+    return [[float(c), labelled, float(s), len(data)] for c, s in zip(correct, loss)]
+
+
+def chain_accuracy(runners: Sequence[Runner], data: InMemoryDataset, send: Send, *, batch_size: int,
+                   progress: bool = False, desc: str = "eval") -> tuple[list[float], float]:
+    """Per-block accuracy of the forward chain's eval graphs on ``data`` (:func:`chain_counts`), and the last
+    block's mean loss.
+
+    Callers pass the run's training batch size: an eval batch never needs more memory than a
+    training step of that size, so a block the memory profile says fits also fits at test time
+    (resnet18's block 0, K=4: 346 MiB to evaluate 500 images, 202 MiB to train at 64, 59 MiB to
+    evaluate 64; benchmarks/eval_memory.py).
+    """
+    counts = chain_counts(runners, data, send, batch_size=batch_size, progress=progress, desc=desc)
+    accuracy = [round(correct / max(labelled, 1), 5) for correct, labelled, _, _ in counts]
+    return accuracy, round(counts[-1][2] / max(counts[-1][3], 1), 5)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from edgebll.augment import cutout_keep
 from edgebll.data import InMemoryDataset, epoch_order
 from edgebll.errors import ExportError
-from edgebll.runtime import TrainConfig, mix_weight
+from edgebll.train_config import mix_weight
 from edgebll.schedule import learning_rate
 
 from .artifacts import OptimizerConfig
@@ -170,7 +170,6 @@ class TorchReference:
         if steps == 0:
             raise ExportError(f"{len(data)} training samples make no full batch of {batch_size}")
         total, step = steps * epochs, 0
-        mixing = TrainConfig(mix_start=mix[0], mix_end=mix[1])
         # the whole set on the device once (on the CPU: the arrays themselves, no copy)
         inputs, labels = (torch.as_tensor(a, device=self.device) for a in data.arrays())
         bar = tqdm(total=total, desc="train (torch)", unit="step", disable=not progress)
@@ -182,7 +181,7 @@ class TorchReference:
                 if cutout_size:
                     keep = cutout_keep(batch_size, x.shape[-2], x.shape[-1], cutout_size, seed=seed, step=step)
                     x = x * torch.as_tensor(keep, device=self.device)[:, None]
-                m = mix_weight(mixing, step, total)
+                m = mix_weight(*mix, step, total)
                 losses = self._train_step(x, labels[picked], learning_rate(schedule, lr, step, total), m)
                 step += 1
                 bar.update()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgebll.codec import decode
 from edgebll.data import Dataset
 from edgebll.errors import EdgeBLLError, TrainingError
 from edgebll.runner import BlockRunner
@@ -74,8 +75,8 @@ def test_codec_choice_changes_what_the_next_block_sees(run_copy: Path) -> None:
     x = synthetic(16).images
     labels = np.zeros(16, np.int64)
     message = runtime.runners[0].eval_step(x, labels).message
-    exact, _ = runtime._send(message, TrainConfig(codec="fp32"), 0, 0)
-    rough, nbytes = runtime._send(message, TrainConfig(codec="int8"), 0, 0)
+    frames = {codec: encode_message(message, TrainConfig(codec=codec), 0, 0) for codec in ("fp32", "int8")}
+    exact, rough, nbytes = decode(frames["fp32"]), decode(frames["int8"]), len(frames["int8"])
     np.testing.assert_array_equal(exact, message)
     scale = np.abs(message).max() / 127
     assert 0 < np.abs(rough - message).max() <= scale / 2 + 1e-7

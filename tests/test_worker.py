@@ -286,7 +286,8 @@ def test_resume_never_deletes_weights_that_no_common_checkpoint_covers(tiny_run:
 
 def test_a_run_checkpointed_in_one_process_resumes_over_mpi(tiny_run: Path, tmp_path: Path) -> None:
     """One checkpoint layout for both transports: an epoch in one process, the next over MPI, the in-process
-    weights of two epochs."""
+    weights of two epochs, and a train.json whose first epoch is the one trained in process (the stages' totals
+    travel in the checkpoint whichever transport wrote it)."""
     reference = in_process(tiny_run, tmp_path, epochs=2, schedule="constant")  # so that 1 epoch of 2 = 1 of 1
     run = Path(shutil.copytree(tiny_run, tmp_path / "switched"))
     Runtime.from_run(run, threads=1).train(limit=LIMIT, data_dir=str(require_real_data()), progress=False, epochs=1,
@@ -294,6 +295,11 @@ def test_a_run_checkpointed_in_one_process_resumes_over_mpi(tiny_run: Path, tmp_
     done = mpi_train(run, "--epochs", "2", "--resume", "--schedule", "constant")
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_weights(reference, run)
+    got, want = (json.loads((r / "train.json").read_text()) for r in (run, reference))
+    assert got["resumed_from_step"] == 8 and got["message_bytes_per_step"] == want["message_bytes_per_step"]
+    for mine, theirs in zip(got["epochs"], want["epochs"], strict=True):
+        assert mine["accuracy"] == theirs["accuracy"] and mine["samples_per_block"] == [LIMIT] * 3
+        np.testing.assert_allclose(mine["loss"], theirs["loss"], atol=1e-5)
 
 
 def test_cutout_over_mpi_cuts_the_in_process_pixels(tiny_run: Path, tmp_path: Path) -> None:
