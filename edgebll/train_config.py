@@ -1,5 +1,6 @@
-"""How to train a run (``TrainConfig``, whose fields are also the CLI's options) and what every transport
-derives from it alike: the learning rate's and BLL's mixing weight's schedules, the codec options of each message.
+"""How to train a run (``TrainConfig``; ``WorkerConfig`` for the MPI ranks' links: their fields are also the
+CLI's options) and what every transport derives from it alike: BLL's mixing weight, the codec options and frame of
+each message.
 """
 
 from __future__ import annotations
@@ -89,6 +90,34 @@ class TrainConfig:
             raise EdgeBLLError(f"--freeze-blocks {wrong[0]}: the run has blocks 0..{num_blocks - 1}")
         if len(set(self.freeze_blocks)) == num_blocks:
             raise EdgeBLLError(f"--freeze-blocks freezes all {num_blocks} blocks: nothing would train; leave one out")
+
+
+@dataclass(kw_only=True, slots=True)
+class WorkerConfig:
+    """How the ranks talk to each other."""
+
+    sync: bool = option(False, "mpi: lock-step, every rank finishes a step before any starts the next (no "
+                        "pipelining; the same weights, slower)")
+    max_in_flight: int = option(4, "mpi: frames per link that may wait for the receiving rank before the sender "
+                                "waits (back-pressure; memory = N x frame size)", metavar="N")
+    peer_timeout: float = option(120.0, "mpi: how long a rank waits for a neighbour before it names it as dead and "
+                                 "the run stops", metavar="SECONDS")
+    feedback_lookahead: int | None = option(None, "mpi, bll: steps rank k's feedback pass may run ahead of its "
+                                            "forward pass (none: 2k+1, the least with which no rank waits; beta "
+                                            "messages are never stale either way)", metavar="STEPS", parse=int)
+
+    def lookahead(self, rank: int) -> int:
+        if self.sync:
+            return 0
+        return 2 * rank + 1 if self.feedback_lookahead is None else self.feedback_lookahead
+
+    def validate(self) -> None:
+        if self.feedback_lookahead is not None and self.feedback_lookahead < 0:
+            raise EdgeBLLError(f"--feedback-lookahead must be >= 0, got {self.feedback_lookahead}")
+        if self.max_in_flight < 1:
+            raise EdgeBLLError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
+        if not (math.isfinite(self.peer_timeout) and self.peer_timeout > 0):
+            raise EdgeBLLError(f"--peer-timeout must be a finite number of seconds > 0, got {self.peer_timeout}")
 
 
 def codec_options(config: TrainConfig, step: int, block: int, feedback: bool = False) -> dict[str, Any]:

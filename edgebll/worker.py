@@ -27,12 +27,11 @@ restores every block to the step in ``progress.json``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ from edgebll.errors import EdgeBLLError, ManifestError
 from edgebll.links import wait
 from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_block_manifest, load_run_config, write_json_atomic
 from edgebll.metrics import count_correct
-from edgebll.options import option
 from edgebll.backends import Runner, open_block
 from edgebll.checkpoints import (
     PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained,
@@ -55,13 +53,11 @@ from edgebll.runtime import TRAIN_NAME
 from edgebll.rank_control import RankControl
 from edgebll.rank_io import broadcast_labels, open_links
 from edgebll.stage import STAGE_STATE, Stage, StageState, train_summary
-from edgebll.train_config import TrainConfig, encode_message
+from edgebll.train_config import TrainConfig, WorkerConfig, encode_message
 from edgebll.validation import eval_side
 
 RANKS_DIR = "ranks"
 """``RUN/ranks/rank-K.json``: pid and host of each rank, so a launcher can name a rank that died."""
-
-
 
 
 def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -80,34 +76,6 @@ def registered_ranks(run_dir: Path) -> dict[int, dict[str, Any]]:
     return found
 
 
-@dataclass(kw_only=True, slots=True)
-class WorkerConfig:
-    """How the ranks talk to each other."""
-
-    sync: bool = option(False, "mpi: lock-step, every rank finishes a step before any starts the next (no "
-                        "pipelining; the same weights, slower)")
-    max_in_flight: int = option(4, "mpi: frames per link that may wait for the receiving rank before the sender "
-                                "waits (back-pressure; memory = N x frame size)", metavar="N")
-    peer_timeout: float = option(120.0, "mpi: how long a rank waits for a neighbour before it names it as dead and "
-                                 "the run stops", metavar="SECONDS")
-    feedback_lookahead: int | None = option(None, "mpi, bll: steps rank k's feedback pass may run ahead of its "
-                                            "forward pass (none: 2k+1, the least with which no rank waits; beta "
-                                            "messages are never stale either way)", metavar="STEPS", parse=int)
-
-    def lookahead(self, rank: int) -> int:
-        if self.sync:
-            return 0
-        return 2 * rank + 1 if self.feedback_lookahead is None else self.feedback_lookahead
-
-    def validate(self) -> None:
-        if self.feedback_lookahead is not None and self.feedback_lookahead < 0:
-            raise EdgeBLLError(f"--feedback-lookahead must be >= 0, got {self.feedback_lookahead}")
-        if self.max_in_flight < 1:
-            raise EdgeBLLError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
-        if not (math.isfinite(self.peer_timeout) and self.peer_timeout > 0):
-            raise EdgeBLLError(f"--peer-timeout must be a finite number of seconds > 0, got {self.peer_timeout}")
-
-
 class Worker:
     """The part of a distributed run that one rank executes: its block (and feedback block)."""
 
@@ -122,6 +90,40 @@ class Worker:
         self.blocks = int(self.config["blocks"])
         self.is_bll = self.config["method"] == "bll"
         self.batch = int(self.config["batch_size"])
+        self.train.validate()
+        self.train.check_frozen(int(self.config["blocks"]))
+        self.worker.validate()
+        self._check_size()
+        self._register()
+        self.start = start = self._resume_step()  # 0, or the checkpoint --resume continues from
+        self.state = self._prepare_checkpoints(start)
+        self.runner, self.feedback_runner = self._load_runners()
+        remove_leftovers(self._runner_dirs(), self.run_dir if self.rank == 0 else None)
+        check_disk_room(self.run_dir, sum(checkpoint_bytes(r.manifest, r.block_dir) for r in self._own_runners))
+        if self.runner.progress["step"] != start:
+            raise ManifestError(f"{self.name}: the checkpoint holds step {self.runner.progress['step']}, expected "
+                                f"{start}; hint: --restart")
+        manifests = [self.runner.manifest, load_block_manifest(self.run_dir / block_dir_name(self.blocks - 1),
+                                                               verify_files=False)] if self.rank == 0 else []
+        self.data = broadcast_labels(self.comm, train=self.train, data_dir=self.data_dir,
+                                     dataset=self.config.get("data"), manifests=manifests)
+        if self.data.inputs is not None:
+            check_cutout(self.train.cutout, self.data.inputs.shape, self.config["model"])
+        self.steps_per_epoch = full_batches(len(self.data.labels), self.batch)
+        self.total = self.steps_per_epoch * self.train.epochs
+        self.base_lr = float(self.train.lr if self.train.lr is not None else self.config["lr"])
+        self._order_epoch, self._order, self._picked = -1, np.empty(0, np.int64), np.empty(0, np.int64)
+        self.links = open_links(self.comm, blocks=self.blocks, batch=self.batch, train=self.train,
+                                depth=self.worker.max_in_flight, timeout=self.worker.peer_timeout, runner=self.runner,
+                                feedback=self.feedback_runner, validation=self.data.val_labels is not None)
+        self.stage = Stage(self.runner, self.feedback_runner, train=self.train,
+                           num_classes=int(self.config["num_classes"]), total=self.total,
+                           steps_per_epoch=self.steps_per_epoch, base_lr=self.base_lr, state=self.state,
+                           name=self.name, up_in=self.links.up_recv, up_out=self.links.up_send,
+                           down_in=self.links.down_recv, down_out=self.links.down_send)
+        self.control = RankControl(self.comm, run_dir=self.run_dir, marked=start, total=self.total,
+                                   steps_per_epoch=self.steps_per_epoch, timeout=self.worker.peer_timeout,
+                                   name=self.name, prune=self._prune)
 
     # ----------------------------------------------------------------------------------- setup
     @property
@@ -267,40 +269,7 @@ class Worker:
     # ----------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any] | None:
         """Train this rank's block(s) to the end; rank 0 writes and returns train.json's content."""
-        self.train.validate()
-        self.train.check_frozen(int(self.config["blocks"]))
-        self.worker.validate()
-        self._check_size()
-        self._register()
-        start = self._resume_step()
-        self.state = self._prepare_checkpoints(start)
-        self.runner, self.feedback_runner = self._load_runners()
-        remove_leftovers(self._runner_dirs(), self.run_dir if self.rank == 0 else None)
-        check_disk_room(self.run_dir, sum(checkpoint_bytes(r.manifest, r.block_dir) for r in self._own_runners))
-        if self.runner.progress["step"] != start:
-            raise ManifestError(f"{self.name}: the checkpoint holds step {self.runner.progress['step']}, expected "
-                                f"{start}; hint: --restart")
-        manifests = [self.runner.manifest, load_block_manifest(self.run_dir / block_dir_name(self.blocks - 1),
-                                                               verify_files=False)] if self.rank == 0 else []
-        self.data = broadcast_labels(self.comm, train=self.train, data_dir=self.data_dir,
-                                     dataset=self.config.get("data"), manifests=manifests)
-        if self.data.inputs is not None:
-            check_cutout(self.train.cutout, self.data.inputs.shape, self.config["model"])
-        self.steps_per_epoch = full_batches(len(self.data.labels), self.batch)
-        self.total = self.steps_per_epoch * self.train.epochs
-        self.base_lr = float(self.train.lr if self.train.lr is not None else self.config["lr"])
-        self._order_epoch = -1
-        self.links = open_links(self.comm, blocks=self.blocks, batch=self.batch, train=self.train,
-                                depth=self.worker.max_in_flight, timeout=self.worker.peer_timeout, runner=self.runner,
-                                feedback=self.feedback_runner, validation=self.data.val_labels is not None)
-        self.stage = Stage(self.runner, self.feedback_runner, train=self.train,
-                           num_classes=int(self.config["num_classes"]), total=self.total,
-                           steps_per_epoch=self.steps_per_epoch, base_lr=self.base_lr, state=self.state,
-                           name=self.name, up_in=self.links.up_recv, up_out=self.links.up_send,
-                           down_in=self.links.down_recv, down_out=self.links.down_send)
-        self.control = RankControl(self.comm, run_dir=self.run_dir, marked=start, total=self.total,
-                                   steps_per_epoch=self.steps_per_epoch, timeout=self.worker.peer_timeout,
-                                   name=self.name, prune=self._prune)
+        start = self.start
         began = time.perf_counter()
         self._train_loop(start)
         elapsed = time.perf_counter() - began
