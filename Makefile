@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(VENV)/.installed $(DEVICE_VENV)/.installed $(BOARD_VENV)/.installed
 
 # torch first, pinned: a local CPU wheel on our machines; any other spec pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/crc32.c csrc/crc32_table.h csrc/edgebll_codec.h
+$(VENV)/.installed: pyproject.toml CMakeLists.txt csrc/codec.c csrc/edgebll_codec.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -4,9 +4,9 @@ For message sizes from 4 KiB to 16 MiB (float32 activations shaped like [64, C, 
 ``edgebll.codec.encode`` and ``decode`` with ``backend="c"`` and ``backend="numpy"`` (median of
 ``--repeats`` calls after warmup, C and numpy calls interleaved) for every codec and scale granularity asked for (int codecs per
 tensor, per channel and per group of 64; fp16 per tensor) and records, with tracemalloc, the peak
-bytes allocated beyond the frame (encode) or the output array (decode). Each path also computes
-the frame's CRC-32 (numpy: zlib.crc32; C: edgebll_crc32, the same value), timed on its own as
-"zlib CRC ms" and "C CRC ms". Writes benchmarks/results/codec_speed.{json,md}.
+bytes allocated beyond the frame (encode) or the output array (decode). Both paths checksum the
+frame with zlib.crc32 (its share is timed on its own as "zlib CRC ms"). Writes
+benchmarks/results/codec_speed.{json,md}.
 
     python benchmarks/codec_speed.py [--repeats 15] [--codecs int8 int4 int2 fp16]
 """
@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, machine_info, markdown_table, other_processes_cpu, write_results  # noqa: E402
 
 from edgebll import codec  # noqa: E402
-from edgebll.codec import native  # noqa: E402
 from edgebll.codec.frame import FrameHeader  # noqa: E402
 
 # [batch, channels, side, side] float32 messages: 4 KiB ... 16 MiB
@@ -79,13 +78,13 @@ def measure(shape: tuple[int, ...], name: str, granularity: str, repeats: int) -
     encode = {b: (lambda b=b: codec.encode(x, name, backend=b, **options)) for b in BACKENDS}
     decode = {b: (lambda b=b: codec.decode(frame, out, backend=b)) for b in BACKENDS}
     encode_s, decode_s = median_seconds(encode, repeats), median_seconds(decode, repeats)
-    crc_s = median_seconds({"zlib": lambda: zlib.crc32(body), "c": lambda: native.crc32(body)}, repeats)
+    crc_s = median_seconds({"zlib": lambda: zlib.crc32(body)}, repeats)["zlib"]
     return [{
         "shape": list(shape), "message_bytes": x.nbytes, "frame_bytes": len(frame), "codec": name,
         "granularity": granularity, "group_size": GROUP_SIZE if granularity == "group" else None, "backend": backend,
         "encode_ms": encode_s[backend] * 1e3, "decode_ms": decode_s[backend] * 1e3,
         "encode_gb_s": x.nbytes / encode_s[backend] / 1e9, "decode_gb_s": x.nbytes / decode_s[backend] / 1e9,
-        "crc_ms": crc_s["zlib"] * 1e3, "c_crc_ms": crc_s["c"] * 1e3,
+        "crc_ms": crc_s * 1e3,
         # the returned frame is the one allocation encode needs; count everything beyond it (and beyond `out`)
         "encode_extra_bytes": peak_extra_bytes(encode[backend], len(frame)),
         "decode_extra_bytes": peak_extra_bytes(decode[backend], 0),
@@ -103,20 +102,19 @@ def render(rows: list[dict], machine: dict) -> str:
         table.append([f"{row['message_bytes'] / 1024:,.0f} KiB", name, scales, f"{row['frame_bytes'] / 1024:,.1f}",
                       f"{row['encode_ms']:.3f}", f"{ref['encode_ms']:.3f}", f"{ref['encode_ms'] / row['encode_ms']:.2f}",
                       f"{row['decode_ms']:.3f}", f"{ref['decode_ms']:.3f}", f"{ref['decode_ms'] / row['decode_ms']:.2f}",
-                      f"{row['crc_ms']:.3f}", f"{row['c_crc_ms']:.3f}",
+                      f"{row['crc_ms']:.3f}",
                       f"{row['encode_extra_bytes'] / 1024:,.1f}", f"{row['decode_extra_bytes'] / 1024:,.1f}",
                       f"{ref['encode_extra_bytes'] / 1024:,.0f}", f"{ref['decode_extra_bytes'] / 1024:,.0f}"])
     headers = ["message", "codec", "scales", "frame KiB", "C encode ms", "numpy encode ms", "speed-up", "C decode ms",
-               "numpy decode ms", "speed-up", "zlib CRC ms", "C CRC ms", "C encode extra KiB", "C decode extra KiB",
+               "numpy decode ms", "speed-up", "zlib CRC ms", "C encode extra KiB", "C decode extra KiB",
                "numpy encode extra KiB", "numpy decode extra KiB"]
-    return (f"# Codec throughput, C vs numpy\n\nMachine: {describe_machine(machine)}; C CRC-32: "
-            f"{machine.get('crc32_implementation')}; other processes kept {machine.get('other_cores')} cores busy "
-            f"on average.\n"
+    return (f"# Codec throughput, C vs numpy\n\nMachine: {describe_machine(machine)}; other processes kept "
+            f"{machine.get('other_cores')} cores busy on average.\n"
             f"Command: `python benchmarks/codec_speed.py {' '.join(sys.argv[1:])}` · median of repeated calls, one run, "
-            f"C and numpy calls interleaved. Times are whole `encode` / `decode` calls, CRC-32 included (zlib's for numpy, the C "
-            f"library's for C; each timed alone in \"zlib CRC ms\" and \"C CRC ms\"); "
+            f"C and numpy calls interleaved. Times are whole `encode` / `decode` calls, zlib's CRC-32 included (timed "
+            f"alone in \"zlib CRC ms\"); "
             f"\"extra\" is the peak traced allocation beyond the returned frame (encode) or `out` (decode).\n\n"
-            + markdown_table(headers, table, "lllrrrrrrrrrrrrr"))
+            + markdown_table(headers, table, "lllrrrrrrrrrrrr"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             for g in (("tensor", "channel", "group") if c in int_codecs else ("tensor",))]
     with other_processes_cpu() as others:
         rows = [row for job in tqdm(jobs, desc="codec", unit="case") for row in measure(*job, args.repeats)]
-    machine = machine_info(("numpy",)) | {"crc32_implementation": native.crc32_implementation(),
-                                          "other_cores": others.cores}
+    machine = machine_info(("numpy",)) | {"other_cores": others.cores}
     json_path, md_path = write_results("codec_speed", {"machine": machine, "repeats": args.repeats, "rows": rows},
                                        render(rows, machine))
     print(md_path.read_text())

@@ -2,7 +2,7 @@
  * codec.c -- the native message codec: float32 <-> fp32 / fp16 / int8 / int4 / int2 payloads.
  *
  * Contract and numerical rules: edgebll_codec.h. The numpy reference
- * (edgebll/codec/reference.py) is the ground truth; tests/test_codec.py compares whole frames
+ * (edgebll/codec/reference.py) is the ground truth; tests/test_codec_parity.py compares whole frames
  * byte for byte. Build with -O3 but never -ffast-math: the rules rely on IEEE division and
  * addition rounding to nearest even (the default rounding mode, which np.rint assumes too), on
  * `(v + c) - c` not being folded to v, and on exact NaN/Inf handling.
@@ -57,8 +57,9 @@
  * AVX-512 one (16 divisions at a time, direct int32 -> int8 narrowing) another 1.6x on Zen 5 (4 MiB
  * per tensor: 152 -> 95 us, then bound by reading the message twice). x86-64-v4 has FMA, but
  * -ffp-contract=off keeps the compiler from fusing, and IEEE division, addition and conversion
- * round the same at every vector width, so all copies give the same bits; tests/test_codec.py builds the library with
- * -DEDGEBLL_CODEC_NO_CLONES (baseline only) and -DEDGEBLL_CODEC_NO_AVX512 too and compares.
+ * round the same at every vector width, so all copies give the same bits; tests/test_codec_parity.py
+ * builds the library with -DEDGEBLL_CODEC_NO_CLONES (baseline only) and -DEDGEBLL_CODEC_NO_AVX512 too
+ * and compares.
  * Elsewhere (aarch64: NEON is baseline; musl; other compilers) KERNEL is empty. */
 /* KERNEL_NO_AVX512: AVX2 and baseline only, for the int2 encoder. gcc's AVX-512 copy of its
  * packing loop wants 64 bytes (256 values) per vector step, so a group of 64 values (16 bytes) ran

@@ -1,8 +1,8 @@
 /*
  * edgebll_codec.h -- ABI of the native message codec (libedgebll_codec).
  *
- * The kernels quantize / dequantize the *data* of a message and compute the frame's CRC-32; the
- * frame header and all validation of user input live in Python (edgebll/codec/). Every result must equal the numpy
+ * The kernels quantize / dequantize the *data* of a message; the frame header, its CRC-32 (zlib's)
+ * and all validation of user input live in Python (edgebll/codec/). Every result must equal the numpy
  * reference (edgebll/codec/reference.py) bit for bit, so the rules below are the contract:
  *
  *   fp32  payload[i] = x[i]                                (raw copy)
@@ -35,8 +35,7 @@
  * With n == 0 the other counts are not checked and every scale is FLT_MIN.
  *
  * Rules shared by every function:
- *   - No allocation, no I/O, no global state but one read-only-after-load pointer (which CRC-32
- *     code this CPU runs, chosen when the library is loaded): thread-safe and re-entrant.
+ *   - No allocation, no I/O, no global state: thread-safe and re-entrant.
  *   - Pointers must be non-NULL and aligned to their element type, even when the count is 0
  *     (byte payloads need no alignment); input and output ranges must not overlap.
  *   - Counts are element counts (not bytes); a layout breaking the rules above is
@@ -55,7 +54,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a prototype or a numerical rule above changes; Python refuses a mismatch. */
-#define EDGEBLL_CODEC_ABI_VERSION 3
+#define EDGEBLL_CODEC_ABI_VERSION 4
 
 enum edgebll_status {
     EDGEBLL_OK = 0,
@@ -99,17 +98,6 @@ int edgebll_decode_int4(const uint8_t *payload, size_t n, size_t run, const floa
                         size_t n_scales, float *out);
 int edgebll_decode_int2(const uint8_t *payload, size_t n, size_t run, const float *scales,
                         size_t n_scales, float *out);
-
-/* CRC-32 exactly as zlib's crc32() (reflected polynomial 0xEDB88320, initial and final XOR
- * 0xFFFFFFFF): edgebll_crc32(0, data, n) == zlib.crc32(data), and passing a previous result as
- * `crc` continues it (crc of a then b == edgebll_crc32(edgebll_crc32(0, a, na), b, nb)). `data`
- * needs no alignment and may be NULL when n is 0. Uses VPCLMULQDQ / PCLMULQDQ (x86-64) or the
- * ARMv8 CRC32 instructions (aarch64 Linux) where the CPU has them, slice-by-8 tables elsewhere. */
-uint32_t edgebll_crc32(uint32_t crc, const void *data, size_t n);
-
-/* Which CRC-32 code runs on this CPU (a static string): "vpclmulqdq-avx512", "pclmulqdq",
- * "armv8-crc32" or "slice-by-8". */
-const char *edgebll_crc32_implementation(void);
 
 #ifdef __cplusplus
 }

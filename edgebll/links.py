@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any, TypeVar
 
 import numpy as np
@@ -74,16 +74,31 @@ class FrameSender:
         self._pending: deque[tuple[Any, np.ndarray, int]] = deque()
 
     def send(self, frame: bytes, step: int) -> None:
-        """Send ``frame`` as the message of ``step`` (once ``depth`` frames wait, first wait for the oldest)."""
+        """Send ``frame`` as the message of ``step``, copied behind the envelope (``send_written`` saves the copy)."""
+        frame_bytes = np.frombuffer(frame, np.uint8)
+
+        def copy(buffer: np.ndarray, offset: int) -> np.ndarray:
+            buffer[offset:] = frame_bytes
+            return frame_bytes
+
+        self.send_written(frame_bytes.size, copy, step)
+
+    def send_written(self, capacity: int, write: Callable[[np.ndarray, int], Sized], step: int) -> int:
+        """Send, as the message of ``step``, the frame that ``write(buffer, offset)`` writes behind the envelope (at
+        most ``capacity`` bytes) and returns: with ``lambda out, offset: codec.encode(message, out=out, offset=offset)``
+        the frame is encoded where MPI sends it from, never copied. Once ``depth`` frames wait, it first waits for the
+        oldest; if ``write`` raises, nothing is sent. Returns the frame's bytes (the envelope not counted)."""
         from mpi4py import MPI
 
         while len(self._pending) >= self.depth:
             self._wait_oldest()
-        buffer = np.empty(ENVELOPE.size + len(frame), np.uint8)
+        buffer = np.empty(ENVELOPE.size + capacity, np.uint8)  # np.empty is aligned: so is the frame, 16 bytes in
         ENVELOPE.pack_into(buffer, 0, MAGIC, self.rank, step)
-        buffer[ENVELOPE.size:] = np.frombuffer(frame, np.uint8)
-        request = self.comm.Issend([buffer, MPI.BYTE], dest=self.peer, tag=self.tag)
-        self._pending.append((request, buffer, step))
+        written = len(write(buffer, ENVELOPE.size))
+        message = buffer[: ENVELOPE.size + written]  # only what was written
+        request = self.comm.Issend([message, MPI.BYTE], dest=self.peer, tag=self.tag)
+        self._pending.append((request, message, step))
+        return written
 
     def _wait_oldest(self) -> None:
         request, _, step = self._pending[0]

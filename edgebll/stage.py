@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -36,13 +36,17 @@ STAGE_STATE = "stage.json"
 T = TypeVar("T")
 
 
+Write = Callable[[np.ndarray, int], Sized]
+"""``write(buffer, offset)``: writes a frame into ``buffer`` from ``offset`` on and returns the bytes written."""
+
+
 class Link(Protocol):
     """Where a stage sends a frame, or takes the frame of a step from; ``peer`` and ``describe`` name it in errors."""
 
     peer: int
     describe: str
 
-    def send(self, frame: bytes, step: int) -> None: ...
+    def send_written(self, capacity: int, write: Write, step: int) -> int: ...
 
     def take(self, step: int, read: Callable[[memoryview], T]) -> T: ...
 
@@ -52,10 +56,14 @@ class LocalLink:
 
     def __init__(self, peer: int, describe: str) -> None:
         self.peer, self.describe = peer, describe
-        self._frames: deque[tuple[int, bytes]] = deque()
+        self._frames: deque[tuple[int, memoryview]] = deque()
 
-    def send(self, frame: bytes, step: int) -> None:
-        self._frames.append((step, frame))
+    def send_written(self, capacity: int, write: Write, step: int) -> int:
+        """Queue the frame ``write`` puts into a new buffer of ``capacity`` bytes as the message of ``step``."""
+        buffer = np.empty(capacity, np.uint8)
+        size = len(write(buffer, 0))
+        self._frames.append((step, memoryview(buffer)[:size]))
+        return size
 
     def take(self, step: int, read: Callable[[memoryview], T]) -> T:
         sent, frame = self._frames.popleft()
@@ -151,10 +159,7 @@ class Stage:
         sums.feedback_loss += result.loss * len(labels)
         sums.feedback_samples += len(labels)
         if self.down_out is not None:
-            assert result.message is not None, "feedback blocks send beta down"
-            frame = self.encode(result.message, step, feedback=True)
-            self.down_out.send(frame, step)
-            self.state.down_bytes += len(frame)
+            self.state.down_bytes += self._send(self.down_out, result.message, step, feedback=True)
         return result.logits
 
     def forward_step(self, step: int, labels: np.ndarray, *, x: np.ndarray | None = None,
@@ -178,13 +183,19 @@ class Stage:
             sums.metric += result.metric * len(labels)
         sums.samples += len(labels)
         if self.up_out is not None:
-            assert result.message is not None, "every block but the last sends its activation up"
-            frame = self.encode(result.message, step, feedback=False)
-            self.up_out.send(frame, step)
-            self.state.up_bytes += len(frame)
+            self.state.up_bytes += self._send(self.up_out, result.message, step, feedback=False)
 
-    def encode(self, message: np.ndarray, step: int, feedback: bool) -> bytes:
-        return encode_message(message, self.train, step, self.index, feedback=feedback, sender=self.name)
+    def _send(self, link: Link, message: np.ndarray | None, step: int, feedback: bool) -> int:
+        """Encode ``message`` straight into the buffer ``link`` sends from; returns the frame's bytes."""
+        assert message is not None, "a block with a neighbour to send to outputs a message"
+        size = message_codec.frame_nbytes(message.shape, self.train.codec, self.train.granularity,
+                                          self.train.group_size)
+        return link.send_written(size, lambda out, offset: self.encode(message, step, feedback, out, offset), step)
+
+    def encode(self, message: np.ndarray, step: int, feedback: bool, out: np.ndarray | None = None,
+               offset: int = 0) -> bytes | memoryview:
+        return encode_message(message, self.train, step, self.index, feedback=feedback, sender=self.name, out=out,
+                              offset=offset)
 
     def receive(self, link: Link, step: int, runner: Runner, batch: int) -> np.ndarray:
         """The message of ``step`` from ``link``, decoded and checked against what ``runner`` takes."""

@@ -132,14 +132,18 @@ def codec_options(config: TrainConfig, step: int, block: int, feedback: bool = F
 
 
 def encode_message(message: np.ndarray, config: TrainConfig, step: int, block: int, *, feedback: bool = False,
-                   sender: str | None = None) -> bytes:
-    """The frame (feedback) block ``block`` sends at ``step`` under ``config``'s codec, for every transport.
+                   sender: str | None = None, out: np.ndarray | None = None, offset: int = 0) -> bytes | memoryview:
+    """The frame (feedback) block ``block`` sends at ``step`` under ``config``'s codec, for every transport
+    (written into ``out`` at ``offset`` when given: :func:`edgebll.codec.encode`).
 
     A message the codec refuses (non-finite, wrong dtype) stops training with a TrainingError that
     names the sender (``sender``, default "block K" or "feedback block K") and the step.
     """
+    options = codec_options(config, step, block, feedback)
     try:
-        return message_codec.encode(message, config.codec, **codec_options(config, step, block, feedback))
+        if out is not None:
+            return message_codec.encode(message, config.codec, out=out, offset=offset, **options)
+        return message_codec.encode(message, config.codec, **options)
     except CodecError as exc:
         who = sender or (f"feedback block {block}" if feedback else f"block {block}")
         what = "beta message" if feedback else "activation"

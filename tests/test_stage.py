@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pytest
 
 from edgebll.errors import TrainingError
@@ -11,8 +14,15 @@ from edgebll.train_config import TrainConfig
 
 def test_a_local_link_hands_frames_over_in_order_and_refuses_another_step() -> None:
     link = LocalLink(0, "activation")
-    link.send(b"one", 3)
-    link.send(b"two", 4)
+
+    def writer(text: bytes) -> Callable[[np.ndarray, int], bytes]:
+        def write(buffer: np.ndarray, offset: int) -> bytes:
+            buffer[offset:offset + len(text)] = np.frombuffer(text, np.uint8)
+            return text
+        return write
+
+    assert link.send_written(8, writer(b"one"), 3) == 3  # only what was written travels
+    assert link.send_written(8, writer(b"two!"), 4) == 4
     assert link.take(3, bytes) == b"one"
     with pytest.raises(TrainingError, match=r"the activation link holds step 4, step 5 was asked for"):
         link.take(5, bytes)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -261,18 +260,15 @@ def byte_view(buf: bytes | bytearray | memoryview) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def check_frame(header: FrameHeader, view: memoryview, crc32: Callable[[memoryview], int] = zlib.crc32) -> None:
-    """Check that `view` is exactly the frame `header` describes: length, CRC, padding bits.
-
-    `crc32` computes zlib's CRC-32 (the C library's edgebll_crc32 is the same, only faster).
-    """
+def check_frame(header: FrameHeader, view: memoryview) -> None:
+    """Check that `view` is exactly the frame `header` describes: length, CRC (zlib's), padding bits."""
     if len(view) != header.frame_nbytes:
         kind = "truncated frame" if len(view) < header.frame_nbytes else "extra bytes after frame"
         raise CodecError(
             f"{kind}: expected {header.frame_nbytes} bytes for {header.codec} of shape "
             f"{header.shape}, got {len(view)}"
         )
-    crc = crc32(view[header.nbytes :])
+    crc = zlib.crc32(view[header.nbytes :])
     if crc != header.crc32:
         raise CodecError(
             f"frame CRC32 of scales and payload: expected {header.crc32:#010x}, got {crc:#010x} "

@@ -26,7 +26,7 @@ from edgebll.codec.reference import Layout
 from edgebll.errors import CodecError, NativeLibraryError
 
 LIBRARY_FILENAMES = ("libedgebll_codec.so", "libedgebll_codec.dylib", "edgebll_codec.dll")
-ABI_VERSION = 3  # must equal EDGEBLL_CODEC_ABI_VERSION in csrc/edgebll_codec.h
+ABI_VERSION = 4  # must equal EDGEBLL_CODEC_ABI_VERSION in csrc/edgebll_codec.h
 BUILD_HINT = (
     "hint: build it with `pip install --no-build-isolation -e .` (needs a C compiler and cmake), "
     "or `make`; or use backend='numpy'"
@@ -77,10 +77,6 @@ _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "edgebll_decode_int4": _INT_DECODER,
     # int edgebll_decode_int2(const uint8_t *payload, ... the same ...);
     "edgebll_decode_int2": _INT_DECODER,
-    # uint32_t edgebll_crc32(uint32_t crc, const void *data, size_t n);
-    "edgebll_crc32": ([ctypes.c_uint32, _pointer, _size], ctypes.c_uint32),
-    # const char *edgebll_crc32_implementation(void);
-    "edgebll_crc32_implementation": ([], ctypes.c_char_p),
 }
 
 
@@ -217,18 +213,6 @@ def encode_int2(x: np.ndarray, layout: Layout, scales: np.ndarray, payload: np.n
                 rounding: str = "nearest", seed: int = 0) -> None:
     """C version of :func:`edgebll.codec.reference.encode_int2`."""
     _encode_int("int2", x, layout, scales, payload, rounding, seed)
-
-
-def crc32(data: np.ndarray | memoryview | bytes) -> int:
-    """C version of :func:`edgebll.codec.reference.crc32`: zlib.crc32 of the bytes of `data`."""
-    array = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
-    assert array.flags.c_contiguous, "crc32 reads one contiguous range"
-    return load_library().edgebll_crc32(0, array.ctypes.data, array.nbytes)
-
-
-def crc32_implementation() -> str:
-    """Which CRC-32 code the library runs on this CPU, e.g. "vpclmulqdq-avx512" or "slice-by-8"."""
-    return load_library().edgebll_crc32_implementation().decode("ascii")
 
 
 def decode_fp32(payload: np.ndarray, out: np.ndarray) -> None:

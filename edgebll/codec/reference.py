@@ -28,12 +28,10 @@ Numerical rules (also in csrc/edgebll_codec.h), for ``L`` levels (int8 127, int4
 - fp16: numpy's ``astype(np.float16)`` (round to nearest even, subnormals kept); values with
   ``|x| >= 65520`` would become Inf and are refused.
 - fp32: a copy.
-- The frame's checksum is :func:`crc32`, zlib's CRC-32; the C library computes the same one.
+- The frame's checksum is zlib's CRC-32 (:mod:`edgebll.codec.frame`), computed outside the kernels.
 """
 
 from __future__ import annotations
-
-import zlib
 
 import numpy as np
 
@@ -240,11 +238,6 @@ def encode_int2(
 ) -> None:
     """Quantize `x` to ternary (-1, 0, 1) 2-bit fields of uint8 `payload` (4 per byte) and `scales`."""
     _encode_int("int2", x, layout, scales, payload, rounding, seed)
-
-
-def crc32(data: np.ndarray | memoryview | bytes) -> int:
-    """The frame checksum of `data`'s bytes: zlib.crc32 (reflected polynomial 0xEDB88320)."""
-    return zlib.crc32(data)
 
 
 def decode_fp32(payload: np.ndarray, out: np.ndarray) -> None:

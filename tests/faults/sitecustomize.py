@@ -24,7 +24,7 @@ if SPEC:
     def _at(kind: str, rank: int, step: int) -> bool:
         return (KIND, RANK, STEP) == (kind, rank, step)
 
-    forward_step, encode, send = worker.Worker._forward_step, stage.Stage.encode, FrameSender.send
+    forward_step, encode, send_written = worker.Worker._forward_step, stage.Stage.encode, FrameSender.send_written
 
     def _forward_step(self, step, prior):  # noqa: ANN001, ANN202
         if _at("kill", self.rank, step):
@@ -33,18 +33,22 @@ if SPEC:
             time.sleep(3600)
         return forward_step(self, step, prior)
 
-    def _encode(self, message, step, feedback):  # noqa: ANN001, ANN202
+    def _encode(self, message, step, feedback, out=None, offset=0):  # noqa: ANN001, ANN202
         if not feedback and _at("reshape", self.index, step):
             message = message[:-1]
-        return encode(self, message, step, feedback)
+        return encode(self, message, step, feedback, out, offset)
 
-    def _send(self, frame, step):  # noqa: ANN001, ANN202
-        if self.tag == rank_io.ACTIVATION_TAG and _at("corrupt", self.rank, step):
-            damaged = bytearray(frame)
-            damaged[len(damaged) // 2] ^= 0xFF
-            frame = bytes(damaged)
-        if self.tag == rank_io.ACTIVATION_TAG and _at("misstep", self.rank, step):
+    def _send_written(self, capacity, write, step):  # noqa: ANN001, ANN202
+        activation = self.tag == rank_io.ACTIVATION_TAG
+
+        def damaged(buffer, offset):  # noqa: ANN001, ANN202
+            written = write(buffer, offset)
+            buffer[offset + len(written) // 2] ^= 0xFF
+            return written
+
+        corrupt = activation and _at("corrupt", self.rank, step)
+        if activation and _at("misstep", self.rank, step):
             step += 1
-        return send(self, frame, step)
+        return send_written(self, capacity, damaged if corrupt else write, step)
 
-    worker.Worker._forward_step, stage.Stage.encode, FrameSender.send = _forward_step, _encode, _send
+    worker.Worker._forward_step, stage.Stage.encode, FrameSender.send_written = _forward_step, _encode, _send_written
