@@ -196,12 +196,13 @@ def clear_trained(block_dirs: Iterable[Path], run_dir: Path | None = None) -> No
 
 def checkpoint_bytes(manifest: BlockManifest, block_dir: Path) -> int:
     """Disk one more checkpoint of the block takes: its last saved state's size, else an upper bound (weights and
-    two AdamW moments in float32, plus room for buffers and the file format)."""
+    the optimizer's moments in float32: two for AdamW, none for SGD; plus room for buffers and the file format)."""
     for name in TRAINED_STATE.values():
         path = block_dir / TRAINED_DIR / name
         if path.is_file():
             return path.stat().st_size
-    return manifest.num_parameters * 4 * 3 + (256 << 10)
+    moments = 0 if manifest.optimizer.get("type") == "sgd" else 2  # an older manifest without the type: AdamW's
+    return manifest.num_parameters * 4 * (1 + moments) + (256 << 10)
 
 
 def check_disk_room(run_dir: Path, need: int) -> None:

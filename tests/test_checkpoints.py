@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgebll.checkpoints import PROGRESS_NAME, check_disk_room
+from edgebll.checkpoints import PROGRESS_NAME, check_disk_room, checkpoint_bytes
 from edgebll.data import Dataset
 from edgebll.dataset_folder import write_dataset_folder
 from edgebll.errors import DiskFullError, EdgeBLLError, TrainingError
+from edgebll.manifest import load_block_manifest
 from edgebll.runtime import Runtime
 
 KILL_TRIALS = 8
@@ -284,6 +285,14 @@ def test_finite_weights_that_send_non_finite_messages_are_never_checkpointed(tin
         runtime.save(epoch=1)
     assert json.loads((run / PROGRESS_NAME).read_text())["step"] == 4
     assert {r.progress["step"] for r in Runtime.from_run(run, threads=1, backend="portable").runners} == {4}
+
+
+def test_a_fresh_run_asks_room_for_its_optimizers_state(tiny_run: Path, tiny_portable_run: Path) -> None:
+    """Before the first save, one checkpoint is the weights plus the optimizer's moments: AdamW's two, SGD's none."""
+    adamw, sgd = (load_block_manifest(run / "block-0") for run in (tiny_run, tiny_portable_run))
+    assert (adamw.optimizer["type"], sgd.optimizer["type"]) == ("adamw", "sgd")
+    assert checkpoint_bytes(adamw, tiny_run / "block-0") == adamw.num_parameters * 12 + (256 << 10)
+    assert checkpoint_bytes(sgd, tiny_portable_run / "block-0") == sgd.num_parameters * 4 + (256 << 10)
 
 
 def test_the_disk_check_names_what_is_needed(tmp_path: Path) -> None:
