@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, markdown_table, publish  # noqa: E402
 
 from edgebll.export import export_model  # noqa: E402
-from edgebll.manifest import block_dir_name, load_block_manifest  # noqa: E402
+from edgebll.manifest import load_block_manifest  # noqa: E402
 from edgebll.profiler import Baseline, measure_baseline, measure_block  # noqa: E402
+from edgebll.run_folder import block_dir_name  # noqa: E402
 
 MIB = 2**20
 

@@ -44,8 +44,8 @@ from edgebll.export import export_model
 
 from edgebll import memory
 from edgebll.errors import MemoryCapError
-from edgebll.manifest import block_dir_name
-from edgebll.profiler import Baseline, measure_baseline, measure_block
+from edgebll.profiler import Baseline, block_dirs, measure_baseline, measure_block
+from edgebll.run_folder import block_dir_name
 
 MIB = 2**20
 CALIBRATION_MODEL = "cnn-small"
@@ -67,10 +67,10 @@ def _options(threads):
     return options
 
 runner.session_options = _options  # BlockRunner builds every session's options through it
-from edgebll.profiler import _train_child
+from edgebll.profile_child import measure_steps
 batch = int(sys.argv[2]) or None
-print(json.dumps(_train_child(sys.argv[1], steps=int(sys.argv[4]), threads=int(sys.argv[5]), codec="int8",
-                              batch_size=batch, lr=1e-3, save=False)))
+print(json.dumps(measure_steps(sys.argv[1], steps=int(sys.argv[4]), threads=int(sys.argv[5]), codec="int8",
+                               batch_size=batch, lr=1e-3, save=False)))
 """
 
 
@@ -99,14 +99,12 @@ def _known_bytes(estimate: memory.MemoryEstimate) -> int:
 def runtime_constant(runs: list[Path], baseline: Baseline, *, steps: int, threads: int,
                      backend: str = "ort-training") -> dict:
     """ORT's own memory: what the blocks of tiny models measure beyond everything the graph accounts for."""
-    from edgebll.profiler import _block_dirs
-
     pattern = memory.runner_uses_memory_pattern()
     arena = memory.PORTABLE_ARENA_OVERHEAD if backend == "portable" else memory.ARENA_OVERHEAD
     slope = 1 + arena + (memory.PATTERN_COPY if pattern else 0)  # tiny activations: hardly matters
     points = []
     for run in runs:
-        for folder in _block_dirs(run):
+        for folder in block_dirs(run):
             estimate = memory.estimate_peak_bytes(folder, backend=backend)
             measured, _, _ = measure(folder, baseline, pattern=None, steps=steps, threads=threads, backend=backend)
             points.append({"block": str(folder.relative_to(run.parent)), "measured_bytes": measured,

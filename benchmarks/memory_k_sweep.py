@@ -40,8 +40,9 @@ from edgebll.export import export_model
 from edgebll.export.fit import export_to_fit
 
 from edgebll.errors import MemoryCapError
-from edgebll.manifest import block_dir_name, load_block_manifest
+from edgebll.manifest import load_block_manifest
 from edgebll.profiler import Baseline, measure_baseline, measure_block, profile_run
+from edgebll.run_folder import block_dir_name
 
 MIB = 2**20
 MODEL = "resnet18"

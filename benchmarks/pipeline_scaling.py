@@ -30,7 +30,7 @@ from common import describe_machine, markdown_table, other_processes_cpu, publis
 
 from edgebll import BlockRunner, Runtime  # noqa: E402
 from edgebll.codec import frame_nbytes  # noqa: E402
-from edgebll.data import resolve_data_dir  # noqa: E402
+from edgebll.idx import resolve_data_dir  # noqa: E402
 from edgebll.export import export_model  # noqa: E402
 
 CODECS = ("fp32", "fp16", "int8", "int4")

@@ -23,8 +23,10 @@ import numpy as np
 from common import describe_machine, machine_info, markdown_table, write_results
 from edgebll.export import export_model
 
-from edgebll.manifest import TRAIN_FILE, block_dir_name, load_block_manifest
+from edgebll.manifest import load_block_manifest
 from edgebll.portable import load_state
+from edgebll.portable_schema import TRAIN_FILE
+from edgebll.run_folder import block_dir_name
 from edgebll.runner import session_options
 
 BLOCKS = 4

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from common import describe_machine, machine_info, markdown_table, other_processes_cpu, write_results
 from edgebll.export import MODELS, build_blocks, build_model, export_model
-from edgebll.manifest import block_dir_name
 from edgebll.portable import PortableRunner
 from edgebll.profiler import measure_baseline, measure_block
+from edgebll.run_folder import block_dir_name
 from edgebll.runner import BlockRunner
 
 # resnet18 at batch 64 takes seconds per step on a small CPU: fewer timed steps keep the default

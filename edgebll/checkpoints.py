@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from edgebll.errors import DiskFullError, ManifestError, TrainingError
-from edgebll.manifest import STATE_FILE, BlockManifest, read_json_file, write_json_atomic
+from edgebll.json_files import read_json_file, write_json_atomic
+from edgebll.manifest import BlockManifest
+from edgebll.portable_schema import STATE_FILE
 
 PROGRESS_NAME = "progress.json"
 """Run-level marker: the last step every block has checkpointed, with what resuming needs."""

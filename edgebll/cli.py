@@ -1,24 +1,22 @@
-"""``edgebll`` command line: export, train, eval, demo.
+"""``edgebll`` command line: the options of every command, and the entry point.
 
 Host commands (export, demo) need the ``export`` extra (torch, onnx); train and eval need only
 numpy and onnxruntime (``--backend``: the training build, or the portable graphs on plain
-onnxruntime), as on a board.
+onnxruntime), as on a board. What each command does: :mod:`edgebll.commands`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from edgebll import __version__
-from edgebll.backends import add_backend_options
-from edgebll.options import add_options, from_args
+from edgebll.backends import add_backend_options, block_list
+from edgebll.commands import COMMANDS
 from edgebll.errors import EdgeBLLError
+from edgebll.options import add_options
+from edgebll.train_config import TrainConfig, WorkerConfig
 
 DEMO_EXAMPLE = """\
 examples:
@@ -28,14 +26,13 @@ examples:
   edgebll demo                      # all three on Fashion-MNIST, with a summary table
 """
 
-
-def _load_exporter() -> Any:
-    try:
-        from edgebll import export
-    except ImportError as exc:
-        raise EdgeBLLError(f"exporting needs torch and onnx ({exc}); hint: pip install 'edgebll[export]' "
-                           "(on the CI machines: pip install torch==2.13.0 first)") from exc
-    return export
+WORKER_EXAMPLE = """\
+examples:
+  mpiexec -n 4 edgebll worker runs/a --epochs 1       # 4 ranks on this host, rank k trains block k
+  edgebll train runs/a --transport mpi -n 4            # the same, started for you (one rank per core)
+  edgebll train runs/a --transport mpi --hosts hosts   # one rank per board; hosts lists one board per line
+  mpiexec -f hosts -n 4 edgebll worker runs/a          # the same, started by hand
+"""
 
 
 def _blocks_arg(text: str) -> int | str:
@@ -48,30 +45,11 @@ def _blocks_arg(text: str) -> int | str:
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
-    from edgebll.runtime import TrainConfig
-
     add_options(p, TrainConfig, skip=() if resume else ("resume",))
 
 
-WORKER_EXAMPLE = """\
-examples:
-  mpiexec -n 4 edgebll worker runs/a --epochs 1       # 4 ranks on this host, rank k trains block k
-  edgebll train runs/a --transport mpi -n 4            # the same, started for you (one rank per core)
-  edgebll train runs/a --transport mpi --hosts hosts   # one rank per board; hosts lists one board per line
-  mpiexec -f hosts -n 4 edgebll worker runs/a          # the same, started by hand
-"""
-
-
 def _add_worker_options(p: argparse.ArgumentParser) -> None:
-    from edgebll.worker import WorkerConfig
-
     add_options(p, WorkerConfig)
-
-
-def _worker_config(args: argparse.Namespace) -> Any:
-    from edgebll.worker import WorkerConfig
-
-    return from_args(WorkerConfig, args)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -231,192 +209,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class names, comma-separated (default: 0..max label)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    from edgebll.profiler import add_commands  # devices, profile
+    p = sub.add_parser("devices", help="list the device profiles (RAM, training budget, cores, link)",
+                       description="The shipped device profiles (devices/boards/*.toml).")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
-    add_commands(sub)
+    p = sub.add_parser("profile", help="measure each block's peak memory and step time vs the estimate and a device",
+                       description="Train every block of RUN for a few steps, each in a fresh process, and measure its "
+                                   "peak resident memory above an idle runtime; compare with the estimate and the "
+                                   "device's budget. With --device of an aarch64 board, --backend auto measures the "
+                                   "portable graphs, which that board trains with. Writes RUN/profile.json and "
+                                   "RUN/profile.png.")
+    p.add_argument("run", help="run folder written by `edgebll export`")
+    p.add_argument("--device", default=None, help="shipped profile name or TOML path (default: this machine, or "
+                   "--budget/--cores)")
+    p.add_argument("--budget", default=None, help="a custom device's training budget, e.g. 300MB or 1.5GiB")
+    p.add_argument("--cores", type=int, default=None, help="a custom device's cores (default: this machine's)")
+    p.add_argument("--steps", type=int, default=5, help="train steps per block (default: 5; the peak settles by 3)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: 0 = ORT decides)")
+    p.add_argument("--codec", default="int8", help="message codec (default: int8)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: the exported one)")
+    p.add_argument("--bp-run", default=None, metavar="RUN", help="a bp export of the same model to compare with")
+    p.add_argument("--enforce-budget", action="store_true",
+                   help="run each block under a hard memory cap derived from the device budget (RLIMIT_AS)")
+    p.add_argument("--no-plot", action="store_true", help="skip RUN/profile.png")
+    p.add_argument("--json", action="store_true", help="print profile.json instead of the table")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--freeze-blocks", type=block_list, default=(), metavar="K[,K...]",
+                   help="forward blocks measured as `edgebll train --freeze-blocks` runs them: eval graph and weights, "
+                        "no gradients or optimizer state")
+    add_backend_options(p)
     return parser
 
 
-def _devices(args: argparse.Namespace) -> list[Any]:
-    """The boards of --device (comma-separated names or TOML paths) or --budget; empty when neither is given."""
-    from edgebll.devices.profiles import custom_profile, load_profile
-
-    if args.device and args.budget:
-        raise EdgeBLLError("give --device or --budget, not both")
-    if args.device:
-        return [load_profile(name) for name in args.device.split(",")]
-    return [custom_profile(args.budget)] if args.budget else []
-
-
-def _check_export_fit(out: Path, devices: list[Any], batch_size: int) -> None:
-    """Print every block's estimate against its board; refuse (and remove the run) if one does not fit."""
-    import shutil
-
-    from edgebll.export.fit import check_fit, fit_table, refuse_misfits
-
-    fits = check_fit(out, devices)
-    print(fit_table(fits))
-    try:
-        refuse_misfits(fits, batch_size)
-    except EdgeBLLError:
-        shutil.rmtree(out)
-        raise
-
-
-def _print_auto_partition(chosen: Any, model: str, method: str) -> None:
-    """What --blocks auto chose: the blocks, which board takes each, the slowest block, unused boards."""
-    from edgebll.export.fit import fit_table
-
-    listed = len(chosen.boards) > 1
-    print(f"exported {chosen.split.num_blocks} block(s) of {model} ({method}) to {chosen.run_dir}: the fewest that fit"
-          f"{', each on its own board of --device' if listed else ''}; slowest block "
-          f"{chosen.split.max_cost / 1e6:.1f} M MACs per sample (head included); "
-          f"{chosen.ranges_estimated} unit ranges estimated in {chosen.search_seconds:.0f} s")
-    print(fit_table(chosen.fits, list(chosen.split.boards) if listed else None))
-    unused = chosen.unused_boards()
-    if unused:
-        print("unused boards: " + ", ".join(f"{chosen.boards[i].name} (#{i + 1})" for i in unused))
-
-
-def _train_config(args: argparse.Namespace) -> Any:
-    from edgebll.runtime import TrainConfig
-
-    return from_args(TrainConfig, args)
-
-
-def _print_table(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
-    last = train["epochs"][-1] if train.get("epochs") else {"accuracy": [float("nan")] * evaluation["blocks"]}
-    print(f"\n{evaluation['model']} · {evaluation['method']} · {evaluation['blocks']} blocks · {train['codec']} messages")
-    print(f"{'block':>5}  {'train acc':>9}  {'test acc':>8}  {'bytes/step sent':>15}")
-    sent = train.get("message_bytes_per_step", [])
-    for k, acc in enumerate(evaluation["per_block_accuracy"]):
-        out = f"{sent[k]:>15,.0f}" if k < len(sent) else f"{'—':>15}"
-        print(f"{k:>5}  {last['accuracy'][k]:>9.4f}  {acc:>8.4f}  {out}")
-    print(f"test accuracy {evaluation['test_accuracy']:.4f} on {evaluation['samples']} images · "
-          f"train {train['seconds']:.0f} s ({train['samples_per_s']:.0f} samples/s) · "
-          f"messages {train['message_bytes_per_sample']:,.0f} B/sample")
-
-
 def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and carry out its command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    progress = not getattr(args, "no_progress", False)
-    if args.command == "data":
-        from edgebll.data_import import import_any
-        from edgebll.dataset_folder import read_dataset_info
-
-        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        size = None
-        if args.size:
-            try:
-                size = tuple(int(v) for v in args.size.lower().split("x"))
-            except ValueError:
-                size = ()
-            if len(size) != 2 or min(size) < 1:
-                raise EdgeBLLError(f"--size takes HxW in pixels, e.g. 32x32; got {args.size!r}")
-        out = import_any(args.train, args.out, test=args.test, name=args.name, classes=classes, size=size,
-                         channels=args.channels, overwrite=args.overwrite)
-        info = read_dataset_info(out)
-        print(f"wrote {out}: {info.name}, {info.counts['train']} train / {info.counts['test']} test samples of "
-              f"{info.dtype} {list(info.sample_shape)}, {info.num_classes} classes; export with --data {out}")
-        return 0
-    if args.command == "export":
-        export = _load_exporter()
-        lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.05)
-        options = dict(method=args.method, batch_size=args.batch_size, head=args.head, latent=args.latent,
-                       optimizer=export.OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay), lr=lr,
-                       seed=args.seed, overwrite=args.overwrite, portable=args.portable,
-                       predsim=export.PredSimConfig(beta=args.predsim_beta, max_features=args.predsim_features))
-        if args.data_dir is not None:
-            from edgebll.run_data import is_dataset_folder
-
-            if not is_dataset_folder(args.data_dir):
-                raise EdgeBLLError(f"export --data {args.data_dir}: not a dataset folder (no dataset.json); hint: write "
-                                   "one with `edgebll data import`; Fashion-MNIST needs no --data at export")
-            options["data"] = args.data_dir
-        if args.init_from is not None:
-            options["init_from"] = args.init_from
-        devices = _devices(args)
-        if devices:
-            from edgebll.export.fit import require_portable_graphs
-
-            require_portable_graphs(devices, args.portable)
-        if args.blocks == "auto":
-            if not devices:
-                raise EdgeBLLError("--blocks auto needs the board(s) to fit: --device NAME or --budget SIZE")
-            from edgebll.export.fit import export_to_fit
-
-            chosen = export_to_fit(args.model, out=args.out, devices=devices, progress=progress, **options)
-            _print_auto_partition(chosen, args.model, args.method)
-            return 0
-        out = export.export_model(args.model, out=args.out, blocks=args.blocks, progress=progress, **options)
-        print(f"exported {args.blocks} block(s) of {args.model} ({args.method}) to {out}")
-        if devices:
-            _check_export_fit(out, devices, args.batch_size)
-        return 0
-
-    if args.command == "export-inference":
-        _load_exporter()
-        from edgebll.export.inference import chain_inference_model
-
-        from edgebll.checkpoints import read_progress
-
-        out = chain_inference_model(args.run, args.out, all_heads=args.all_heads, threads=args.threads)
-        progress = read_progress(Path(args.run))
-        weights = f"the weights of step {progress['step']}" if progress else "the latest weights"
-        print(f"wrote {out}: x -> logits{' and every block head' if args.all_heads else ''}, {weights}")
-        return 0
-    if args.command in ("devices", "profile"):
-        from edgebll.profiler import run_command
-
-        return run_command(args)
-
-    from edgebll.runtime import Runtime
-
-    if args.command in ("train", "worker") and args.resume and args.restart:
-        raise EdgeBLLError("--resume and --restart contradict each other; choose one")
-    if args.command == "worker":
-        from edgebll.launch import run_worker
-
-        return run_worker(args.run, _train_config(args), _worker_config(args), threads=args.threads,
-                          data_dir=args.data_dir, restart=args.restart, progress=progress, backend=args.backend,
-                          provider=args.provider)
-    if args.command == "train" and args.transport == "mpi":
-        from edgebll.launch import train_mpi
-
-        train_mpi(args.run, _train_config(args), _worker_config(args), ranks=args.ranks, threads=args.threads,
-                  data_dir=args.data_dir, restart=args.restart, progress=progress, hosts=args.hosts,
-                  backend=args.backend, provider=args.provider)
-        return 0
-    if args.command == "train":
-        if args.ranks is not None or args.hosts is not None:
-            raise EdgeBLLError(f"{'-n/--ranks' if args.ranks is not None else '--hosts'} needs --transport mpi")
-        config = _train_config(args)
-        runtime = Runtime.from_run(args.run, threads=args.threads, load_trained=not args.restart,
-                                   backend=args.backend, provider=args.provider, freeze_blocks=config.freeze_blocks)
-        summary = runtime.train(config, data_dir=args.data_dir, progress=progress)
-        last = summary["epochs"][-1]
-        print(f"trained {summary['steps']} steps · train accuracy per block {last['accuracy']} · "
-              f"{summary['samples_per_s']} samples/s · wrote {Path(args.run) / 'train.json'}")
-        return 0
-    if args.command == "eval":
-        runtime = Runtime.from_run(args.run, threads=args.threads, backend=args.backend, provider=args.provider)
-        summary = runtime.evaluate(data_dir=args.data_dir, limit=args.limit, codec=args.codec,
-                                   batch_size=args.batch_size, progress=progress)
-        print(json.dumps(summary, indent=1))
-        return 0
-    if args.command == "demo":
-        export = _load_exporter()
-        began = time.perf_counter()
-        export.export_model(args.model, out=args.out, method="bwbpf", blocks=args.blocks, batch_size=args.batch_size,
-                            head=args.head, lr=2e-3, overwrite=True, progress=progress,
-                            portable=args.backend == "portable")  # the demo trains here: other graphs would idle
-        runtime = Runtime.from_run(args.out, threads=args.threads, backend=args.backend, provider=args.provider)
-        train = runtime.train(_train_config(args), data_dir=args.data_dir, progress=progress)
-        evaluation = runtime.evaluate(data_dir=args.data_dir, progress=progress)
-        _print_table(train, evaluation)
-        print(f"total {time.perf_counter() - began:.0f} s · results in {args.out}/train.json and {args.out}/eval.json")
-        return 0
-    raise AssertionError(f"unhandled command {args.command}")
+    return COMMANDS[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

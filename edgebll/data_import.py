@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebll.data import _FILE_PREFIXES, _find_file, read_idx
 from edgebll.dataset_folder import import_npz, write_dataset_folder
 from edgebll.errors import DataError
+from edgebll.idx import FILE_PREFIXES, find_idx_file, read_idx
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -32,7 +32,7 @@ def import_any(source: str | os.PathLike, out: str | os.PathLike, *, test: str |
     if not src.is_dir():
         raise DataError(f"{src}: not an .npz file nor a folder; give an .npz (x, y), a folder of IDX files, or a folder "
                         "with one sub-folder of images per class")
-    if any(p.name.startswith(f"{_FILE_PREFIXES['train']}-images-idx") for p in src.iterdir()):
+    if any(p.name.startswith(f"{FILE_PREFIXES['train']}-images-idx") for p in src.iterdir()):
         if test is not None:
             raise DataError(f"{src}: a folder of IDX files holds both splits; drop --test")
         return import_idx(src, out, name=name, classes=classes, overwrite=overwrite)
@@ -48,9 +48,9 @@ def import_idx(folder: str | os.PathLike, out: str | os.PathLike, *, name: str |
     folder = Path(folder)
     splits = {}
     for split in ("train", "test"):
-        prefix = _FILE_PREFIXES[split]
-        images = read_idx(_find_file(folder, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_file(folder, f"{prefix}-labels-idx1-ubyte"))
+        prefix = FILE_PREFIXES[split]
+        images = read_idx(find_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(find_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
         splits[split] = (images[:, None] if images.ndim == 3 else images, labels.astype(np.int64))
     return write_dataset_folder(out, splits, name=name, classes=classes, overwrite=overwrite)
 

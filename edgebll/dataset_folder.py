@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from edgebll.data import InMemoryDataset, first_sample
+from edgebll.batching import InMemoryDataset, first_sample
 from edgebll.errors import DataError
-from edgebll.manifest import read_json_file, sha256_file
+from edgebll.json_files import read_json_file
+from edgebll.manifest import sha256_file
 
 INFO_FILE = "dataset.json"
 FORMAT = 1

@@ -20,9 +20,10 @@ import numpy as np
 
 from edgebll.checkpoints import TRAINED_DIR, TRAINED_STATE, sidecar_of
 from edgebll.errors import EdgeBLLError, ManifestError
-from edgebll.manifest import EVAL_FILE, BlockManifest, load_block_manifest
+from edgebll.manifest import BlockManifest, load_block_manifest
 from edgebll.ort_training import training_api
 from edgebll.portable import PROVIDERS, load_state
+from edgebll.portable_schema import EVAL_FILE
 from edgebll.runner import RunnerBase, StepResult, save_trained, session_options, verify_trained
 
 EVAL_GRAPHS = {"ort-training": "eval_model.onnx", "portable": EVAL_FILE}

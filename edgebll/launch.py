@@ -12,15 +12,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgebll.checkpoints import PROGRESS_NAME
 from edgebll.errors import EdgeBLLError, TrainingError
+from edgebll.json_files import write_json_atomic
+from edgebll.options import to_argv
+from edgebll.run_folder import load_run_config
+from edgebll.runtime import TRAIN_NAME
+from edgebll.train_config import TrainConfig, WorkerConfig
+from edgebll.worker import RANKS_DIR, Worker, registered_ranks
 
 MPI_HINT = "hint: pip install 'edgebll[mpi]' (mpi4py and MPICH from PyPI; no system packages needed)"
 
@@ -38,8 +47,6 @@ def run_worker(run_dir: str, train: Any, worker: Any, *, threads: int, data_dir:
                progress: bool, backend: str = "auto", provider: str = "cpu") -> int:
     """The body of ``edgebll worker``: this rank's share of the run; rank 0 prints the summary."""
     MPI = import_mpi()
-    from edgebll.worker import Worker
-
     comm = MPI.COMM_WORLD
     try:
         summary = Worker(run_dir, comm, train, worker, threads=threads, data_dir=data_dir, restart=restart,
@@ -62,9 +69,6 @@ def run_worker(run_dir: str, train: Any, worker: Any, *, threads: int, data_dir:
 
 def _record_error(run_dir: Path, rank: int, line: str) -> None:
     """Keep a rank's last error where the launcher finds it (mpiexec may drop output on Abort)."""
-    from edgebll.manifest import write_json_atomic
-    from edgebll.worker import RANKS_DIR
-
     try:
         (run_dir / RANKS_DIR).mkdir(exist_ok=True)
         write_json_atomic(run_dir / RANKS_DIR / f"rank-{rank}.error.json",
@@ -76,8 +80,6 @@ def _record_error(run_dir: Path, rank: int, line: str) -> None:
 def worker_argv(train: Any, worker: Any, *, threads: int = 0, data_dir: str | None = None, restart: bool = False,
                 progress: bool = True, backend: str = "auto", provider: str = "cpu") -> list[str]:
     """A TrainConfig and a WorkerConfig as ``edgebll worker`` options (what every rank must be told)."""
-    from edgebll.options import to_argv
-
     valued = {"--data-dir": data_dir, "--threads": threads, "--backend": backend, "--provider": provider}
     out = [item for flag, value in valued.items() if value is not None for item in (flag, str(value))]
     flags = {"--restart": restart, "--no-progress": not progress}
@@ -97,10 +99,6 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     mpi [--hosts FILE]``. ``backend`` and ``provider`` choose every rank's runtime (see
     :func:`edgebll.backends.open_block`).
     """
-    from edgebll.manifest import load_run_config
-    from edgebll.runtime import TrainConfig
-    from edgebll.worker import WorkerConfig
-
     train, worker = train or TrainConfig(), worker or WorkerConfig()
     train.validate()
     worker.validate()
@@ -114,8 +112,6 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     threads = threads or 1
     launch(str(run_dir), ranks, worker_argv(train, worker, threads=threads, data_dir=data_dir, restart=restart,
                                             progress=progress, backend=backend, provider=provider), hosts=hosts)
-    from edgebll.runtime import TRAIN_NAME
-
     summary = Path(run_dir) / TRAIN_NAME
     if not summary.is_file() and hosts is not None:  # rank 0 ran on another board: its train.json is there
         print(f"edgebll: trained; rank 0 ran on {read_hosts(hosts, ranks)[0]}, so train.json is in {run_dir} there (list this "
@@ -167,8 +163,6 @@ class _FirstExit:
     """
 
     def __init__(self, run_dir: Path, ranks: int, process: subprocess.Popen) -> None:
-        import threading
-
         self.run_dir, self.ranks, self.process = run_dir, ranks, process
         self.rank: int | None = None
         self.when: float | None = None  # time.time() when it was seen to end
@@ -176,10 +170,6 @@ class _FirstExit:
         self._thread.start()
 
     def _watch(self) -> None:
-        import select
-
-        from edgebll.worker import registered_ranks
-
         fds: dict[int, int] = {}
         poller = select.poll()
         while len(fds) < self.ranks and self.process.poll() is None:  # the ranks register at start-up
@@ -210,8 +200,6 @@ def launch(run_dir: str, ranks: int, worker_args: Sequence[str], *, bind: bool =
     """Start ``ranks`` workers with mpiexec, on this host or the boards of ``hosts`` (MPICH's ``-f``);
     returns 0, or raises naming the rank that failed."""
     import_mpi()
-    from edgebll.worker import RANKS_DIR
-
     command = [find_mpiexec(), "-n", str(ranks)]
     shutil.rmtree(Path(run_dir) / RANKS_DIR, ignore_errors=True)  # pids of an earlier run would mislead
     if hosts is not None:
@@ -247,9 +235,6 @@ def explain_failure(run_dir: Path, output: str, code: int, ranks: int, first_exi
     ``first_exit_at`` (time.time()). A rank that recorded its error before then stopped the run
     (its MPI_Abort makes mpiexec kill the others, in any order); otherwise the first to end died.
     """
-    from edgebll.checkpoints import PROGRESS_NAME
-    from edgebll.worker import RANKS_DIR, registered_ranks
-
     by_rank = registered_ranks(run_dir)
     pids = {int(info["pid"]): info for info in by_rank.values()}
     recorded, recorded_at = {}, {}

@@ -1,32 +1,32 @@
-"""The artifact contract: ``manifest.json`` of one block folder and ``run.json`` of a run folder.
+"""The artifact contract: ``manifest.json`` of one block folder, and the checks that a run's blocks form one chain.
 
 A device validates a block folder against its manifest before it trains: format version, the
 files' sha256, and the shapes of the messages it will receive. Everything here is plain JSON so
-that a board needs neither torch nor onnx to read it.
+that a board needs neither torch nor onnx to read it. The run's own ``run.json`` is read by
+:mod:`edgebll.run_folder`; the portable graphs' part of a manifest is :mod:`edgebll.portable_schema`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgebll.errors import EdgeBLLError, ManifestError
+from edgebll.errors import ManifestError
+from edgebll.json_files import read_json_file
+from edgebll.portable_schema import PORTABLE_FILES, PortableSchema
+from edgebll.run_folder import METHODS, block_dir_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-RUN_NAME = "run.json"
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-METHODS = ("bp", "bwbpf", "bll", "predsim")
 KINDS = ("forward", "feedback")
 ROLES = ("message", "labels", "target", "prior", "loss", "logits", "metric", "bn_stat")
-FEEDBACK_DIR = "feedback"
-"""Sub-folder of a BLL block folder holding its feedback block (both train on the same device)."""
+MAX_MANIFEST_BYTES = 4 << 20
+"""A manifest is a few KiB; anything near this is not one (and is not read into memory)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -67,63 +67,6 @@ class BatchNormStat:
     spatial: int
     """Elements per channel per sample seen by the BatchNorm (H*W); torch's running variance is the
     unbiased one, so the runtime rescales ORT's biased update by n/(n-1), n = batch * spatial."""
-
-
-TRAIN_FILE = "portable_train.onnx"
-EVAL_FILE = "portable_eval.onnx"
-STATE_FILE = "portable_state.npz"
-PORTABLE_FILES = (TRAIN_FILE, EVAL_FILE, STATE_FILE)
-OPSET = 18
-"""The ai.onnx opset of the portable graphs (IR version 10): run here by onnxruntime 1.19.2 and 1.32.0."""
-NEXT = "next:"
-"""Prefix of the train graph's output that carries a state tensor's next value."""
-
-
-def param_key(name: str) -> str:
-    return f"param:{name}"
-
-
-def buffer_key(name: str) -> str:
-    return f"buffer:{name}"
-
-
-def exp_avg_key(name: str) -> str:
-    return f"exp_avg:{name}"
-
-
-def exp_avg_sq_key(name: str) -> str:
-    return f"exp_avg_sq:{name}"
-
-
-@dataclass(kw_only=True, slots=True)
-class PortableSchema:
-    """What the manifest says of a block's portable graphs."""
-
-    parameters: list[str]
-    """Trained tensors, in the graphs' input order."""
-    buffers: list[str]
-    """Tensors the forward reads but the optimizer does not train (BatchNorm statistics, frozen weights)."""
-    optimizer_state: list[str] = field(default_factory=list)
-    """Per-parameter optimizer tensors: ["exp_avg", "exp_avg_sq"] for AdamW, [] for SGD."""
-    opset: int = OPSET
-    num_state_bytes: int = 0
-    estimated_peak_bytes: int = 0
-    """Rough peak training memory of the portable step at the manifest's batch size (as
-    ``BlockManifest.estimated_peak_bytes`` for onnxruntime-training's); 0: not estimated (older exports)."""
-    in_place: bool = False
-    """The train graph runs every update after all else (``export.in_place``), so the runner writes the
-    next state over the current one: one copy of the state. False (older exports): two copies in turn."""
-
-    def state_keys(self) -> list[str]:
-        """Every state tensor, in the train graph's input order."""
-        keys = [param_key(n) for n in self.parameters] + [buffer_key(n) for n in self.buffers]
-        for kind in self.optimizer_state:
-            keys += [f"{kind}:{n}" for n in self.parameters]
-        return keys
-
-    def model_keys(self) -> list[str]:
-        """The state the eval graph reads: parameters and buffers."""
-        return [param_key(n) for n in self.parameters] + [buffer_key(n) for n in self.buffers]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -234,33 +177,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be copied to boards
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json_file(path: Path, max_bytes: int, error: type[EdgeBLLError], hint: str) -> Any:
-    """Parse a small JSON file of a run or dataset folder: bounded in size, depth errors and bad bytes as ``error``."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise error(f"{path}: {size} bytes, too large for what it should hold; {hint}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise error(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); {hint}") from exc
-
-
 def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = True) -> BlockManifest:
     """Read and validate ``block_dir/manifest.json``; with ``verify_files`` check every file's sha256."""
     block_dir = Path(block_dir)
@@ -294,53 +210,10 @@ def load_block_manifest(block_dir: str | os.PathLike, *, verify_files: bool = Tr
     return manifest
 
 
-MAX_MANIFEST_BYTES = 4 << 20
-"""A manifest or run.json is a few KiB; anything near this is not one (and is not read into memory)."""
-
-
 def _plain_file_name(name: object) -> bool:
     """A file directly in the block folder: no separators, no '..', not absolute, not empty."""
     return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
             and "\x00" not in name and not os.path.isabs(name))
-
-
-def block_dir_name(index: int) -> str:
-    return f"block-{index}"
-
-
-def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read ``run.json`` (model, data, hyper-parameters) of a run folder."""
-    path = Path(run_dir) / RUN_NAME
-    if not path.is_file():
-        raise ManifestError(f"{path}: missing; {run_dir} is not an exported run; hint: `edgebll export --out {run_dir}`")
-    config = read_json_file(path, MAX_MANIFEST_BYTES, ManifestError, "hint: re-export the run")
-    _check_run_config(config, path)
-    return config
-
-
-def _check_run_config(config: Any, path: Path) -> None:
-    """The fields every command reads, with their types and ranges; the message names the key."""
-    if not isinstance(config, dict):
-        raise ManifestError(f"{path}: holds a JSON {type(config).__name__}, not an object; hint: re-export the run")
-
-    def integer(key: str, least: int) -> None:
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ManifestError(f"{path}: {key!r} must be an integer >= {least}, got {value!r}; hint: re-export the run")
-
-    integer("blocks", 1)
-    integer("batch_size", 1)
-    if config.get("method") not in METHODS:
-        raise ManifestError(f"{path}: 'method' must be one of {list(METHODS)}, got {config.get('method')!r}")
-    if not isinstance(config.get("model"), str):
-        raise ManifestError(f"{path}: 'model' must be the model's name, got {config.get('model')!r}")
-    lr = config.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise ManifestError(f"{path}: 'lr' must be a finite number > 0, got {lr!r}; hint: re-export the run")
-    if "num_classes" in config:
-        integer("num_classes", 2)
-    if config.get("data") is not None and not isinstance(config["data"], dict):
-        raise ManifestError(f"{path}: 'data' must be an object naming the dataset, got {config['data']!r}")
 
 
 def check_run_agrees(config: dict[str, Any], manifests: list[BlockManifest], run_dir: str | os.PathLike) -> None:

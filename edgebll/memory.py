@@ -35,9 +35,9 @@ transient tensors of the one graph, inside ``activations``). A graph exported to
 (``PortableSchema.in_place``) writes the next state over the current one, so ``activations``
 leave it out; an older export's include it, since the runner then holds both.
 
-Needs the ``onnx`` package (imported here, when an estimate is made); it comes with
-onnxruntime-training as a dependency on the host; a board with plain onnxruntime installs it for
-estimates (``pip install onnx``).
+Needs the ``onnx`` package (imported by :mod:`edgebll.graph_memory`, when an estimate is made); it
+comes with onnxruntime-training as a dependency on the host; a board with plain onnxruntime
+installs it for estimates (``pip install onnx``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edgebll import codec as message_codec
 from edgebll.errors import EdgeBLLError, ManifestError
-from edgebll.manifest import EVAL_FILE, MANIFEST_NAME, NEXT, TRAIN_FILE, BlockManifest, load_block_manifest
+from edgebll.graph_memory import graph_memory
+from edgebll.links import ENVELOPE
+from edgebll.manifest import MANIFEST_NAME, BlockManifest, load_block_manifest
+from edgebll.portable_schema import EVAL_FILE, TRAIN_FILE
+from edgebll.runner import session_options
 
 RUNTIME_BYTES = int(11.8 * 2**20)
 """ONNX Runtime's own memory for one block: three sessions (training, eval, optimizer) and the
@@ -71,12 +78,6 @@ PORTABLE_RUNTIME_BYTES = int(13.9 * 2**20)
 
 PORTABLE_ARENA_OVERHEAD = 0.19
 """ARENA_OVERHEAD of the portable backend (benchmarks/results/memory_portable.json)."""
-
-_ACCUMULATION_SUFFIX = "_grad.accumulation.buffer"
-_ALIASING_OPS = {"InPlaceAccumulatorV2"}
-"""Ops whose output is their first input, updated in place (no new memory)."""
-_VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
-"""Ops whose output shares its first input's buffer (onnxruntime declares them aliasing)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -111,16 +112,6 @@ class MemoryEstimate:
                 "saved_for_backward": self.saved_for_backward, "guessed_shapes": list(self.guessed_shapes)}
 
 
-@dataclass(slots=True)
-class _GraphMemory:
-    parameters: int = 0
-    gradients: int = 0
-    optimizer_state: int = 0
-    peak: int = 0
-    saved: int = 0
-    guessed: list[str] = field(default_factory=list)
-
-
 def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None, *, codec: str = "int8",
                         codec_backend: str = "auto", memory_pattern: bool | None = None,
                         manifest: BlockManifest | None = None, in_flight: int = 0,
@@ -151,18 +142,18 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
     if memory_pattern is None:
         memory_pattern = runner_uses_memory_pattern()
     if frozen and backend in ("ort-training", "portable"):
-        graph = _graph_memory(block_dir / (EVAL_FILE if backend == "portable" else "eval_model.onnx"), manifest, batch)
+        graph = graph_memory(block_dir / (EVAL_FILE if backend == "portable" else "eval_model.onnx"), manifest, batch)
         optimizer_state = 0
     elif backend == "portable":
         if manifest.portable is None:
             raise ManifestError(f"block {manifest.index}: exported without portable graphs; hint: re-export the run "
                                 "with --portable (the default)")
-        graph = _graph_memory(block_dir / TRAIN_FILE, manifest, batch,
+        graph = graph_memory(block_dir / TRAIN_FILE, manifest, batch,
                               optimizer_keys=frozenset(manifest.portable.state_keys()[len(manifest.portable.model_keys()):]),
                               in_place=manifest.portable.in_place)
         optimizer_state = graph.optimizer_state  # the AdamW moments it is fed (none for SGD)
     elif backend == "ort-training":
-        graph = _graph_memory(block_dir / "training_model.onnx", manifest, batch)
+        graph = graph_memory(block_dir / "training_model.onnx", manifest, batch)
         adamw = str(manifest.optimizer.get("type", "adamw")).lower() == "adamw"
         optimizer_state = 2 * graph.gradients if adamw else 0
     else:
@@ -187,14 +178,11 @@ def estimate_peak_bytes(block: str | os.PathLike, batch_size: int | None = None,
 
 def runner_uses_memory_pattern() -> bool:
     """Whether BlockRunner's sessions run with ORT's memory pattern (edgebll turns it off; ORT's default is on)."""
-    from edgebll.runner import session_options
-
     return bool(session_options(0).enable_mem_pattern)
 
 
 def message_bytes(manifest: BlockManifest, batch_size: int, *, codec: str = "int8", backend: str = "auto") -> int:
     """Buffers of the messages in and out of one block during a step (see the module docstring)."""
-    from edgebll import codec as message_codec
 
     def floats(spec: Any) -> int:
         return batch_size * math.prod(int(d) for d in spec.per_sample_shape())
@@ -202,13 +190,13 @@ def message_bytes(manifest: BlockManifest, batch_size: int, *, codec: str = "int
     numpy_backend = backend == "numpy" or (backend == "auto" and not message_codec.native_available())
     total = 0
     for spec in manifest.inputs:  # what the block is fed: decoded (float32) or given (labels, targets)
-        total += floats(spec) * _itemsize(spec.dtype)
+        total += floats(spec) * np.dtype(spec.dtype).itemsize
         from_data = manifest.index == 0 and getattr(manifest, "kind", "forward") == "forward"
         if spec.role == "message" and not from_data:  # it arrived as a frame
-            total += _frame_nbytes(message_codec, [batch_size, *spec.per_sample_shape()], codec)
+            total += _frame_nbytes([batch_size, *spec.per_sample_shape()], codec)
     sent = manifest.output("message")
     if sent is not None:
-        frame = _frame_nbytes(message_codec, [batch_size, *sent.per_sample_shape()], codec)
+        frame = _frame_nbytes([batch_size, *sent.per_sample_shape()], codec)
         # the frame is built in a bytearray and returned as bytes (one copy); numpy's int encoders
         # first compute a float32 ratio the size of the message
         scratch = 4 * floats(sent) if numpy_backend and codec.startswith("int") else frame
@@ -222,219 +210,19 @@ def link_frame_bytes(manifest: BlockManifest, batch_size: int, *, codec: str = "
     Counts what :mod:`edgebll.links` posts per unit of ``--max-in-flight``: an envelope plus a frame,
     per link (per-tensor scales; other granularities add a few scales).
     """
-    from edgebll import codec as message_codec
-    from edgebll.links import ENVELOPE
-
     total = 0
     receives = manifest.index > 0 if manifest.kind == "forward" else manifest.index < manifest.num_blocks - 2
     spec = manifest.input("message")
     if receives and spec is not None:
-        total += ENVELOPE.size + _frame_nbytes(message_codec, [batch_size, *spec.per_sample_shape()], codec)
+        total += ENVELOPE.size + _frame_nbytes([batch_size, *spec.per_sample_shape()], codec)
     sent = manifest.output("message")
     if sent is not None:
-        total += ENVELOPE.size + _frame_nbytes(message_codec, [batch_size, *sent.per_sample_shape()], codec)
+        total += ENVELOPE.size + _frame_nbytes([batch_size, *sent.per_sample_shape()], codec)
     return total
 
 
-def _frame_nbytes(message_codec: Any, shape: list[int], codec: str) -> int:
+def _frame_nbytes(shape: list[int], codec: str) -> int:
     try:
         return int(message_codec.frame_nbytes(shape, codec))
     except EdgeBLLError as exc:
         raise EdgeBLLError(f"codec {codec!r}: {exc}") from exc
-
-
-def _itemsize(dtype: str) -> int:
-    import numpy as np
-
-    return np.dtype(dtype).itemsize
-
-
-def _import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise EdgeBLLError(f"estimating memory reads the training graph with the onnx package ({exc}); hint: "
-                           "pip install 'onnx>=1.16' (onnxruntime-training depends on it)") from exc
-    return onnx
-
-
-def _graph_memory(path: Path, manifest: BlockManifest, batch: int,
-                  optimizer_keys: frozenset[str] | None = None, in_place: bool = False) -> _GraphMemory:
-    """Parameters, gradient buffers and the liveness peak of the training graph at ``batch``.
-
-    ``optimizer_keys``: a portable graph's optimizer-state inputs (its other inputs but lr and step
-    are parameters and buffers; it has no gradient buffers). ``in_place``: its ``next:KEY`` outputs
-    are written into the buffers of the ``KEY`` inputs and cost nothing more.
-    """
-    onnx = _import_onnx()
-    if not path.is_file():
-        raise ManifestError(f"block {manifest.index}: {path} is missing; hint: re-export the run")
-    model = onnx.load(str(path), load_external_data=False)
-    shapes, guessed = _infer_shapes(onnx, model, batch)
-    graph = model.graph
-    fed = {t.name for t in manifest.inputs}
-
-    def nbytes(name: str) -> int:
-        shape, itemsize = shapes[name]
-        return math.prod(shape) * itemsize
-
-    result = _GraphMemory(guessed=guessed)
-    for tensor in graph.input:
-        if tensor.name in fed or tensor.name not in shapes or (optimizer_keys is not None and ":" not in tensor.name):
-            continue  # (a portable graph's other inputs are lr and step, scalars)
-        if optimizer_keys is not None and tensor.name in optimizer_keys:
-            result.optimizer_state += nbytes(tensor.name)
-        elif tensor.name.endswith(_ACCUMULATION_SUFFIX):
-            result.gradients += nbytes(tensor.name)
-        elif tensor.name != "lazy_reset_grad":  # a flag input of ORT's, not a parameter
-            result.parameters += nbytes(tensor.name)
-
-    nodes = _execution_order(list(graph.node))
-    # a view op's output is its input's buffer (onnxruntime's kernels alias them): the buffer lives
-    # until the last use of any of its views, and costs nothing more
-    root: dict[str, str] = {}
-    for node in nodes:
-        if node.op_type in _VIEW_OPS and node.input and node.input[0]:
-            root[node.output[0]] = root.get(node.input[0], node.input[0])
-    last_use: dict[str, int] = {}
-    for at, node in enumerate(nodes):
-        for name in node.input:
-            if name:
-                last_use[root.get(name, name)] = at
-    outputs = {root.get(o.name, o.name) for o in graph.output}
-    inputs = {t.name for t in graph.input}
-    written_over = {o.name for o in graph.output if in_place and o.name.startswith(NEXT) and o.name[len(NEXT):] in inputs}
-    backward = next((at for at, n in enumerate(nodes) if any(name.endswith("_grad") for name in n.input)), len(nodes))
-    live: dict[str, int] = {}
-    in_use = peak = 0
-    for at, node in enumerate(nodes):
-        if at == backward:
-            result.saved = sum(size for name, size in live.items() if last_use.get(name, -1) >= backward)
-        if node.op_type not in _ALIASING_OPS:
-            for name in node.output:
-                if name and name not in live and name not in root and name not in written_over:
-                    live[name] = nbytes(name)
-                    in_use += live[name]
-        peak = max(peak, in_use)
-        for name in {root.get(n, n) for n in node.input}:
-            if name in live and last_use[name] == at and name not in outputs:
-                in_use -= live.pop(name)
-    result.peak = peak
-    return result
-
-
-def _execution_order(nodes: list[Any]) -> list[Any]:
-    """The nodes as ORT runs them: each gradient accumulation right after the node producing its input.
-
-    ORT's topological order does this (seen in the optimized graph it can save), so a weight's
-    gradient never outlives its accumulation into the buffer.
-    """
-    produced = {name for n in nodes for name in n.output}
-    moved = {n.input[1]: n for n in nodes if n.op_type in _ALIASING_OPS and len(n.input) > 1 and n.input[1] in produced}
-    ordered = []
-    for node in nodes:
-        if node.op_type in _ALIASING_OPS and len(node.input) > 1 and node.input[1] in moved:
-            continue
-        ordered.append(node)
-        ordered.extend(moved[name] for name in node.output if name in moved)
-    return ordered
-
-
-def _infer_shapes(onnx: Any, model: Any, batch: int) -> tuple[dict[str, tuple[list[int], int]], list[str]]:
-    """Shape and item size of every tensor of the training graph at ``batch``.
-
-    ONNX shape inference knows the standard ops; ORT's own (com.microsoft) ops are sized by the
-    rules of :func:`_contrib_shape`, and inference runs again from them until nothing changes.
-    """
-    from onnx import helper, shape_inference
-
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    for value in list(work.graph.input) + list(work.graph.output):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param:
-                dim.dim_value = batch  # the only symbolic dimension of an exported block is the batch
-    shapes: dict[str, tuple[list[int], int]] = {}
-    guessed: list[str] = []
-    for _ in range(64):  # each round resolves at least one more tensor; graphs need a handful
-        try:
-            inferred = shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
-        except Exception as exc:  # onnx raises its own InferenceError subclasses, not EdgeBLLErrors
-            raise EdgeBLLError(f"ONNX shape inference failed on the training graph: {exc}") from exc
-        for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-            tensor = value.type.tensor_type
-            if value.name in shapes or not tensor.HasField("shape"):
-                continue
-            if all(d.HasField("dim_value") for d in tensor.shape.dim):
-                shapes[value.name] = ([d.dim_value for d in tensor.shape.dim], _elem_size(helper, tensor.elem_type))
-        for init in inferred.graph.initializer:
-            shapes.setdefault(init.name, (list(init.dims), _elem_size(helper, init.data_type)))
-        # exact rules first; a guess (like the first input) only when they are exhausted, since
-        # inference from the tensors they size may still get the rest right
-        added = _apply(_contrib_shape, work.graph.node, shapes) or _apply(_guess_shape, work.graph.node, shapes)
-        if not added:
-            break
-        guessed += [name for name, guess in added if guess]
-        work.graph.value_info.extend(helper.make_tensor_value_info(name, _ELEM_TYPES_BY_SIZE.get(shapes[name][1], 1),
-                                                                   shapes[name][0]) for name, _ in added)
-    for node in work.graph.node:  # whatever is still unknown: an empty tensor, and say so
-        for name in node.output:
-            if name and name not in shapes:
-                shapes[name] = ([0], 4)
-                guessed.append(name)
-    return shapes, guessed
-
-
-_ELEM_TYPES_BY_SIZE = {1: 3, 2: 10, 4: 1, 8: 7}  # int8, float16, float32, int64: only the size matters here
-
-
-def _elem_size(helper: Any, elem_type: int) -> int:
-    try:
-        return int(helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
-    except (KeyError, TypeError, ValueError):
-        return 4
-
-
-_Shapes = dict[str, tuple[list[int], int]]
-
-
-def _apply(rule: Any, nodes: Any, shapes: _Shapes) -> list[tuple[str, bool]]:
-    """Size every unknown output that ``rule`` can size; returns (name, guessed) of each."""
-    added = []
-    for node in nodes:
-        for at, name in enumerate(node.output):
-            if name and name not in shapes:
-                found = rule(node, at, shapes)
-                if found is not None:
-                    shapes[name] = found
-                    added.append((name, rule is _guess_shape))
-    return added
-
-
-def _input(node: Any, k: int, shapes: _Shapes) -> tuple[list[int], int] | None:
-    return shapes.get(node.input[k]) if k < len(node.input) and node.input[k] else None
-
-
-def _contrib_shape(node: Any, at: int, shapes: _Shapes) -> tuple[list[int], int] | None:
-    """(shape, item size) of output ``at`` of an ORT op that ONNX inference does not know."""
-    op = node.op_type
-    if op in _ALIASING_OPS or op == "Scale":  # Scale: x times a scalar
-        return _input(node, 0, shapes)
-    if op == "BatchNormInternal":  # y, running mean, running var, saved mean, saved inverse std
-        return _input(node, 0 if at == 0 else 1, shapes)
-    if op == "BatchNormalizationGrad":  # dX, dScale, dBias
-        return _input(node, 1 if at == 0 else 2, shapes)
-    if op == "ConvGrad":  # dX, dW, dB
-        weight = _input(node, 2, shapes)
-        if at == 2:
-            return ([weight[0][0]], weight[1]) if weight else None
-        return _input(node, 1, shapes) if at == 0 else weight
-    name = node.output[at]
-    if name.endswith("_grad"):  # ORT names the gradient of tensor t "t_grad"
-        return shapes.get(name[: -len("_grad")])
-    return None
-
-
-def _guess_shape(node: Any, at: int, shapes: _Shapes) -> tuple[list[int], int] | None:
-    """Last resort: an op ONNX cannot size is taken to be elementwise (true of most gradient ops)."""
-    return _input(node, 0, shapes)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
-from edgebll.manifest import EVAL_FILE, NEXT, STATE_FILE, TRAIN_FILE, BlockManifest, load_block_manifest
+from edgebll.manifest import BlockManifest, load_block_manifest
+from edgebll.portable_schema import EVAL_FILE, NEXT, STATE_FILE, TRAIN_FILE
 from edgebll.checkpoints import TRAINED_DIR
 from edgebll.runner import RunnerBase, StepResult, save_trained, session_options, verify_trained
 

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgebll.data import InMemoryDataset, load_fashion_mnist
+from edgebll.batching import InMemoryDataset
+from edgebll.data import load_fashion_mnist
 from edgebll.dataset_folder import FOLDER, INFO_FILE, load_dataset_folder, read_dataset_info
 from edgebll.errors import DataError
 from edgebll.sequence_data import DATASET_NAME as REVERSAL, ReversalTask, load_reversal

@@ -12,13 +12,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgebll.checkpoints import TRAINED_DIR, TRAINED_FILES, TRAINED_STATE, sidecar_of
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
-from edgebll.manifest import BlockManifest, TensorSpec, load_block_manifest, sha256_file, write_json_atomic
+from edgebll.json_files import write_json_atomic
+from edgebll.manifest import BlockManifest, TensorSpec, load_block_manifest, sha256_file
 from edgebll.ort_training import training_api, training_available
+
+if TYPE_CHECKING:  # onnxruntime loads only after the training build's package is registered (session_options)
+    from onnxruntime import SessionOptions
 
 
 @dataclass(slots=True)
@@ -207,7 +212,7 @@ def check_step_inputs(name: str, block_dir: Path, specs: list[TensorSpec], *arra
                                 "come from different exports; re-export both with the same --blocks")
 
 
-def session_options(threads: int) -> "SessionOptions":  # noqa: F821 (onnxruntime is imported lazily)
+def session_options(threads: int) -> SessionOptions:
     """ORT session options of every block: ``threads`` intra-op threads (0: ORT decides)."""
     if training_available():
         training_api()  # registers the torch-free onnxruntime.training package before onnxruntime loads

@@ -23,12 +23,12 @@ from edgebll.checkpoints import (
     PROGRESS_NAME, TRAINED_DIR, check_disk_room, checkpoint_bytes, clear_trained, mark_step, note, prune_history,
     read_progress, remove_leftovers, restore_step, save_blocks, saved_step,
 )
-from edgebll.data import InMemoryDataset, full_batches
+from edgebll.batching import InMemoryDataset, full_batches
 from edgebll.errors import EdgeBLLError, TrainingError
 from edgebll.frozen import FrozenRunner
-from edgebll.manifest import (
-    FEEDBACK_DIR, block_dir_name, check_chain, check_run_agrees, load_run_config, write_json_atomic,
-)
+from edgebll.json_files import write_json_atomic
+from edgebll.manifest import check_chain, check_run_agrees
+from edgebll.run_folder import FEEDBACK_DIR, block_dir_name, load_run_config
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.stage import STAGE_STATE, LocalLink, Stage, StageState, train_summary
 from edgebll.train_config import TrainConfig, encode_message

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebll.data import InMemoryDataset
+from edgebll.batching import InMemoryDataset
 from edgebll.errors import DataError
 
 DATASET_NAME = "reverse-permutation"

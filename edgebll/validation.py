@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from edgebll.data import InMemoryDataset, first_sample
+from edgebll.batching import InMemoryDataset, first_sample
 from edgebll.errors import DataError, EdgeBLLError
 from edgebll.manifest import BlockManifest
 from edgebll.metrics import count_correct

@@ -39,10 +39,12 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebll.augment import check_cutout, cutout
-from edgebll.data import epoch_order, full_batches
+from edgebll.batching import epoch_order, full_batches
 from edgebll.errors import EdgeBLLError, ManifestError
 from edgebll.links import wait
-from edgebll.manifest import FEEDBACK_DIR, block_dir_name, load_block_manifest, load_run_config, write_json_atomic
+from edgebll.json_files import write_json_atomic
+from edgebll.manifest import load_block_manifest
+from edgebll.run_folder import FEEDBACK_DIR, block_dir_name, load_run_config
 from edgebll.metrics import count_correct
 from edgebll.backends import Runner, open_block
 from edgebll.checkpoints import (

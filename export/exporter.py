@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from edgebll.errors import ExportError
 from edgebll.memory import estimate_peak_bytes
-from edgebll.manifest import (
-    ARTIFACT_FILES, FEEDBACK_DIR, MANIFEST_NAME, METHODS, PORTABLE_FILES, RUN_NAME, BlockManifest, block_dir_name,
-    sha256_file, write_json_atomic,
-)
+from edgebll.json_files import write_json_atomic
+from edgebll.manifest import ARTIFACT_FILES, MANIFEST_NAME, BlockManifest, sha256_file
+from edgebll.portable_schema import PORTABLE_FILES
+from edgebll.run_folder import FEEDBACK_DIR, METHODS, RUN_NAME, block_dir_name
 
 from .artifacts import GraphInput, OptimizerConfig, export_training_onnx, generate_block_artifacts
 from .gaps import alternative, missing_gradient, unexportable

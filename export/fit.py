@@ -16,11 +16,10 @@ from tqdm import tqdm
 
 from edgebll.devices.profiles import DeviceProfile, format_bytes
 from edgebll.errors import ExportError
-from edgebll.manifest import (
-    FEEDBACK_DIR, MANIFEST_NAME, RUN_NAME, BlockManifest, block_dir_name, load_block_manifest, load_run_config,
-    write_json_atomic,
-)
+from edgebll.json_files import write_json_atomic
+from edgebll.manifest import MANIFEST_NAME, BlockManifest, load_block_manifest
 from edgebll.memory import estimate_peak_bytes
+from edgebll.run_folder import FEEDBACK_DIR, RUN_NAME, block_dir_name, load_run_config
 
 from .split_search import Split, search_split
 

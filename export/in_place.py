@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import onnx
 from onnx import TensorProto, helper
 
-from edgebll.manifest import NEXT
+from edgebll.portable_schema import NEXT
 
 _LR = "lr"
 _ORDERED_LR = "lr_after_reads"

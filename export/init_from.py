@@ -107,7 +107,7 @@ def _from_onnx(path: Path, spec: ModelSpec) -> dict[str, Any]:
 
 def _from_run(run: Path, spec: ModelSpec, plans: list["BlockPlan"]) -> dict[str, Any]:
     from edgebll.backends import open_block
-    from edgebll.manifest import FEEDBACK_DIR, load_run_config
+    from edgebll.run_folder import FEEDBACK_DIR, load_run_config
 
     config = load_run_config(run)
     where = f"--init-from {run}"

@@ -35,7 +35,7 @@ from torch._decomp import core_aten_decompositions, get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edgebll.errors import ExportError
-from edgebll.manifest import (
+from edgebll.portable_schema import (
     EVAL_FILE, NEXT, OPSET, STATE_FILE, TRAIN_FILE, PortableSchema, buffer_key, exp_avg_key, exp_avg_sq_key,
     param_key,
 )

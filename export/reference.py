@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgebll.augment import cutout_keep
-from edgebll.data import InMemoryDataset, epoch_order
+from edgebll.batching import InMemoryDataset, epoch_order
 from edgebll.errors import ExportError
 from edgebll.train_config import mix_weight
 from edgebll.schedule import learning_rate

@@ -58,7 +58,11 @@ def test_board_env_trains_portable_graphs_like_the_host(tiny_portable_run: Path,
     for name, python, backend in (("board", board, "auto"), ("host", Path(sys.executable), "portable")):
         run = Path(shutil.copytree(tiny_portable_run, tmp_path / name))
         common = ["--data-dir", str(data), "--threads", "1", "--no-progress", "--backend", backend]
-        done = _edgebll(python, "train", str(run), "--epochs", "1", "--limit", "256", "--checkpoint-every", "8", *common)
+        # --lr 0.01: at the export's 0.05 this tiny BatchNorm net (batch 8) amplifies the two onnxruntime
+        # releases' last-bit differences chaotically (measured on an AVX-512 host: 3e-8 after one step, 4e-5
+        # after 8, 9e-3 after 32); at 0.01 they stay below 4e-6 over the 32 steps
+        done = _edgebll(python, "train", str(run), "--epochs", "1", "--limit", "256", "--checkpoint-every", "8",
+                        "--lr", "0.01", *common)
         assert done.returncode == 0, done.stderr[-3000:]
         done = _edgebll(python, "eval", str(run), "--limit", "512", *common)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -95,7 +95,8 @@ def test_every_training_option_reaches_the_cli_and_every_mpi_rank_unchanged() ->
     mpi` hands each rank (`worker_argv`) parses back, through `edgebll worker`'s parser, to an equal config."""
     from dataclasses import fields, replace
 
-    from edgebll.cli import _train_config, _worker_config, build_parser
+    from edgebll.cli import build_parser
+    from edgebll.commands import train_config, worker_config
     from edgebll.launch import worker_argv
     from edgebll.runtime import TrainConfig
     from edgebll.worker import WorkerConfig
@@ -108,6 +109,6 @@ def test_every_training_option_reaches_the_cli_and_every_mpi_rank_unchanged() ->
     worker = replace(WorkerConfig(), **{f.name: changed(f.default, f) for f in fields(WorkerConfig)})
     argv = worker_argv(train, worker, threads=1, restart=False, progress=False)
     args = parser.parse_args(["worker", "run", *argv])
-    assert _train_config(args) == train and _worker_config(args) == worker
+    assert train_config(args) == train and worker_config(args) == worker
     defaults = parser.parse_args(["worker", "run", *worker_argv(TrainConfig(), WorkerConfig())])
-    assert _train_config(defaults) == TrainConfig() and _worker_config(defaults) == WorkerConfig()
+    assert train_config(defaults) == TrainConfig() and worker_config(defaults) == WorkerConfig()

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgebll import data
-from edgebll.data import CLASSES, MEAN, STD, Dataset, load_fashion_mnist, read_idx, resolve_data_dir
+from edgebll import data, idx
+from edgebll.data import CLASSES, MEAN, STD, Dataset, load_fashion_mnist
+from edgebll.idx import read_idx, resolve_data_dir
 from edgebll.errors import DataError
 
 REAL_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -305,9 +306,9 @@ def test_unknown_split_is_refused(fashion_dir: Path) -> None:
 
 def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGEBLL_DATA_DIR", raising=False)
-    assert resolve_data_dir(None) == Path(data.DEFAULT_DATA_DIR)
+    assert resolve_data_dir(None) == Path(idx.DEFAULT_DATA_DIR)
     monkeypatch.setenv("EDGEBLL_DATA_DIR", "")  # empty counts as unset
-    assert resolve_data_dir(None) == Path(data.DEFAULT_DATA_DIR)
+    assert resolve_data_dir(None) == Path(idx.DEFAULT_DATA_DIR)
     monkeypatch.setenv("EDGEBLL_DATA_DIR", str(tmp_path / "env"))
     assert resolve_data_dir(None) == tmp_path / "env"
     assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"

@@ -386,7 +386,7 @@ def test_the_shifted_fine_tuning_dataset_keeps_ten_classes_and_shifts_the_pixels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from shifted_fashion import make
 
-    from edgebll.data import read_idx
+    from edgebll.idx import read_idx
 
     data_dir = require_real_data()
     out = make(tmp_path / "low-light", train=64, test=32, data_dir=data_dir)

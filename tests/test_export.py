@@ -204,7 +204,7 @@ def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
     from edgebll.devices.profiles import DEFAULT_IDLE_RUNTIME_BYTES as IDLE_RUNTIME_BYTES
     from edgebll.export.fit import export_to_fit
     from edgebll.export.range_memory import RangeMemory
-    from edgebll.manifest import load_run_config
+    from edgebll.run_folder import load_run_config
 
     def units() -> list[nn.Module]:
         torch.manual_seed(0)
@@ -239,7 +239,8 @@ def test_blocks_auto_for_an_aarch64_board_fits_the_portable_estimates(tmp_path: 
     from edgebll.devices.profiles import custom_profile
     from edgebll.export.fit import export_to_fit
     from edgebll.export.range_memory import RangeMemory
-    from edgebll.manifest import load_block_manifest, load_run_config
+    from edgebll.manifest import load_block_manifest
+    from edgebll.run_folder import load_run_config
 
     def units() -> list[nn.Module]:
         torch.manual_seed(0)
@@ -286,7 +287,7 @@ def test_blocks_auto_with_predsim_starts_at_two_blocks_and_counts_its_heads(tmp_
     from edgebll.export.fit import export_to_fit
     from edgebll.export.partition import range_costs
     from edgebll.export.predsim import PredSimConfig
-    from edgebll.manifest import load_run_config
+    from edgebll.run_folder import load_run_config
 
     def units() -> list[nn.Module]:
         torch.manual_seed(0)

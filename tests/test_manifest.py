@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from edgebll.errors import EdgeBLLError, ManifestError, TrainingError
-from edgebll.manifest import FORMAT_VERSION, load_block_manifest, load_run_config
+from edgebll.manifest import FORMAT_VERSION, load_block_manifest
+from edgebll.run_folder import load_run_config
 from edgebll.runner import BlockRunner
 from edgebll.runtime import Runtime
 

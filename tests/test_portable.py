@@ -26,7 +26,8 @@ from edgebll.export import OptimizerConfig, export_model
 from edgebll.export.local_block import LocalBlock
 from edgebll.export.portable import export_portable
 from edgebll.export.artifacts import GraphInput
-from edgebll.manifest import PORTABLE_FILES, load_block_manifest
+from edgebll.manifest import load_block_manifest
+from edgebll.portable_schema import PORTABLE_FILES
 from edgebll.ort_training import training_available
 from edgebll.portable import PortableRunner
 from edgebll.runner import BlockRunner
@@ -500,7 +501,6 @@ def test_portable_export_inference_gives_the_blocks_eval_logits(tiny_portable_ru
 
 
 def test_memory_estimate_reads_the_portable_graph(tiny_portable_run: Path) -> None:
-    from edgebll.errors import ManifestError
     from edgebll.memory import PORTABLE_RUNTIME_BYTES, estimate_peak_bytes
 
     block = tiny_portable_run / "block-0"

@@ -18,7 +18,8 @@ from edgebll.cli import main
 from edgebll.errors import EdgeBLLError, MemoryCapError
 from edgebll.manifest import load_block_manifest
 from edgebll.memory import ARENA_OVERHEAD, PATTERN_COPY, RUNTIME_BYTES, estimate_peak_bytes
-from edgebll.profiler import OOM_EXIT, address_space_cap, measure_baseline, measure_block
+from edgebll.profile_child import OOM_EXIT, random_inputs
+from edgebll.profiler import address_space_cap, block_dirs, measure_baseline, measure_block
 from edgebll.runner import BlockRunner
 
 TARGET = 0.25
@@ -165,13 +166,11 @@ def test_an_eval_step_at_the_training_batch_needs_less_than_a_training_step(wide
 
 @pytest.mark.slow
 def test_bll_feedback_blocks_are_found_fed_and_estimated(tiny_bll_run: Path, baseline) -> None:  # type: ignore[no-untyped-def]
-    from edgebll.profiler import _block_dirs, _inputs
-
-    folders = _block_dirs(tiny_bll_run)
+    folders = block_dirs(tiny_bll_run)
     assert [f.relative_to(tiny_bll_run).as_posix() for f in folders] == [
         "block-0", "block-0/feedback", "block-1", "block-1/feedback", "block-2"]
     feedback = load_block_manifest(folders[1])
-    beta, target = _inputs(feedback, 8)
+    beta, target = random_inputs(feedback, 8)
     assert beta.dtype == np.float32 and (target.sum(axis=1) == 1).all()  # a one-hot target
     for folder in folders[:2]:
         estimate = estimate_peak_bytes(folder)
@@ -247,7 +246,7 @@ def test_a_block_trains_under_the_cap_and_fails_cleanly_below_it(run_copy: Path,
 def test_the_child_itself_exits_nonzero_with_the_message(tiny_run: Path, baseline) -> None:  # type: ignore[no-untyped-def]
     estimate = estimate_peak_bytes(tiny_run / "block-0").total
     cap = address_space_cap(estimate // 4, baseline)
-    done = subprocess.run([sys.executable, "-m", "edgebll.profiler", "child", "block", str(tiny_run / "block-0"),
+    done = subprocess.run([sys.executable, "-m", "edgebll.profile_child", "block", str(tiny_run / "block-0"),
                            "--steps", "3", "--threads", "1", "--cap", str(cap), "--estimate", str(estimate),
                            "--index", "0"], capture_output=True, text=True, timeout=120, check=False)
     assert done.stdout == ""
@@ -262,9 +261,7 @@ def test_the_child_itself_exits_nonzero_with_the_message(tiny_run: Path, baselin
 
 
 def test_inputs_follow_the_manifest_roles(tiny_run: Path) -> None:
-    from edgebll.profiler import _inputs
-
     manifest = load_block_manifest(tiny_run / "block-2")
-    x, labels = _inputs(manifest, 8)
+    x, labels = random_inputs(manifest, 8)
     assert x.dtype == np.float32 and list(x.shape[1:]) == manifest.input("message").per_sample_shape()
     assert labels.dtype == np.int64 and labels.shape == (8,) and 0 <= labels.min() and labels.max() < 10

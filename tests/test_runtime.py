@@ -132,7 +132,8 @@ def bll_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bll_run_layout(bll_run: Path) -> None:
-    from edgebll.manifest import load_block_manifest, load_run_config
+    from edgebll.manifest import load_block_manifest
+    from edgebll.run_folder import load_run_config
 
     assert load_run_config(bll_run)["latent"] == "categorical"
     for k in range(2):
@@ -195,10 +196,10 @@ def test_a_save_interrupted_between_its_two_files_leaves_a_complete_pair(run_cop
             raise KeyboardInterrupt  # the power goes before this file is in place
         real_replace(src, dst)
 
-    import edgebll.manifest as manifest_module
+    import edgebll.json_files as json_files_module
 
     monkeypatch.setattr(runner_module.os, "replace", power_cut)
-    monkeypatch.setattr(manifest_module.os, "replace", power_cut)  # the sidecar's atomic write
+    monkeypatch.setattr(json_files_module.os, "replace", power_cut)  # the sidecar's atomic write
     with pytest.raises(KeyboardInterrupt):
         runner.save(epoch=1)
     monkeypatch.undo()

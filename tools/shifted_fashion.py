@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebll.data import read_idx, resolve_data_dir
+from edgebll.idx import read_idx, resolve_data_dir
 from edgebll.dataset_folder import write_dataset_folder
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -1,0 +1,63 @@
+"""A run folder's layout and its ``run.json``: the model, method, block count and hyper-parameters of a run.
+
+    runs/a/run.json                   read by :func:`load_run_config`, checked key by key
+    runs/a/block-0/ .. block-(K-1)/   one block folder each (:func:`block_dir_name`)
+    runs/a/block-k/feedback/          a BLL block's feedback block (:data:`FEEDBACK_DIR`)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from edgebll.errors import ManifestError
+from edgebll.json_files import read_json_file
+
+RUN_NAME = "run.json"
+METHODS = ("bp", "bwbpf", "bll", "predsim")
+"""The training methods a run can be exported with (run.json's and every manifest's ``method``)."""
+FEEDBACK_DIR = "feedback"
+"""Sub-folder of a BLL block folder holding its feedback block (both train on the same device)."""
+MAX_RUN_CONFIG_BYTES = 4 << 20
+"""run.json is a few KiB; anything near this is not one (and is not read into memory)."""
+
+
+def block_dir_name(index: int) -> str:
+    return f"block-{index}"
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``run.json`` (model, data, hyper-parameters) of a run folder."""
+    path = Path(run_dir) / RUN_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; {run_dir} is not an exported run; hint: `edgebll export --out {run_dir}`")
+    config = read_json_file(path, MAX_RUN_CONFIG_BYTES, ManifestError, "hint: re-export the run")
+    _check_run_config(config, path)
+    return config
+
+
+def _check_run_config(config: Any, path: Path) -> None:
+    """The fields every command reads, with their types and ranges; the message names the key."""
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path}: holds a JSON {type(config).__name__}, not an object; hint: re-export the run")
+
+    def integer(key: str, least: int) -> None:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ManifestError(f"{path}: {key!r} must be an integer >= {least}, got {value!r}; hint: re-export the run")
+
+    integer("blocks", 1)
+    integer("batch_size", 1)
+    if config.get("method") not in METHODS:
+        raise ManifestError(f"{path}: 'method' must be one of {list(METHODS)}, got {config.get('method')!r}")
+    if not isinstance(config.get("model"), str):
+        raise ManifestError(f"{path}: 'model' must be the model's name, got {config.get('model')!r}")
+    lr = config.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ManifestError(f"{path}: 'lr' must be a finite number > 0, got {lr!r}; hint: re-export the run")
+    if "num_classes" in config:
+        integer("num_classes", 2)
+    if config.get("data") is not None and not isinstance(config["data"], dict):
+        raise ManifestError(f"{path}: 'data' must be an object naming the dataset, got {config['data']!r}")
