@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebll.errors import DeviceError
+from edgebll.strict import from_plain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -152,41 +153,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _check_types(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Refuse unknown and missing keys and wrong types, naming the file and the key."""
-    known = {f.name: f for f in fields(DeviceProfile)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise DeviceError(f"{where}: unknown key(s) {unknown}; a device profile has {sorted(known)}")
-    missing = sorted(name for name, f in known.items() if name not in data and _is_required(f.name))
-    if missing:
-        raise DeviceError(f"{where}: missing key(s) {missing}")
-    for key, value in data.items():
-        expected = _TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise DeviceError(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} ({value!r})")
-    return data
-
-
-_OPTIONAL = {"ethernet_bytes_per_s", "wifi_bytes_per_s", "notes", "idle_runtime_bytes"}
-_TYPES: dict[str, type] = {
-    "name": str, "title": str, "arch": str, "cpu": str, "cores": int, "ram_bytes": int, "budget_bytes": int,
-    "budget_note": str, "ethernet_bytes_per_s": int, "wifi_bytes_per_s": int, "notes": str,
-    "idle_runtime_bytes": int,
-}
-assert set(_TYPES) == {f.name for f in fields(DeviceProfile)}, "every field needs a TOML type"
-
-
-def _is_required(key: str) -> bool:
-    return key not in _OPTIONAL
-
-
 def _parse(text: str, where: str, stem: str) -> DeviceProfile:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise DeviceError(f"{where}: not valid TOML ({exc})") from exc
-    profile = DeviceProfile(**_check_types(data, where))
+    profile = from_plain(DeviceProfile, data, where, DeviceError, "a device profile")
     if profile.name != stem:
         raise DeviceError(f"{where}: name {profile.name!r} differs from the file name {stem!r}; hint: rename one")
     return profile

@@ -102,7 +102,7 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
     train, worker = train or TrainConfig(), worker or WorkerConfig()
     train.validate()
     worker.validate()
-    blocks = int(load_run_config(run_dir)["blocks"])
+    blocks = load_run_config(run_dir).blocks
     train.check_frozen(blocks)
     ranks = blocks if ranks is None else ranks
     if ranks != blocks:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgebll.errors import ManifestError
 from edgebll.json_files import read_json_file
 from edgebll.portable_schema import PORTABLE_FILES, PortableSchema
-from edgebll.run_folder import METHODS, block_dir_name
+from edgebll.run_folder import METHODS, RunConfig, block_dir_name
+from edgebll.strict import from_plain
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -136,17 +137,7 @@ class BlockManifest:
                 f"{where}: format version {version} is newer than this runtime supports ({FORMAT_VERSION}); "
                 "hint: upgrade edgebll on the device, or export with the edgebll version installed here"
             )
-        try:
-            data = dict(data)
-            data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
-            data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
-            data["bn_stats"] = [BatchNormStat(**s) for s in data.get("bn_stats", [])]
-            if data.get("portable") is not None:
-                data["portable"] = PortableSchema(**data["portable"])
-            manifest = cls(**data)
-        except (KeyError, TypeError) as exc:
-            known = sorted(f.name for f in fields(cls))
-            raise ManifestError(f"{where}: malformed manifest ({exc}); expected keys {known}") from exc
+        manifest = from_plain(cls, data, where, ManifestError, "a block manifest")
         if not isinstance(manifest.files, dict):
             raise ManifestError(f"{where}: 'files' must map file names to sha256 digests")
         for name, digest in manifest.files.items():
@@ -216,13 +207,13 @@ def _plain_file_name(name: object) -> bool:
             and "\x00" not in name and not os.path.isabs(name))
 
 
-def check_run_agrees(config: dict[str, Any], manifests: list[BlockManifest], run_dir: str | os.PathLike) -> None:
+def check_run_agrees(config: RunConfig, manifests: list[BlockManifest], run_dir: str | os.PathLike) -> None:
     """run.json and the block manifests must describe one run: block count and training batch size."""
-    if len(manifests) != int(config["blocks"]):
-        raise ManifestError(f"{run_dir}: run.json says {config['blocks']} blocks, {len(manifests)} were loaded")
+    if len(manifests) != config.blocks:
+        raise ManifestError(f"{run_dir}: run.json says {config.blocks} blocks, {len(manifests)} were loaded")
     sizes = sorted({m.batch_size for m in manifests})
-    if sizes != [int(config["batch_size"])]:
-        raise ManifestError(f"{run_dir}: run.json's batch_size {config['batch_size']} differs from the manifests' "
+    if sizes != [config.batch_size]:
+        raise ManifestError(f"{run_dir}: run.json's batch_size {config.batch_size} differs from the manifests' "
                             f"{sizes}; the run was edited or mixed from two exports; hint: re-export the run")
 
 

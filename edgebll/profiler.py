@@ -155,7 +155,7 @@ def block_dirs(run_dir: Path) -> list[Path]:
     """Every block folder of a run: block-0 .. block-(K-1), each followed by its feedback block if any."""
     config = load_run_config(run_dir)
     folders = []
-    for k in range(int(config["blocks"])):
+    for k in range(config.blocks):
         folders.append(run_dir / block_dir_name(k))
         feedback = run_dir / block_dir_name(k) / FEEDBACK_DIR
         if (feedback / MANIFEST_NAME).is_file():
@@ -219,9 +219,9 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
     blocks = [one(folder) for folder in block_dirs(run_dir)]
     bp = {**one(bp_dirs[0]), "run": str(bp_run)} if bp_run is not None else None
     profile = {
-        "format_version": 1, "run": str(run_dir), "model": config.get("model"), "method": config.get("method"),
-        "num_blocks": int(config["blocks"]), "device": device.to_dict(),
-        "batch_size": batch_size or int(config["batch_size"]), "codec": codec, "steps": steps, "threads": threads,
+        "format_version": 1, "run": str(run_dir), "model": config.model, "method": config.method,
+        "num_blocks": config.blocks, "device": device.to_dict(),
+        "batch_size": batch_size or config.batch_size, "codec": codec, "steps": steps, "threads": threads,
         "backend": backend, "freeze_blocks": list(freeze_blocks),
         "memory_pattern": runner_uses_memory_pattern(), "enforce_budget": enforce_budget,
         "address_space_cap_bytes": address_space_cap(allowance, baseline) if enforce_budget else None,

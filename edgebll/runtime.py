@@ -28,7 +28,7 @@ from edgebll.errors import EdgeBLLError, TrainingError
 from edgebll.frozen import FrozenRunner
 from edgebll.json_files import write_json_atomic
 from edgebll.manifest import check_chain, check_run_agrees
-from edgebll.run_folder import FEEDBACK_DIR, block_dir_name, load_run_config
+from edgebll.run_folder import FEEDBACK_DIR, RunConfig, block_dir_name, load_run_config
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.stage import STAGE_STATE, LocalLink, Stage, StageState, train_summary
 from edgebll.train_config import TrainConfig, encode_message
@@ -49,17 +49,17 @@ def eval_file_name(recorded: dict[str, Any] | None, data_dir: str | os.PathLike 
     return f"eval.{name or 'data'}.json"
 
 
-def block_dirs(run_dir: str | os.PathLike, config: dict[str, Any]) -> list[Path]:
+def block_dirs(run_dir: str | os.PathLike, config: RunConfig) -> list[Path]:
     """Every block folder of a run: the forward blocks, then (BLL) their feedback blocks."""
-    blocks = int(config["blocks"])
+    blocks = config.blocks
     forward = [Path(run_dir) / block_dir_name(k) for k in range(blocks)]
-    return forward + ([f / FEEDBACK_DIR for f in forward[:-1]] if config["method"] == "bll" else [])
+    return forward + ([f / FEEDBACK_DIR for f in forward[:-1]] if config.is_bll else [])
 
 
 class Runtime:
     """All blocks of one run, trained in this process."""
 
-    def __init__(self, run_dir: str | os.PathLike, runners: list[Runner], config: dict[str, Any],
+    def __init__(self, run_dir: str | os.PathLike, runners: list[Runner], config: RunConfig,
                  feedback: list[Runner] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.runners = runners
@@ -80,7 +80,7 @@ class Runtime:
         frozen.
         """
         config = load_run_config(run_dir)
-        blocks = int(config["blocks"])
+        blocks = config.blocks
         progress = read_progress(Path(run_dir)) if load_trained else None
         if progress is not None:  # a crash between two blocks' saves: every block goes back to the common step
             moved = restore_step(block_dirs(run_dir, config), progress["step"], saved_step)
@@ -95,7 +95,7 @@ class Runtime:
         check_chain([r.manifest for r in runners], run_dir)
         check_run_agrees(config, [r.manifest for r in runners], run_dir)
         feedback = []
-        if config["method"] == "bll":
+        if config.is_bll:
             feedback = [open_block(Path(run_dir) / block_dir_name(k) / FEEDBACK_DIR, **load) for k in range(blocks - 1)]
         return cls(run_dir, runners, config, feedback)
 
@@ -126,13 +126,13 @@ class Runtime:
         config.freeze_blocks = tuple(sorted(set(config.freeze_blocks) | set(loaded_frozen)))
         config.validate()
         config.check_frozen(self.num_blocks)
-        data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.get("data"))
+        data, validation = training_data(data, data_dir, config.limit, config.val_split, self.config.data)
         check_data_fits(data, [r.manifest for r in self.runners], "training data")
-        check_cutout(config.cutout, data.arrays()[0].shape, self.config["model"])
-        batch = int(self.config["batch_size"])
+        check_cutout(config.cutout, data.arrays()[0].shape, self.config.model)
+        batch = self.config.batch_size
         steps_per_epoch = full_batches(len(data), batch)
         total = steps_per_epoch * config.epochs
-        base_lr = float(config.lr if config.lr is not None else self.config["lr"])
+        base_lr = float(config.lr if config.lr is not None else self.config.lr)
         start = self._start_step(config.resume)
         remove_leftovers([r.block_dir for r in self.all_runners], self.run_dir)
         if start == 0:  # starting over: no earlier checkpoint of the run may be resumed by mistake
@@ -180,7 +180,7 @@ class Runtime:
         """The K stages of this process joined by local links; resumed, with the totals kept at step ``start``."""
         up = [LocalLink(k, "activation") for k in range(self.num_blocks - 1)]
         down = [LocalLink(k + 1, "beta message") for k in range(len(self.feedback) - 1)]
-        common = dict(train=config, num_classes=int(self.config["num_classes"]), total=total,
+        common = dict(train=config, num_classes=int(self.config.num_classes or 0), total=total,
                       steps_per_epoch=steps_per_epoch, base_lr=base_lr)
         return [Stage(runner, self.feedback[k] if k < len(self.feedback) else None,
                       state=StageState.at(runner.block_dir, start),
@@ -247,9 +247,9 @@ class Runtime:
         trained = self._load_train_summary()
         codec = codec or trained.get("codec", "fp32")
         granularity = granularity or trained.get("granularity", "tensor")
-        result_name = "eval.given.json" if data is not None else eval_file_name(self.config.get("data"), data_dir)
+        result_name = "eval.given.json" if data is not None else eval_file_name(self.config.data, data_dir)
         if data is None:
-            data = load_run_dataset(self.config.get("data"), "test", data_dir, limit=limit)
+            data = load_run_dataset(self.config.data, "test", data_dir, limit=limit)
         elif limit is not None:
             data = data.subset(limit)
         check_data_fits(data, [r.manifest for r in self.runners], "test data")
@@ -257,12 +257,12 @@ class Runtime:
         send = self._eval_send(codec, granularity, int(trained.get("group_size", 64)))
         if batch_size is not None and batch_size < 1:
             raise EdgeBLLError(f"the eval batch size must be at least 1, got {batch_size}")
-        batch_size = batch_size or int(self.config["batch_size"])
+        batch_size = batch_size or self.config.batch_size
         per_block, loss = chain_accuracy(self.runners, data, send, batch_size=batch_size, progress=progress)
         summary = {
             "test_accuracy": per_block[-1], "per_block_accuracy": per_block, "test_loss": loss,
-            "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config["method"],
-            "model": self.config["model"], "blocks": self.num_blocks,
+            "samples": len(data), "codec": codec, "granularity": granularity, "method": self.config.method,
+            "model": self.config.model, "blocks": self.num_blocks,
             "trained_epochs": self.runners[-1].progress["epoch"], "trained_step": self.runners[-1].progress["step"],
             "batch_size": batch_size,
             "seconds": round(time.perf_counter() - began, 3),

@@ -28,6 +28,7 @@ from edgebll.errors import CodecError, TrainingError
 from edgebll.links import PeerError
 from edgebll.metrics import count_correct
 from edgebll.train_config import TrainConfig, encode_message, mix_weight
+from edgebll.run_folder import RunConfig
 from edgebll.schedule import learning_rate
 
 STAGE_STATE = "stage.json"
@@ -245,7 +246,7 @@ def epoch_records(states: Sequence[StageState], epochs: int, method: str) -> lis
     return history
 
 
-def train_summary(states: Sequence[StageState], *, run_config: dict[str, Any], train: TrainConfig, base_lr: float,
+def train_summary(states: Sequence[StageState], *, run_config: RunConfig, train: TrainConfig, base_lr: float,
                   batch: int, total: int, start: int, seconds: float, transport: str, ranks: int,
                   config_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """train.json's content for a run of ``total`` steps, ``start`` of them done before this invocation.
@@ -255,9 +256,9 @@ def train_summary(states: Sequence[StageState], *, run_config: dict[str, Any], t
     """
     samples = (total - start) * batch
     up = [s.up_bytes for s in states[:-1]]
-    down = [s.down_bytes for s in states[1:-1]] if run_config["method"] == "bll" else []
+    down = [s.down_bytes for s in states[1:-1]] if run_config.method == "bll" else []
     return {
-        "model": run_config["model"], "method": run_config["method"], "blocks": len(states),
+        "model": run_config.model, "method": run_config.method, "blocks": len(states),
         "codec": train.codec, "granularity": train.granularity, "group_size": train.group_size,
         "rounding": train.rounding, "transport": transport, "ranks": ranks,
         "config": asdict(train) | {"lr": base_lr} | (config_extra or {}),
@@ -267,5 +268,5 @@ def train_summary(states: Sequence[StageState], *, run_config: dict[str, Any], t
         "feedback_bytes_per_step": [round(b / max(total, 1), 1) for b in down],
         "message_bytes_per_sample": round((sum(up) + sum(down)) / max(total * batch, 1), 1),
         "resumed_from_step": start,
-        "epochs": epoch_records(states, train.epochs, run_config["method"]),
+        "epochs": epoch_records(states, train.epochs, run_config.method),
     }

@@ -89,11 +89,11 @@ class Worker:
         self.threads, self.data_dir, self.restart, self.progress = threads, data_dir, restart, progress
         self.backend, self.provider = backend, provider
         self.config = load_run_config(run_dir)
-        self.blocks = int(self.config["blocks"])
-        self.is_bll = self.config["method"] == "bll"
-        self.batch = int(self.config["batch_size"])
+        self.blocks = self.config.blocks
+        self.is_bll = self.config.is_bll
+        self.batch = self.config.batch_size
         self.train.validate()
-        self.train.check_frozen(int(self.config["blocks"]))
+        self.train.check_frozen(self.config.blocks)
         self.worker.validate()
         self._check_size()
         self._register()
@@ -108,18 +108,18 @@ class Worker:
         manifests = [self.runner.manifest, load_block_manifest(self.run_dir / block_dir_name(self.blocks - 1),
                                                                verify_files=False)] if self.rank == 0 else []
         self.data = broadcast_labels(self.comm, train=self.train, data_dir=self.data_dir,
-                                     dataset=self.config.get("data"), manifests=manifests)
+                                     dataset=self.config.data, manifests=manifests)
         if self.data.inputs is not None:
-            check_cutout(self.train.cutout, self.data.inputs.shape, self.config["model"])
+            check_cutout(self.train.cutout, self.data.inputs.shape, self.config.model)
         self.steps_per_epoch = full_batches(len(self.data.labels), self.batch)
         self.total = self.steps_per_epoch * self.train.epochs
-        self.base_lr = float(self.train.lr if self.train.lr is not None else self.config["lr"])
+        self.base_lr = float(self.train.lr if self.train.lr is not None else self.config.lr)
         self._order_epoch, self._order, self._picked = -1, np.empty(0, np.int64), np.empty(0, np.int64)
         self.links = open_links(self.comm, blocks=self.blocks, batch=self.batch, train=self.train,
                                 depth=self.worker.max_in_flight, timeout=self.worker.peer_timeout, runner=self.runner,
                                 feedback=self.feedback_runner, validation=self.data.val_labels is not None)
         self.stage = Stage(self.runner, self.feedback_runner, train=self.train,
-                           num_classes=int(self.config["num_classes"]), total=self.total,
+                           num_classes=int(self.config.num_classes or 0), total=self.total,
                            steps_per_epoch=self.steps_per_epoch, base_lr=self.base_lr, state=self.state,
                            name=self.name, up_in=self.links.up_recv, up_out=self.links.up_send,
                            down_in=self.links.down_recv, down_out=self.links.down_send)

@@ -85,7 +85,7 @@ def check_fit(run_dir: str | os.PathLike, devices: DeviceProfile | Sequence[Devi
     """Each block's estimate (from its manifest) against its board; records the board in the manifests."""
     run_dir = Path(run_dir)
     fits = []
-    for k, device in enumerate(assign_devices(devices, int(load_run_config(run_dir)["blocks"]))):
+    for k, device in enumerate(assign_devices(devices, load_run_config(run_dir).blocks)):
         folders = [run_dir / block_dir_name(k)]
         if (folders[0] / FEEDBACK_DIR).is_dir():
             folders.append(folders[0] / FEEDBACK_DIR)
@@ -248,7 +248,7 @@ def export_to_fit(model: Any, *, out: str | os.PathLike, devices: DeviceProfile 
                                ranges_estimated=len(memory.estimates), search_seconds=memory.seconds,
                                estimate_scale=scale, attempts=attempt)
         config = load_run_config(trial)
-        write_json_atomic(trial / RUN_NAME, json.dumps({**config, "partition": result.to_dict()}, indent=1))
+        write_json_atomic(trial / RUN_NAME, json.dumps({**config.to_dict(), "partition": result.to_dict()}, indent=1))
         if out.exists():
             shutil.rmtree(out)
         trial.rename(out)

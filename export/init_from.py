@@ -111,12 +111,12 @@ def _from_run(run: Path, spec: ModelSpec, plans: list["BlockPlan"]) -> dict[str,
 
     config = load_run_config(run)
     where = f"--init-from {run}"
-    if config.get("model") != spec.name or list(config.get("input_shape", [])) != list(spec.input_shape) \
-            or int(config.get("num_classes", -1)) != spec.num_classes:
-        raise ExportError(f"{where}: a {config.get('model')} run on {config.get('input_shape')} samples with "
-                          f"{config.get('num_classes')} classes; this export is {spec.name} on {list(spec.input_shape)} "
+    if config.model != spec.name or list(config.input_shape) != list(spec.input_shape) \
+            or (config.num_classes or -1) != spec.num_classes:
+        raise ExportError(f"{where}: a {config.model} run on {config.input_shape} samples with "
+                          f"{config.num_classes} classes; this export is {spec.name} on {list(spec.input_shape)} "
                           f"with {spec.num_classes}; hint: initialise from a run of the same model and data shape")
-    source_units: list[list[str]] = config["units"]
+    source_units: list[list[str]] = config.units
     index = {name: at for at, name in enumerate(spec.unit_names)}
     unit_states: dict[int, dict[str, torch.Tensor]] = {at: {} for at in range(len(spec.units))}
     blocks: dict[tuple[str, int], dict[str, np.ndarray]] = {}

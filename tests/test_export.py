@@ -222,7 +222,7 @@ def test_blocks_auto_picks_the_fewest_blocks_that_fit(tmp_path: Path) -> None:
     chosen = export_to_fit(units(), out=tmp_path / "tight", devices=board(max(single)), batch_size=16, progress=False)
     assert 1 < chosen.split.num_blocks <= 3 and all(f.fits for f in chosen.fits) and chosen.run_dir.is_dir()
     assert chosen.searched_bytes == [f.estimated_bytes for f in chosen.fits]  # the search saw the manifests' numbers
-    assert load_run_config(chosen.run_dir)["partition"]["bounds"] == list(chosen.split.bounds)
+    assert load_run_config(chosen.run_dir).partition["bounds"] == list(chosen.split.bounds)
     assert not (tmp_path / ".tight.fitting").exists()
     # listed small board first: one block on the roomy second board beats two blocks
     chosen = export_to_fit(units(), out=tmp_path / "mixed", devices=[board(min(single), "small"), roomy],
@@ -259,7 +259,7 @@ def test_blocks_auto_for_an_aarch64_board_fits_the_portable_estimates(tmp_path: 
     assert chosen.split.num_blocks > 1 and all(f.fits for f in chosen.fits)
     for k, f in enumerate(chosen.fits):
         assert f.estimated_bytes == load_block_manifest(chosen.run_dir / f"block-{k}").portable.estimated_peak_bytes
-    partition = load_run_config(chosen.run_dir)["partition"]
+    partition = load_run_config(chosen.run_dir).partition
     assert partition["attempts"] == 2 and json.dumps(partition)
 
 
@@ -298,7 +298,7 @@ def test_blocks_auto_with_predsim_starts_at_two_blocks_and_counts_its_heads(tmp_
                            batch_size=16, progress=False, predsim=PredSimConfig(beta=0.5))
     assert chosen.split.num_blocks == 2 and all(f.fits for f in chosen.fits)
     config = load_run_config(chosen.run_dir)
-    assert config["method"] == "predsim" and config["predsim"]["beta"] == 0.5
+    assert config.method == "predsim" and config.predsim["beta"] == 0.5
     spec = build_model(units())
     macs, shapes = unit_costs(spec.units, spec.input_shape)
     costs = range_costs(spec.units, spec.input_shape,

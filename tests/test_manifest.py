@@ -38,7 +38,7 @@ def test_manifest_describes_the_block(tiny_run: Path) -> None:
     assert m.optimizer["type"] == "adamw" and m.batch_size == 16 and m.estimated_peak_bytes > 0
     assert load_block_manifest(tiny_run / "block-2").output("message") is None  # the last block sends nothing
     run = load_run_config(tiny_run)
-    assert run["blocks"] == 3 and run["lr"] == 0.01 and run["model"] == "custom"
+    assert run.blocks == 3 and run.lr == 0.01 and run.model == "custom" and run.is_bll is False
 
 
 def test_modified_file_is_refused(run_copy: Path) -> None:
@@ -79,7 +79,7 @@ def test_newer_format_is_refused(run_copy: Path) -> None:
 
 def test_unknown_key_is_refused(run_copy: Path) -> None:
     edit_manifest(run_copy / "block-0", colour="blue")
-    with pytest.raises(ManifestError, match=r"malformed manifest .*colour"):
+    with pytest.raises(ManifestError, match=r"block-0/manifest.json: unknown key\(s\) \['colour'\]; a block manifest has"):
         BlockRunner(run_copy / "block-0")
 
 
@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_before_the_update(tiny_run: Path) -> None:
     (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), r"file name '/etc/passwd' is not a plain name"),
     (lambda m: m["files"].update({"sub/x": "0" * 64}), r"file name 'sub/x' is not a plain name"),
     (lambda m: m["files"].update({"x": "not-a-digest"}), r"the sha256 of 'x' is not 64 hex digits"),
-    (lambda m: m.update(files=["eval_model.onnx"]), r"'files' must map file names to sha256 digests"),
+    (lambda m: m.update(files=["eval_model.onnx"]), r"manifest.json: files must be dict\[str, str\], got list"),
 ])
 def test_hostile_manifests_are_refused_before_any_file_is_read(run_copy: Path, edit, match: str) -> None:
     path = run_copy / "block-0" / "manifest.json"
@@ -170,6 +170,12 @@ def test_a_linked_artifact_is_refused(run_copy: Path, tmp_path: Path) -> None:
     (lambda c: c | {"lr": float("inf")}, r"'lr' must be a finite number > 0, got inf"),
     (lambda c: c | {"method": "magic"}, r"'method' must be one of"),
     (lambda c: c | {"data": "fashion-mnist"}, r"'data' must be an object naming the dataset"),
+    # every other key by the one strict loader of manifests, run.json and device profiles
+    (lambda c: c | {"colour": "blue"}, r"run.json: unknown key\(s\) \['colour'\]; run.json has \["),
+    (lambda c: c | {"seed": "7"}, r"run.json: seed must be int, got str \('7'\)"),
+    (lambda c: c | {"units": [["a"], "b"]}, r"run.json: units\[1\] must be list\[str\], got str"),
+    (lambda c: c | {"input_shape": [1, 28.5, 28]}, r"run.json: input_shape\[1\] must be int, got float"),
+    (lambda c: c | {"format_version": 2}, r"format version 2 is newer than this runtime supports \(1\)"),
 ])
 def test_broken_run_configs_are_refused_naming_the_key(run_copy: Path, edit, match: str) -> None:
     path = run_copy / "run.json"

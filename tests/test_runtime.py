@@ -135,7 +135,7 @@ def test_bll_run_layout(bll_run: Path) -> None:
     from edgebll.manifest import load_block_manifest
     from edgebll.run_folder import load_run_config
 
-    assert load_run_config(bll_run)["latent"] == "categorical"
+    assert load_run_config(bll_run).latent == "categorical"
     for k in range(2):
         forward, feedback = load_block_manifest(bll_run / f"block-{k}"), load_block_manifest(bll_run / f"block-{k}/feedback")
         assert (forward.kind, feedback.kind, feedback.index) == ("forward", "feedback", k)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edgebll.errors import TrainingError
+from edgebll.run_folder import RunConfig
 from edgebll.stage import EpochSums, LocalLink, StageState, epoch_records, train_summary
 from edgebll.train_config import TrainConfig
 
@@ -54,7 +55,8 @@ def test_the_figures_are_per_sample_and_bll_feedback_loss_per_feedback_sample() 
 
 def test_the_summary_counts_bytes_over_the_whole_run_and_samples_of_this_invocation() -> None:
     states = [_state(1.0, 16), _state(1.0, 16), _state(1.0, 16)]
-    summary = train_summary(states, run_config={"model": "m", "method": "bll"}, train=TrainConfig(epochs=1),
+    run = RunConfig(model="m", method="bll", blocks=3, batch_size=16, lr=0.1)
+    summary = train_summary(states, run_config=run, train=TrainConfig(epochs=1),
                             base_lr=0.1, batch=16, total=10, start=4, seconds=2.0, transport="inprocess", ranks=1)
     assert summary["samples"] == 6 * 16 and summary["samples_per_s"] == 48.0 and summary["resumed_from_step"] == 4
     assert summary["message_bytes_per_step"] == [100.0, 100.0] and summary["feedback_bytes_per_step"] == [4.0]
