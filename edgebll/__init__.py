@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Runtime": "edgebll.runtime", "TrainConfig": "edgebll.runtime", "BlockRunner": "edgebll.runner",
+    "Runtime": "edgebll.runtime", "TrainConfig": "edgebll.train_config", "BlockRunner": "edgebll.runner",
     "EdgeBLLError": "edgebll.errors", "ArrayDataset": "edgebll.dataset_folder",
 }
 __all__ = sorted(_LAZY) + ["__version__"]

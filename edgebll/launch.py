@@ -92,7 +92,7 @@ def train_mpi(run_dir: str | os.PathLike, train: Any = None, worker: Any = None,
               provider: str = "cpu") -> dict[str, Any]:
     """Train ``run_dir`` on one MPI rank per block; returns train.json's content.
 
-    ``train`` is an ``edgebll.TrainConfig``, ``worker`` an ``edgebll.worker.WorkerConfig`` (defaults
+    ``train`` is an ``edgebll.TrainConfig``, ``worker`` an ``edgebll.train_config.WorkerConfig`` (defaults
     when None). The ranks run on this host, or on the boards of ``hosts`` (an MPICH hosts file, see
     :func:`read_hosts`; every board holds the run folder at the same path, and rank 0, on the first
     board, reads the data and writes train.json). The Python face of ``edgebll train RUN --transport
