@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "come from it (default: Fashion-MNIST, or the model's own task)")
     p.add_argument("--init-from", default=None, metavar="SRC",
                    help="start from pretrained weights: a trained edgebll run of the same model (units by name; a "
-                        "block with the same units also gets its head), or a torch state_dict file of "
-                        "nn.Sequential(*units)")
+                        "block with the same units also gets its head), a torch state_dict file of "
+                        "nn.Sequential(*units), or an ONNX model of it with BatchNorm unfolded (torch.onnx.export(units, "
+                        "..., optimize=False))")
     p.add_argument("--device", default=None, metavar="NAME[,NAME...]",
                    help="board(s) the blocks must fit (`edgebll devices` lists them; a mixed set: one per block in "
                         "order with --blocks K, or with --blocks auto a pool where each board takes at most one block): "
