@@ -35,7 +35,7 @@ from edgebll import Runtime  # noqa: E402
 from edgebll.checkpoints import PROGRESS_NAME  # noqa: E402
 from edgebll.export import export_model  # noqa: E402
 from edgebll.runner import trained_step  # noqa: E402
-from edgebll.runtime import block_dirs  # noqa: E402
+from edgebll.run_folder import block_dirs  # noqa: E402
 
 
 def train_command(run: Path, args: argparse.Namespace, every: int, *extra: str) -> list[str]:
@@ -95,8 +95,7 @@ def trial(exported: Path, work: Path, args: argparse.Namespace, every: int, mode
     run = Path(shutil.copytree(exported, work / "trial"))
     try:
         killed = kill(train_command(run, args, every), run, mode, step, delay)
-        config = json.loads((run / "run.json").read_text())
-        steps = [trained_step(d) for d in block_dirs(run, config)]
+        steps = [trained_step(d) for d in block_dirs(run)]
         marked = marked_step(run)
         leftovers = [p.name for p in run.rglob("*") if p.name.endswith((".tmp", ".restore"))]
         resumed = subprocess.run(train_command(run, args, every, "--resume"), capture_output=True, text=True)

@@ -44,8 +44,8 @@ from edgebll.export import export_model
 
 from edgebll import memory
 from edgebll.errors import MemoryCapError
-from edgebll.profiler import Baseline, block_dirs, measure_baseline, measure_block
-from edgebll.run_folder import block_dir_name
+from edgebll.profiler import Baseline, measure_baseline, measure_block
+from edgebll.run_folder import block_dir_name, block_dirs
 
 MIB = 2**20
 CALIBRATION_MODEL = "cnn-small"
@@ -104,7 +104,7 @@ def runtime_constant(runs: list[Path], baseline: Baseline, *, steps: int, thread
     slope = 1 + arena + (memory.PATTERN_COPY if pattern else 0)  # tiny activations: hardly matters
     points = []
     for run in runs:
-        for folder in block_dirs(run):
+        for folder in block_dirs(run, feedback_after_each=True):
             estimate = memory.estimate_peak_bytes(folder, backend=backend)
             measured, _, _ = measure(folder, baseline, pattern=None, steps=steps, threads=threads, backend=backend)
             points.append({"block": str(folder.relative_to(run.parent)), "measured_bytes": measured,

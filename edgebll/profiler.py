@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 from edgebll.backends import resolve_backend
 from edgebll.errors import EdgeBLLError, MemoryCapError
 from edgebll.json_files import write_json_atomic
-from edgebll.manifest import MANIFEST_NAME, load_block_manifest
+from edgebll.manifest import load_block_manifest
 from edgebll.memory import estimate_peak_bytes, runner_uses_memory_pattern
 from edgebll.profile_child import oom_message
 from edgebll.profile_report import plot_profile
-from edgebll.run_folder import FEEDBACK_DIR, block_dir_name, load_run_config
+from edgebll.run_folder import block_dirs, load_run_config
 
 if TYPE_CHECKING:
     from edgebll.devices.profiles import DeviceProfile
@@ -151,18 +151,6 @@ def address_space_cap(resident_budget: int, baseline: Baseline) -> int:
     return baseline.virtual_bytes + int(ADDRESS_SPACE_FACTOR * resident_budget)
 
 
-def block_dirs(run_dir: Path) -> list[Path]:
-    """Every block folder of a run: block-0 .. block-(K-1), each followed by its feedback block if any."""
-    config = load_run_config(run_dir)
-    folders = []
-    for k in range(config.blocks):
-        folders.append(run_dir / block_dir_name(k))
-        feedback = run_dir / block_dir_name(k) / FEEDBACK_DIR
-        if (feedback / MANIFEST_NAME).is_file():
-            folders.append(feedback)
-    return folders
-
-
 def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, threads: int = 0, codec: str = "int8",
                 batch_size: int | None = None, bp_run: str | os.PathLike | None = None, enforce_budget: bool = False,
                 plot: bool = True, progress: bool = True, backend: str = "auto",
@@ -178,7 +166,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
     if backend == "auto" and getattr(device, "backend", None) == "portable":
         backend = "portable"
     config = load_run_config(run_dir)
-    bp_dirs = block_dirs(Path(bp_run)) if bp_run is not None else []
+    bp_dirs = block_dirs(bp_run, feedback_after_each=True) if bp_run is not None else []
     if bp_run is not None and len(bp_dirs) != 1:
         raise EdgeBLLError(f"--bp-run {bp_run}: expected a bp run (one block), found {len(bp_dirs)} blocks; hint: "
                            "edgebll export --method bp --blocks 1 --model <same model> --batch-size <same>")
@@ -216,7 +204,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
             print(f"  profiled {entry['folder']}", file=sys.stderr)
         return entry
 
-    blocks = [one(folder) for folder in block_dirs(run_dir)]
+    blocks = [one(folder) for folder in block_dirs(run_dir, feedback_after_each=True)]
     bp = {**one(bp_dirs[0]), "run": str(bp_run)} if bp_run is not None else None
     profile = {
         "format_version": 1, "run": str(run_dir), "model": config.model, "method": config.method,

@@ -67,6 +67,18 @@ class RunConfig:
         return asdict(self)
 
 
+def block_dirs(run_dir: str | os.PathLike, config: RunConfig | None = None, *,
+               feedback_after_each: bool = False) -> list[Path]:
+    """Every block folder of a run: the forward blocks, then (BLL) their feedback blocks; with
+    ``feedback_after_each``, each forward block followed by its own feedback block (the profile's order)."""
+    config = config or load_run_config(run_dir)
+    forward = [Path(run_dir) / block_dir_name(k) for k in range(config.blocks)]
+    feedback = [f / FEEDBACK_DIR for f in forward[:-1]] if config.is_bll else []
+    if not feedback_after_each:
+        return forward + feedback
+    return [folder for k, f in enumerate(forward) for folder in [f, *feedback[k:k + 1]]]
+
+
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
     """Read ``run.json`` (model, data, hyper-parameters) of a run folder, every key checked for type and range."""
     path = Path(run_dir) / RUN_NAME

@@ -28,7 +28,7 @@ from edgebll.errors import EdgeBLLError, TrainingError
 from edgebll.frozen import FrozenRunner
 from edgebll.json_files import write_json_atomic
 from edgebll.manifest import check_chain, check_run_agrees
-from edgebll.run_folder import FEEDBACK_DIR, RunConfig, block_dir_name, load_run_config
+from edgebll.run_folder import FEEDBACK_DIR, RunConfig, block_dir_name, block_dirs, load_run_config
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
 from edgebll.stage import STAGE_STATE, LocalLink, Stage, StageState, train_summary
 from edgebll.train_config import TrainConfig, encode_message
@@ -47,13 +47,6 @@ def eval_file_name(recorded: dict[str, Any] | None, data_dir: str | os.PathLike 
         return EVAL_NAME
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in str((used or {}).get("name", "data")))
     return f"eval.{name or 'data'}.json"
-
-
-def block_dirs(run_dir: str | os.PathLike, config: RunConfig) -> list[Path]:
-    """Every block folder of a run: the forward blocks, then (BLL) their feedback blocks."""
-    blocks = config.blocks
-    forward = [Path(run_dir) / block_dir_name(k) for k in range(blocks)]
-    return forward + ([f / FEEDBACK_DIR for f in forward[:-1]] if config.is_bll else [])
 
 
 class Runtime:

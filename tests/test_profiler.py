@@ -19,7 +19,8 @@ from edgebll.errors import EdgeBLLError, MemoryCapError
 from edgebll.manifest import load_block_manifest
 from edgebll.memory import ARENA_OVERHEAD, PATTERN_COPY, RUNTIME_BYTES, estimate_peak_bytes
 from edgebll.profile_child import OOM_EXIT, random_inputs
-from edgebll.profiler import address_space_cap, block_dirs, measure_baseline, measure_block
+from edgebll.profiler import address_space_cap, measure_baseline, measure_block
+from edgebll.run_folder import block_dirs
 from edgebll.runner import BlockRunner
 
 TARGET = 0.25
@@ -166,7 +167,7 @@ def test_an_eval_step_at_the_training_batch_needs_less_than_a_training_step(wide
 
 @pytest.mark.slow
 def test_bll_feedback_blocks_are_found_fed_and_estimated(tiny_bll_run: Path, baseline) -> None:  # type: ignore[no-untyped-def]
-    folders = block_dirs(tiny_bll_run)
+    folders = block_dirs(tiny_bll_run, feedback_after_each=True)
     assert [f.relative_to(tiny_bll_run).as_posix() for f in folders] == [
         "block-0", "block-0/feedback", "block-1", "block-1/feedback", "block-2"]
     feedback = load_block_manifest(folders[1])
