@@ -30,7 +30,7 @@ from edgebll.json_files import write_json_atomic
 from edgebll.manifest import check_chain, check_run_agrees
 from edgebll.run_folder import FEEDBACK_DIR, RunConfig, block_dir_name, block_dirs, load_run_config
 from edgebll.run_data import load_run_dataset, resolve_run_data, same_data
-from edgebll.stage import STAGE_STATE, LocalLink, Stage, StageState, train_summary
+from edgebll.stage import LocalLink, Stage, StageState, train_summary
 from edgebll.train_config import TrainConfig, encode_message
 from edgebll.validation import Send, chain_accuracy, chain_counts, check_data_fits, training_data
 
@@ -212,10 +212,8 @@ class Runtime:
         if len(steps) != 1:
             raise TrainingError(f"{self.run_dir}: blocks are at different steps {sorted(steps)}; cannot checkpoint")
         step = steps.pop()
-        for stage in stages:
-            stage.state.step = step
         save_blocks(self.all_runners, step=step, epoch=epoch, run_dir=self.run_dir,
-                    extra={s.runner.block_dir: {STAGE_STATE: s.state.to_json()} for s in stages})
+                    extra={folder: kept for s in stages for folder, kept in s.kept_totals(step).items()})
         mark_step(self.run_dir, {"step": step, "epoch": epoch, "transport": "inprocess", "blocks": self.num_blocks})
         prune_history([r.block_dir for r in self.all_runners], step)
         return step

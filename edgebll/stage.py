@@ -4,7 +4,7 @@ A :class:`Stage` is forward block k and, for BLL, its feedback block k (both liv
 device). Each step it takes its input from a link (block 0: from the data), trains, adds its
 figures to its totals and sends its message on through a link. The in-process runtime is K
 stages joined by :class:`LocalLink` queues; an MPI rank is one stage on the MPI links of
-:mod:`edgebll.links`, which have the same two methods (``send(frame, step)``, ``take(step, read)``).
+:mod:`edgebll.links`, which have the same two methods (``send_written``, ``take``).
 train.json's figures come from the stages' totals (:func:`train_summary`), so the two transports
 report the same numbers by construction, and a stage's totals travel in every checkpoint
 (``history/step-N/stage.json``), so a run resumed on either transport reports its whole epochs.
@@ -137,6 +137,11 @@ class Stage:
         """How errors name the sender (None: "block K" / "feedback block K")."""
         self.up_in, self.up_out, self.down_in, self.down_out = up_in, up_out, down_in, down_out
         self.frozen = self.index in train.freeze_blocks
+
+    def kept_totals(self, step: int) -> dict[Path, dict[str, str]]:
+        """The totals to keep with the checkpoint of ``step`` (``save_blocks``' ``extra``), beside the forward block."""
+        self.state.step = step
+        return {self.runner.block_dir: {STAGE_STATE: self.state.to_json()}}
 
     @property
     def runners(self) -> list[Runner]:

@@ -54,7 +54,7 @@ from edgebll.checkpoints import (
 from edgebll.runtime import TRAIN_NAME
 from edgebll.rank_control import RankControl
 from edgebll.rank_io import broadcast_labels, open_links
-from edgebll.stage import STAGE_STATE, Stage, StageState, train_summary
+from edgebll.stage import Stage, StageState, train_summary
 from edgebll.train_config import TrainConfig, WorkerConfig, encode_message
 from edgebll.validation import eval_side
 
@@ -98,7 +98,7 @@ class Worker:
         self._check_size()
         self._register()
         self.start = start = self._resume_step()  # 0, or the checkpoint --resume continues from
-        self.state = self._prepare_checkpoints(start)
+        state = self._prepare_checkpoints(start)
         self.runner, self.feedback_runner = self._load_runners()
         remove_leftovers(self._runner_dirs(), self.run_dir if self.rank == 0 else None)
         check_disk_room(self.run_dir, sum(checkpoint_bytes(r.manifest, r.block_dir) for r in self._own_runners))
@@ -120,7 +120,7 @@ class Worker:
                                 feedback=self.feedback_runner, validation=self.data.val_labels is not None)
         self.stage = Stage(self.runner, self.feedback_runner, train=self.train,
                            num_classes=int(self.config.num_classes or 0), total=self.total,
-                           steps_per_epoch=self.steps_per_epoch, base_lr=self.base_lr, state=self.state,
+                           steps_per_epoch=self.steps_per_epoch, base_lr=self.base_lr, state=state,
                            name=self.name, up_in=self.links.up_recv, up_out=self.links.up_send,
                            down_in=self.links.down_recv, down_out=self.links.down_send)
         self.control = RankControl(self.comm, run_dir=self.run_dir, marked=start, total=self.total,
@@ -248,9 +248,9 @@ class Worker:
             loss += result.loss * len(labels)
             if self.links.val_send is not None:
                 assert result.message is not None
-                self.links.val_send.send(encode_message(result.message, eval_codec, -1, self.rank, sender=self.name),
-                                   number)
-        self.state.validation[epoch] = [correct, labelled, loss, len(val_labels)]
+                frame = encode_message(result.message, eval_codec, -1, self.rank, sender=self.name)
+                self.links.val_send.send(frame, number)
+        self.stage.state.validation[epoch] = [correct, labelled, loss, len(val_labels)]
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property
@@ -260,9 +260,8 @@ class Worker:
 
     def _checkpoint(self, step: int) -> None:
         """Save every block of this rank after ``step`` steps, keep a per-step copy, tell rank 0."""
-        self.state.step = step
         save_blocks(self._own_runners, step=step, epoch=step // self.steps_per_epoch, run_dir=self.run_dir,
-                    extra={self.runner.block_dir: {STAGE_STATE: self.state.to_json()}})
+                    extra=self.stage.kept_totals(step))
         self.control.saved(step)
 
     def _prune(self, below: int) -> None:
@@ -276,7 +275,7 @@ class Worker:
         self._train_loop(start)
         elapsed = time.perf_counter() - began
         self.links.flush()
-        self.control.finished({"seconds": elapsed, "steps": self.total - start, "state": self.state.to_json(),
+        self.control.finished({"seconds": elapsed, "steps": self.total - start, "state": self.stage.state.to_json(),
                                "link_buffer_bytes": self.links.buffer_bytes})
         summary = self._finish(start) if self.rank == 0 else None
         self.control.drain()
@@ -306,7 +305,7 @@ class Worker:
                     priors[next_feedback] = self._feedback_step(next_feedback)
                     next_feedback += 1
             self._forward_step(step, priors.pop(step, None))
-            self.state.epoch(step // self.steps_per_epoch).seconds += time.perf_counter() - stepped
+            self.stage.state.epoch(step // self.steps_per_epoch).seconds += time.perf_counter() - stepped
             if self.data.val_labels is not None and (step + 1) % self.steps_per_epoch == 0:
                 self._validate((step + 1) // self.steps_per_epoch - 1)
             if step + 1 in checkpoints:
@@ -317,7 +316,7 @@ class Worker:
                      what=lambda: f"{self.name}: the other ranks at the end of step {step}")
             bar.update()
             if self.rank == self.size - 1:
-                sums = self.state.epoch(step // self.steps_per_epoch)
+                sums = self.stage.state.epoch(step // self.steps_per_epoch)
                 bar.set_postfix(loss=f"{sums.loss / sums.samples:.3f}", acc=f"{sums.correct / max(sums.labelled, 1):.3f}")
         bar.close()
 
