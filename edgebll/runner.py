@@ -222,9 +222,12 @@ def session_options(threads: int) -> SessionOptions:
         raise EdgeBLLError(f"--threads must be >= 0 (0: onnxruntime decides), got {threads}")
     options = SessionOptions()
     options.intra_op_num_threads = threads
-    # Idle worker threads must not spin: on a board they would burn the cores another block (or
-    # the message codec) needs, and measured here they bought no speed.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Worker threads spin between the ops of a step (ORT's default): woken from sleep for each of a
+    # step's ~1000 ops, they made a portable cnn-small step at two threads 7-24 % slower (onnxruntime
+    # 1.19 and 1.32). They stop spinning when the step ends, so between steps they burn no core
+    # another block or the message codec needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     # ORT's memory pattern pre-plans a second arena for the activations: 24-43 % more peak memory
     # for no measurable speed (benchmarks/results/memory.json). Memory is what a board lacks.
     options.enable_mem_pattern = False

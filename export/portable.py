@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import logging
 import tempfile
 import warnings
@@ -48,7 +49,8 @@ from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 aten = torch.ops.aten
 
 _MIN_BATCH = 2  # BatchNorm's batch statistics need two samples
-_MIN_GEMM_CHANNELS = 16  # below this the per-offset products are matrix-vector products, slower than a Conv
+_MIN_GEMM_CHANNELS = 16  # below this the per-offset products are too thin: one product of every offset's window
+_MIN_BATCHED_POSITIONS = 100  # output positions from which per-sample products beat one product per offset
 
 
 def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
@@ -60,12 +62,13 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
     - input gradient: the transposed convolution of the output gradient with the same weight; the
       output padding restores the rows a strided convolution dropped. At stride 1 the same as a
       convolution with the kernel flipped and its channels exchanged.
-    - weight gradient: at stride 1 (groups 1, 16+ input channels) one matrix product per kernel
-      offset (``_weight_gradient_by_offsets``); otherwise a convolution whose "batch" is the input's
+    - weight gradient: at stride 1 with groups 1 and 2+ input channels, matrix products over the
+      kernel offsets (``_weight_gradient_by_offsets``); otherwise a convolution whose "batch" is the input's
       channels and whose kernel is the output gradient (channels and batch swapped), stride and
       dilation exchanged, cut to the kernel size (the padded input's end rows that no offset reads
       are not padded on, which took 3-11 % off the step of single stride-2 conv blocks); groups stay
-      groups (each group's samples are one group of channels).
+      groups (each group's samples are one group of channels). Products over strided windows ran as
+      fast at stride 2 but kept 3-7 MiB more of a cnn-small block resident (onnxruntime's arena).
     - bias gradient: the output gradient summed over every axis but the channels.
     """
     if transposed:
@@ -85,8 +88,8 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
             dropped = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                              + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
             grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, dropped, groups)
-    if output_mask[1] and groups == 1 and all(v == 1 for v in stride) and input.shape[1] >= _MIN_GEMM_CHANNELS:
-        grad_weight = _weight_gradient_by_offsets(grad_output, input, weight.shape, padding, dilation)
+    if output_mask[1] and groups == 1 and input.shape[1] > 1 and all(v == 1 for v in stride):
+        grad_weight = _weight_gradient_by_offsets(grad_output, input, weight.shape, stride, padding, dilation)
     elif output_mask[1]:
         n, c_in, c_out = input.shape[0], input.shape[1], grad_output.shape[1]
         samples = input.reshape(n, groups, c_in // groups, *input.shape[2:])
@@ -112,33 +115,57 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
 
 
 def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, shape: Sequence[int],
-                                padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """A stride-1 convolution's weight gradient as one matrix product per kernel offset.
+                                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """A convolution's weight gradient (groups 1) as matrix products over the kernel offsets.
 
-    For each offset, the padded input shifted by it (channels first: ``[C_in, N·spatial]``) times the
-    output gradient (``[C_out, N·spatial]``) gives that offset's ``[C_out, C_in]`` slice of the
-    gradient. MLAS ran these products 1.5-3× faster than the convolution-with-a-huge-kernel form
-    below on cnn-small's stride-1 layers (batch 64, two threads), at the cost of one shifted copy at
-    a time.
+    Each offset's slice of the gradient is the padded input's window at that offset (every
+    ``stride``-th position) times the output gradient, summed over samples and positions. Two
+    layouts, by the output's size (MLAS, batch 64, two threads, cnn-small's blocks):
+
+    - large outputs (``_MIN_BATCHED_POSITIONS``+ positions): one product per sample,
+      ``[C_in, positions] × [positions, C_out]``, summed over the samples. The products split over
+      the samples, so they use every thread: 0.6× the time of the one-product form on 14×14 and
+      28×28 outputs, whose ``[C_out, C_in]`` result is too small to thread. Under 16 input channels
+      the products are too thin: every offset's window goes into one product (an im2col).
+    - small outputs: one ``[C_out, N·positions] × [N·positions, C_in]`` product per offset, on the
+      input with channels first; per sample, 7×7 outputs made products too small and the sum over
+      samples as long as the products.
+
+    Windows of the map with its spatial axes flattened (one run per channel, copied 6× faster than
+    onnxruntime's row-by-row Slice of a 7×7 window) made no step faster: the products over the
+    runs' extra columns took what the copies saved.
     """
     dims = input.dim() - 2
-    c_out, c_in = shape[0], shape[1]
+    n, c_out, c_in = input.shape[0], shape[0], shape[1]
     kernel = list(shape[2:])
     out = grad_output.shape[2:]
     pads = [v for i in reversed(range(dims)) for v in (padding[i], padding[i])]
-    padded = torch.nn.functional.pad(input, pads).transpose(0, 1)  # [C_in, N, *spatial]
-    grads = grad_output.transpose(0, 1).reshape(c_out, -1)
+    padded = torch.nn.functional.pad(input, pads)
 
     def windows(t: torch.Tensor, axis: int) -> Iterator[torch.Tensor]:
-        """The shifted inputs, offsets in row-major order; each axis sliced once per prefix (a 3×3 kernel: 12 copies, not 18)."""
+        """``t``'s window at each kernel offset, every ``stride``-th position, offsets in row-major order;
+        each axis sliced once per prefix (a 3×3 kernel: 12 copies, not 18)."""
         if axis == dims:
             yield t
             return
         for o in range(kernel[axis]):
-            yield from windows(t.narrow(2 + axis, o * dilation[axis], out[axis]), axis + 1)
+            start = o * dilation[axis]
+            yield from windows(aten.slice(t, 2 + axis, start, start + stride[axis] * (out[axis] - 1) + 1, stride[axis]),
+                               axis + 1)
 
-    products = [grads @ window.reshape(c_in, -1).t() for window in windows(padded, 0)]
-    return torch.stack(products, -1).reshape(c_out, c_in, *kernel)
+    if math.prod(out) < _MIN_BATCHED_POSITIONS and c_in >= _MIN_GEMM_CHANNELS:
+        grads = grad_output.transpose(0, 1).reshape(c_out, -1)  # [C_out, N·positions]
+        products = [aten.mm(grads, w.reshape(c_in, -1).t()) for w in windows(padded.transpose(0, 1), 0)]
+        return torch.stack(products, -1).reshape(c_out, c_in, *kernel)
+    grads = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [N, positions, C_out]; MatMul folds the transpose
+    if c_in >= _MIN_GEMM_CHANNELS:
+        # aten.bmm, not @: matmul's decomposition expands (copies) both operands
+        products = [aten.bmm(w.reshape(n, c_in, -1), grads).sum(0) for w in windows(padded, 0)]
+        return torch.stack(products, -1).transpose(0, 1).reshape(c_out, c_in, *kernel)
+    offsets = math.prod(kernel)
+    columns = torch.cat(list(windows(padded, 0)), 1).reshape(n, offsets * c_in, -1)
+    product = aten.bmm(columns, grads).sum(0)  # [offsets·C_in, C_out]
+    return product.reshape(offsets, c_in, c_out).permute(2, 1, 0).reshape(c_out, c_in, *kernel)
 
 
 def threshold_backward(grad_output: torch.Tensor, self: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -294,19 +294,23 @@ def test_a_block_the_training_build_cannot_differentiate_is_exported_portable_on
 
 
 @pytest.mark.parametrize("dims", [1, 2])
-def test_convolution_weight_gradients_in_both_forms_equal_torch(tmp_path: Path, dims: int) -> None:
-    """Weight gradients: stride-1 convolutions with 16+ input channels take the per-offset products (padding,
-    dilation, a non-square kernel); the first, a grouped and the strided ones take the convolution form (the last
-    with its input's unused end row cut). Input gradients: stride 1 a flipped-kernel Conv (grouped too), stride 2
-    a ConvTranspose."""
+def test_convolution_weight_gradients_in_every_form_equal_torch(tmp_path: Path, dims: int) -> None:
+    """Weight gradients in each of their forms: an im2col product (2 input channels); per-sample products (16
+    channels, 100+ output positions: dilation, a non-square kernel, a 1×1 kernel); one product per offset (the last
+    conv, under 100 positions); and the convolution form (strided, grouped, strided grouped, one input channel).
+    Input gradients: stride 1 a flipped-kernel Conv (grouped too), stride 2 a ConvTranspose."""
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
     k = lambda *sizes: sizes[:dims]  # noqa: E731 (a kernel or padding in 1 or 2 dimensions)
     torch.manual_seed(0)
     units = [conv(2, 16, 3, padding=1), nn.ReLU(), conv(16, 16, 3, padding=2, dilation=2), nn.ReLU(),
-             conv(16, 16, k(3, 1), padding=k(1, 0)), nn.ReLU(), conv(16, 16, 3, padding=1, groups=4), nn.ReLU(),
-             conv(16, 16, 3, stride=2, groups=4), nn.ReLU(), conv(16, 16, 3, stride=2, padding=1), nn.ReLU()]
+             conv(16, 16, k(3, 1), padding=k(1, 0)), nn.ReLU(), conv(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+             conv(16, 16, 3, padding=1, groups=4), nn.ReLU(), conv(16, 1, 1), conv(1, 16, 3, padding=1), nn.ReLU(),
+             conv(16, 16, 3, stride=2, groups=4), nn.ReLU(), conv(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+             conv(16, 16, 3, padding=1), nn.ReLU()]
     pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
-    assert_sgd_step_like_torch(units, nn.Sequential(pool, nn.Flatten(), nn.Linear(16, 10)), (2, *k(13, 11)), tmp_path)
+    # positions, 2-D: 25×21, after each stride 2 13×11, 6×5, 3×3; 1-D: 250, 125, 62, 31
+    assert_sgd_step_like_torch(units, nn.Sequential(pool, nn.Flatten(), nn.Linear(16, 10)), (2, *k(25, 21)) if dims == 2
+                               else (2, 250), tmp_path)
 
 
 def test_unsupported_layer_is_refused_at_export_naming_it(tmp_path: Path) -> None:
