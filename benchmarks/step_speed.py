@@ -4,9 +4,10 @@ onnxruntime (``PortableRunner``), and torch eager.
 For every block of each model (exported with ``--blocks`` blocks, method bwbpf), the three runtimes
 take the same step: forward, local cross-entropy, backward and an AdamW update, at the same batch
 size and the same number of threads, on a random batch of the block's real input shape. After
-``--warmup`` untimed steps, ``--repeats`` steps are timed one by one; the median and the
-inter-quartile range are reported. The torch blocks are built with the export's seed, so both
-runtimes train the same weights.
+``--warmup`` untimed steps, ``--repeats`` rounds are timed, each runtime taking one step per
+round; the median and the inter-quartile range of each runtime's steps are reported, and each
+ratio is the median of the per-round ratios. The torch blocks are built with the export's seed,
+so the runtimes train the same weights.
 
 Timings mean something only on an otherwise idle CPU. Each row records how many cores other
 processes kept busy while it was timed; a contended row is timed again after a wait for an idle
@@ -92,6 +93,7 @@ class Row:
     portable_ms: float
     portable_iqr_ms: float
     ort_over_torch: float
+    """Median over the rounds of ORT's step time over torch's in the same round (so are the other ratios)."""
     portable_over_torch: float
     portable_over_ort: float
     ort_cpu_ms: float
@@ -108,42 +110,46 @@ class Row:
     portable_peak_rss_mib: float | None
 
 
-def time_steps(step: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
-    """Run ``step`` ``warmup`` times untimed, then time ``repeats`` calls one by one."""
-    for _ in range(warmup):
-        step()
-    times, cpu_times = [], []
-    with other_processes_cpu() as others:
-        for _ in range(repeats):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+def _timing(times: list[float], cpu_times: list[float], others_cores: float | None) -> Timing:
     q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
     return Timing(median_s=statistics.median(times), q25_s=q25, q75_s=q75, steps_s=times,
-                  cpu_median_s=statistics.median(cpu_times), others_cores=others.cores)
+                  cpu_median_s=statistics.median(cpu_times), others_cores=others_cores)
 
 
-def time_ort(block_dir: Path, x: np.ndarray, labels: np.ndarray, *, threads: int, lr: float, warmup: int,
-             repeats: int, runner_type: type = BlockRunner) -> Timing:
-    """Time ``runner_type(...).train_step`` (BlockRunner or PortableRunner) with ``threads`` intra-op threads
-    (a fresh session per call)."""
-    runner = runner_type(block_dir, threads=threads, load_trained=False)
-    timing = time_steps(functools.partial(runner.train_step, x, labels, lr), warmup=warmup, repeats=repeats)
-    # drop the session now: its thread pool must not compete while torch is being timed
-    del runner
-    gc.collect()
-    return timing
+def time_interleaved(steps: dict[str, Callable[[], object]], *, warmup: int, repeats: int) -> dict[str, Timing]:
+    """Run each step ``warmup`` times untimed, then time ``repeats`` rounds in which every step runs once.
+
+    Rounds, not one runtime's steps after another's: a shared machine's speed changes over seconds
+    (measured here: the same step 70 ms for a while, then 140 ms), and within a round every runtime
+    meets the same conditions, so the per-round ratios (:func:`round_ratio`) hold where the medians
+    drift.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu_times: dict[str, list[float]] = {k: [] for k in steps}
+    with other_processes_cpu() as others:
+        for _ in range(repeats):
+            for name, step in steps.items():
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+    return {k: _timing(times[k], cpu_times[k], others.cores) for k in steps}
 
 
-def time_torch(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, threads: int, lr: float, warmup: int,
-               repeats: int) -> Timing:
-    """Time the same step in torch eager: forward, loss, backward, AdamW (the export's settings).
+def round_ratio(a: Timing, b: Timing) -> float:
+    """The median over the rounds of ``a``'s step time over ``b``'s in the same round."""
+    return round(statistics.median(x / y for x, y in zip(a.steps_s, b.steps_s)), 3)
+
+
+def torch_step(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, lr: float) -> Callable[[], float]:
+    """The same step in torch eager: forward, loss, backward, AdamW (the export's settings).
 
     The block is trained in place; a deep copy per call would cost memory and change nothing
     about the speed.
     """
-    torch.set_num_threads(threads)
     block.train()
     # OptimizerConfig's defaults: torch's AdamW formula, eps 1e-8, no weight decay
     optimizer = torch.optim.AdamW(block.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -154,9 +160,25 @@ def time_torch(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, thr
         loss = block(inputs, targets)[0]
         loss.backward()
         optimizer.step()
-        return loss.item()  # the ORT step also hands its loss back as a Python float
+        return loss.item()  # the ORT steps also hand their loss back as a Python float
 
-    return time_steps(step, warmup=warmup, repeats=repeats)
+    return step
+
+
+def time_runtimes(block_dir: Path, block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, threads: int,
+                  lr: float, warmup: int, repeats: int) -> dict[str, Timing]:
+    """Time onnxruntime-training (``BlockRunner``), the portable graph (``PortableRunner``) and torch eager in
+    rounds (:func:`time_interleaved`), each with ``threads`` threads (fresh ORT sessions per call)."""
+    torch.set_num_threads(threads)
+    ort = BlockRunner(block_dir, threads=threads, load_trained=False)
+    portable = PortableRunner(block_dir, threads=threads, load_trained=False)
+    steps = {"ort": functools.partial(ort.train_step, x, labels, lr),
+             "portable": functools.partial(portable.train_step, x, labels, lr),
+             "torch": torch_step(block, x, labels, lr=lr)}
+    timings = time_interleaved(steps, warmup=warmup, repeats=repeats)
+    del ort, portable, steps  # their thread pools must not outlive the row
+    gc.collect()
+    return timings
 
 
 def _milliseconds(seconds: float) -> float:
@@ -186,8 +208,8 @@ def _wait_for_idle_cpu(max_seconds: float) -> None:
 def time_row(block_dir: Path, block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, threads: int,
              args: argparse.Namespace, repeats: int, budget: RetryBudget, label: str,
              progress: tqdm) -> tuple[Timing, Timing, Timing, int]:
-    """Time ORT, the portable graph, then torch; while other processes compete, wait for an idle CPU and time
-    all three again.
+    """Time ORT, the portable graph and torch in rounds; while other processes compete, wait for an idle CPU and
+    time all three again.
 
     Returns the least contended (ORT, portable, torch) triple and how many attempts were timed.
     """
@@ -200,13 +222,10 @@ def time_row(block_dir: Path, block: torch.nn.Module, x: np.ndarray, labels: np.
             progress.set_postfix_str(f"{label}: waiting for an idle CPU")
             _wait_for_idle_cpu(min(IDLE_WAIT_S, budget.seconds))
         suffix = f" retry {attempts}" if retrying else ""
-        progress.set_postfix_str(f"{label}{suffix} ORT")
-        ort = time_ort(block_dir, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats)
-        progress.set_postfix_str(f"{label}{suffix} portable")
-        portable = time_ort(block_dir, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats,
-                            runner_type=PortableRunner)
-        progress.set_postfix_str(f"{label}{suffix} torch")
-        eager = time_torch(block, x, labels, threads=threads, lr=args.lr, warmup=args.warmup, repeats=repeats)
+        progress.set_postfix_str(f"{label}{suffix}")
+        timed = time_runtimes(block_dir, block, x, labels, threads=threads, lr=args.lr, warmup=args.warmup,
+                              repeats=repeats)
+        ort, portable, eager = timed["ort"], timed["portable"], timed["torch"]
         attempts += 1
         if retrying:
             budget.spend(time.perf_counter() - started)
@@ -250,9 +269,8 @@ def benchmark_model(name: str, args: argparse.Namespace, repeats: int, workdir: 
                 ort_ms=_milliseconds(ort.median_s), ort_iqr_ms=_milliseconds(ort.iqr_s),
                 torch_ms=_milliseconds(eager.median_s), torch_iqr_ms=_milliseconds(eager.iqr_s),
                 portable_ms=_milliseconds(portable.median_s), portable_iqr_ms=_milliseconds(portable.iqr_s),
-                ort_over_torch=round(ort.median_s / eager.median_s, 3),
-                portable_over_torch=round(portable.median_s / eager.median_s, 3),
-                portable_over_ort=round(portable.median_s / ort.median_s, 3),
+                ort_over_torch=round_ratio(ort, eager), portable_over_torch=round_ratio(portable, eager),
+                portable_over_ort=round_ratio(portable, ort),
                 ort_cpu_ms=_milliseconds(ort.cpu_median_s), torch_cpu_ms=_milliseconds(eager.cpu_median_s),
                 portable_cpu_ms=_milliseconds(portable.cpu_median_s),
                 ort_others_cores=ort.others_cores, torch_others_cores=eager.others_cores,
@@ -300,7 +318,8 @@ def render_markdown(rows: list[Row], machine: dict, settings: dict) -> str:
         f"`{machine['command']}` on {describe_machine(machine)}.\n\n"
         f"One training step (forward, local loss, backward, AdamW) of each block of a {settings['blocks']}-block "
         f"`{settings['method']}` split, batch {settings['batch_size']}; median ± inter-quartile range of the timed "
-        f"steps ({repeats}) after {settings['warmup']} warm-up steps. ORT-training: onnxruntime-training's "
+        f"steps ({repeats}) after {settings['warmup']} warm-up steps, the three runtimes taking turns step by step; "
+        "each ratio is the median over those rounds of the two steps' ratio in one round. ORT-training: onnxruntime-training's "
         "training API; portable: the block's whole step as one standard-op graph on onnxruntime's inference session "
         "(what a board runs). A ratio < 1: the first runtime is faster. "
         f"Other processes kept {'an unknown number of' if during is None else f'{during:.2f}'} cores busy on "

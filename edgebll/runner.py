@@ -223,9 +223,10 @@ def session_options(threads: int) -> SessionOptions:
     options = SessionOptions()
     options.intra_op_num_threads = threads
     # Worker threads spin between the ops of a step (ORT's default): woken from sleep for each of a
-    # step's ~1000 ops, they made a portable cnn-small step at two threads 7-24 % slower (onnxruntime
-    # 1.19 and 1.32). They stop spinning when the step ends, so between steps they burn no core
-    # another block or the message codec needs.
+    # step's ~1000 ops, they made a portable cnn-small block's step at two threads 9-16 % slower
+    # (median of 30 interleaved pairs per block; faster with spinning in 80-90 % of the pairs). They
+    # stop spinning when the step ends, so between steps they burn no core another block or the
+    # message codec needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     # ORT's memory pattern pre-plans a second arena for the activations: 24-43 % more peak memory
