@@ -58,13 +58,13 @@ from edgebll.manifest import MANIFEST_NAME, BlockManifest, load_block_manifest
 from edgebll.portable_schema import EVAL_FILE, TRAIN_FILE
 from edgebll.runner import session_options
 
-RUNTIME_BYTES = int(11.8 * 2**20)
+RUNTIME_BYTES = int(12.4 * 2**20)
 """ONNX Runtime's own memory for one block: three sessions (training, eval, optimizer) and the
 first steps' fixed allocations, above an idle interpreter with ORT imported. Measured on x86-64 on
 the blocks of a tiny model, which hold almost nothing else (benchmarks/results/memory.json,
 calibration.runtime_bytes); re-measure on a board with benchmarks/memory.py."""
 
-ARENA_OVERHEAD = 0.29
+ARENA_OVERHEAD = 0.27
 """Fraction of the activations' peak that the CPU arena holds on top of it after a few steps,
 memory pattern off: the calibration slope less one (benchmarks/results/memory.json)."""
 
@@ -72,11 +72,11 @@ PATTERN_COPY = 0.89
 """What ORT's memory pattern adds, as a fraction of the activations' peak: the difference of the
 calibration slopes with the pattern on and off (benchmarks/results/memory.json)."""
 
-PORTABLE_RUNTIME_BYTES = int(13.9 * 2**20)
+PORTABLE_RUNTIME_BYTES = int(14.0 * 2**20)
 """RUNTIME_BYTES of the portable backend: two inference sessions of the standard-op graphs
 (benchmarks/results/memory_portable.json, calibration.runtime_bytes)."""
 
-PORTABLE_ARENA_OVERHEAD = 0.19
+PORTABLE_ARENA_OVERHEAD = 0.18
 """ARENA_OVERHEAD of the portable backend (benchmarks/results/memory_portable.json)."""
 
 
