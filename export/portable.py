@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -89,7 +89,7 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
                                              + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
             grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, dropped, groups)
     if output_mask[1] and groups == 1 and input.shape[1] > 1 and all(v == 1 for v in stride):
-        grad_weight = _weight_gradient_by_offsets(grad_output, input, weight.shape, stride, padding, dilation)
+        grad_weight = _weight_gradient_by_offsets(grad_output, input, weight.shape, padding, dilation)
     elif output_mask[1]:
         n, c_in, c_out = input.shape[0], input.shape[1], grad_output.shape[1]
         samples = input.reshape(n, groups, c_in // groups, *input.shape[2:])
@@ -115,11 +115,11 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
 
 
 def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, shape: Sequence[int],
-                                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """A convolution's weight gradient (groups 1) as matrix products over the kernel offsets.
+                                padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """A stride-1 convolution's weight gradient (groups 1) as matrix products over the kernel offsets.
 
-    Each offset's slice of the gradient is the padded input's window at that offset (every
-    ``stride``-th position) times the output gradient, summed over samples and positions. Two
+    Each offset's slice of the gradient is the padded input shifted by that offset times the output
+    gradient, summed over samples and positions. Two
     layouts, by the output's size (MLAS, batch 64, two threads, cnn-small's blocks):
 
     - large outputs (``_MIN_BATCHED_POSITIONS``+ positions): one product per sample,
@@ -143,15 +143,13 @@ def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, 
     padded = torch.nn.functional.pad(input, pads)
 
     def windows(t: torch.Tensor, axis: int) -> Iterator[torch.Tensor]:
-        """``t``'s window at each kernel offset, every ``stride``-th position, offsets in row-major order;
-        each axis sliced once per prefix (a 3×3 kernel: 12 copies, not 18)."""
+        """``t`` shifted by each kernel offset, offsets in row-major order; each axis sliced once per prefix
+        (a 3×3 kernel: 12 copies, not 18)."""
         if axis == dims:
             yield t
             return
         for o in range(kernel[axis]):
-            start = o * dilation[axis]
-            yield from windows(aten.slice(t, 2 + axis, start, start + stride[axis] * (out[axis] - 1) + 1, stride[axis]),
-                               axis + 1)
+            yield from windows(t.narrow(2 + axis, o * dilation[axis], out[axis]), axis + 1)
 
     if math.prod(out) < _MIN_BATCHED_POSITIONS and c_in >= _MIN_GEMM_CHANNELS:
         grads = grad_output.transpose(0, 1).reshape(c_out, -1)  # [C_out, N·positions]
