@@ -6,7 +6,8 @@ needs neither: torch traces the whole step — forward, local loss, ``torch.auto
 optimizer update and BatchNorm's running statistics — with ``make_fx`` into core ATen ops, and
 the dynamo ONNX exporter translates those. Two backward ops have no ONNX translation and are
 decomposed here into forward ops (``convolution_backward``: ConvTranspose and Conv;
-``max_pool2d_with_indices_backward``: torch's scatter-add decomposition).
+``max_pool2d_with_indices_backward``: torch's scatter-add decomposition). Train-mode batch norm is
+traced as :mod:`.batch_norm` writes it (fewer passes over the activations than torch's decompositions).
 
 Graph contract (names in :mod:`edgebll.portable`): inputs ``x``, the side input, ``lr``, ``step``
 and every state tensor ``param:NAME``, ``buffer:NAME``, ``exp_avg:NAME``, ``exp_avg_sq:NAME``;
@@ -43,6 +44,7 @@ from edgebll.portable_schema import (
 from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
+from .batch_norm import TrainModeBatchNorm
 from .in_place import order_updates_after_reads
 from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 
@@ -213,8 +215,9 @@ def make_train_step(module: nn.Module, params: Sequence[str], buffers: Sequence[
         weights = [p.detach().requires_grad_() for p in state[:n_params]]
         kept = [b.clone() for b in state[n_params:n_params + n_buffers]]  # the forward updates these in place
         moments = state[n_params + n_buffers:]
-        outputs = torch.func.functional_call(module, {**dict(zip(params, weights)), **dict(zip(buffers, kept))},
-                                             (x, side))
+        with TrainModeBatchNorm():
+            outputs = torch.func.functional_call(module, {**dict(zip(params, weights)), **dict(zip(buffers, kept))},
+                                                 (x, side))
         grads = torch.autograd.grad(outputs[0], weights, allow_unused=True)
         new_weights, new_m, new_v = [], [], []
         for at, (p, g) in enumerate(zip(weights, grads)):
@@ -317,6 +320,16 @@ def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_n
     return model
 
 
+def _refuse_cumulative_batch_norm(module: nn.Module, where: str) -> None:
+    """A batch norm with ``momentum=None`` averages over ``1 / num_batches_tracked``, a Python float read from a
+    tensor while tracing: the tracer cannot follow it, so refuse it by name before trying."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is None and layer.track_running_stats:
+            raise ExportError(f"{where}: {name} ({type(layer).__name__}) has momentum=None (a cumulative average of the "
+                              "batch statistics), which the portable graph cannot trace; hint: give it a momentum "
+                              "(torch's default is 0.1), or export without --portable")
+
+
 def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[tuple[str, str]], block_dir: Path,
                     optimizer: OptimizerConfig, *, where: str) -> PortableSchema:
     """Write the portable train and eval graphs and the initial state (``PORTABLE_FILES``) into ``block_dir``.
@@ -326,6 +339,7 @@ def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[t
     if optimizer.name not in ("adamw", "sgd"):
         raise ExportError(f"unknown optimizer {optimizer.name!r}; choose adamw or sgd")
     module = module.train()
+    _refuse_cumulative_batch_norm(module, where)
     params, others = state_of(module)
     names_out = [name for name, _ in outputs]
     examples = [example_input(spec, _trace_batch(module, inputs)) for spec in inputs]

@@ -269,6 +269,21 @@ def test_group_and_instance_norm_train_like_torch(tmp_path: Path) -> None:
     assert_sgd_step_like_torch(units, head, (1, 9, 9), tmp_path)
 
 
+def test_batch_norm_variants_train_like_torch(tmp_path: Path) -> None:
+    """Train-mode batch norm is the graph's own (``export/batch_norm.py``): without affine, another momentum, without
+    running statistics, and BatchNorm1d on features, each as torch trains it. A cumulative average (momentum None)
+    reads a tensor as a Python number, which the tracer cannot follow: refused, naming the layer."""
+    torch.manual_seed(0)
+    units = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Conv2d(4, 4, 3),
+             nn.BatchNorm2d(4, momentum=0.3, eps=1e-3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+             nn.BatchNorm2d(4, track_running_stats=False)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 10))
+    assert_sgd_step_like_torch(units, head, (1, 9, 9), tmp_path)
+    units[4] = nn.BatchNorm2d(4, momentum=None)
+    with pytest.raises(ExportError, match=r"block 0: body.4 \(BatchNorm2d\) has momentum=None .*hint: give it a momentum"):
+        assert_sgd_step_like_torch(units, head, (1, 9, 9), tmp_path)
+
+
 def test_a_block_the_training_build_cannot_differentiate_is_exported_portable_only(tmp_path: Path) -> None:
     """The other blocks keep both backends; ``auto`` trains this one on the portable graphs. Without them (and
     for a layer torch.onnx cannot export in training mode) the export is refused naming the layer and the fix."""
