@@ -6,8 +6,7 @@ needs neither: torch traces the whole step — forward, local loss, ``torch.auto
 optimizer update and BatchNorm's running statistics — with ``make_fx`` into core ATen ops, and
 the dynamo ONNX exporter translates those. Two backward ops have no ONNX translation and are
 decomposed here into forward ops (``convolution_backward``: ConvTranspose and Conv;
-``max_pool2d_with_indices_backward``: torch's scatter-add decomposition). Train-mode batch norm is
-traced as :mod:`.batch_norm` writes it (fewer passes over the activations than torch's decompositions).
+``max_pool2d_with_indices_backward``: torch's scatter-add decomposition).
 
 Graph contract (names in :mod:`edgebll.portable`): inputs ``x``, the side input, ``lr``, ``step``
 and every state tensor ``param:NAME``, ``buffer:NAME``, ``exp_avg:NAME``, ``exp_avg_sq:NAME``;
@@ -44,7 +43,6 @@ from edgebll.portable_schema import (
 from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
-from .batch_norm import TrainModeBatchNorm
 from .in_place import order_updates_after_reads
 from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 
@@ -215,9 +213,8 @@ def make_train_step(module: nn.Module, params: Sequence[str], buffers: Sequence[
         weights = [p.detach().requires_grad_() for p in state[:n_params]]
         kept = [b.clone() for b in state[n_params:n_params + n_buffers]]  # the forward updates these in place
         moments = state[n_params + n_buffers:]
-        with TrainModeBatchNorm():
-            outputs = torch.func.functional_call(module, {**dict(zip(params, weights)), **dict(zip(buffers, kept))},
-                                                 (x, side))
+        outputs = torch.func.functional_call(module, {**dict(zip(params, weights)), **dict(zip(buffers, kept))},
+                                             (x, side))
         grads = torch.autograd.grad(outputs[0], weights, allow_unused=True)
         new_weights, new_m, new_v = [], [], []
         for at, (p, g) in enumerate(zip(weights, grads)):

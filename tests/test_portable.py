@@ -270,9 +270,9 @@ def test_group_and_instance_norm_train_like_torch(tmp_path: Path) -> None:
 
 
 def test_batch_norm_variants_train_like_torch(tmp_path: Path) -> None:
-    """Train-mode batch norm is the graph's own (``export/batch_norm.py``): without affine, another momentum, without
-    running statistics, and BatchNorm1d on features, each as torch trains it. A cumulative average (momentum None)
-    reads a tensor as a Python number, which the tracer cannot follow: refused, naming the layer."""
+    """Batch norm without affine, with another momentum and eps, without running statistics, and BatchNorm1d on
+    features, each as torch trains it. A cumulative average (momentum None) reads a tensor as a Python number, which
+    the tracer cannot follow: refused, naming the layer."""
     torch.manual_seed(0)
     units = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Conv2d(4, 4, 3),
              nn.BatchNorm2d(4, momentum=0.3, eps=1e-3), nn.ReLU(), nn.Conv2d(4, 4, 1),
