@@ -83,7 +83,7 @@ def graph_memory(path: Path, manifest: BlockManifest, batch: int,
         elif tensor.name != "lazy_reset_grad":  # a flag input of ORT's, not a parameter
             result.parameters += nbytes(tensor.name)
 
-    nodes = _execution_order(list(graph.node))
+    nodes = _depth_first_order(list(graph.node)) if optimizer_keys is not None else _execution_order(list(graph.node))
     # a view op's output is its input's buffer (onnxruntime's kernels alias them): the buffer lives
     # until the last use of any of its views, and costs nothing more
     root: dict[str, str] = {}
@@ -115,6 +115,34 @@ def graph_memory(path: Path, manifest: BlockManifest, batch: int,
                 in_use -= live.pop(name)
     result.peak = peak
     return result
+
+
+def _depth_first_order(nodes: list[Any]) -> list[Any]:
+    """The nodes in onnxruntime's default order: a depth-first walk back from the nodes whose outputs no
+    node reads, each node placed after its inputs' producers, the latest in the file walked first.
+
+    A portable step interleaves forward, backward and optimizer nodes that the file's order keeps
+    apart (the copies a weight gradient needs are traced before the gradient they meet, so that this
+    walk makes them last), so its liveness peak is taken in this order.
+    """
+    producer = {name: at for at, node in enumerate(nodes) for name in node.output if name}
+    inputs = [sorted({producer[name] for name in node.input if name in producer}) for node in nodes]
+    read = {name for node in nodes for name in node.input}
+    leaves = [at for at, node in enumerate(nodes) if not read.intersection(name for name in node.output if name)]
+    placed = [False] * len(nodes)
+    order: list[Any] = []
+    stack = [(at, False) for at in sorted(leaves)]
+    while stack:
+        at, done = stack.pop()
+        if done:
+            order.append(nodes[at])
+            continue
+        if placed[at]:
+            continue
+        placed[at] = True
+        stack.append((at, True))
+        stack.extend((parent, False) for parent in inputs[at] if not placed[parent])
+    return order
 
 
 def _execution_order(nodes: list[Any]) -> list[Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from edgebll.manifest import BlockManifest, load_block_manifest
 from edgebll.portable_schema import EVAL_FILE, NEXT, STATE_FILE, TRAIN_FILE
 from edgebll.checkpoints import TRAINED_DIR
 from edgebll.runner import RunnerBase, StepResult, save_trained, session_options, verify_trained
+
+if TYPE_CHECKING:
+    from onnxruntime import SessionOptions
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -50,6 +53,19 @@ def load_state(path: Path, keys: list[str], where: str) -> dict[str, np.ndarray]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ManifestError(f"{where}: cannot read {path} ({exc}); hint: re-export the run, or delete "
                             f"{path.parent / TRAINED_DIR} to start from the exported weights") from exc
+
+
+def train_session_options(threads: int) -> SessionOptions:
+    """:func:`session_options` for a portable step graph: onnxruntime's buffer reuse off.
+
+    With reuse on, onnxruntime's plan hands a freed buffer to a tensor made later, and the buffer
+    stays allocated, unused, in between: in a step's backward, which makes tensors of a few sizes
+    over and over, those idle buffers were 2-3 activations' worth at the peak. Without it a freed
+    buffer goes back to the arena and the next tensor of its size takes it from there.
+    """
+    options = session_options(threads)
+    options.enable_mem_reuse = False
+    return options
 
 
 class PortableRunner(RunnerBase):
@@ -84,9 +100,10 @@ class PortableRunner(RunnerBase):
                                "JetPack (see devices/README.md), or use --provider cpu")
         self.device = "cuda" if provider == "cuda" else "cpu"
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        options = session_options(threads)
-        self.train_session = onnxruntime.InferenceSession(str(self.block_dir / TRAIN_FILE), options, providers=providers)
-        self.eval_session = onnxruntime.InferenceSession(str(self.block_dir / EVAL_FILE), options, providers=providers)
+        self.train_session = onnxruntime.InferenceSession(str(self.block_dir / TRAIN_FILE), train_session_options(threads),
+                                                          providers=providers)
+        self.eval_session = onnxruntime.InferenceSession(str(self.block_dir / EVAL_FILE), session_options(threads),
+                                                         providers=providers)
         self.progress = {"epoch": 0, "step": 0}
         state_file = self.block_dir / STATE_FILE
         trained = self.block_dir / TRAINED_DIR / STATE_FILE

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import math
 import tempfile
@@ -139,29 +140,38 @@ def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, 
     n, c_out, c_in = input.shape[0], shape[0], shape[1]
     kernel = list(shape[2:])
     out = grad_output.shape[2:]
-    pads = [v for i in reversed(range(dims)) for v in (padding[i], padding[i])]
-    padded = torch.nn.functional.pad(input, pads)
 
-    def windows(t: torch.Tensor, axis: int) -> Iterator[torch.Tensor]:
-        """``t`` shifted by each kernel offset, offsets in row-major order; each axis sliced once per prefix
-        (a 3×3 kernel: 12 copies, not 18)."""
-        if axis == dims:
-            yield t
-            return
-        for o in range(kernel[axis]):
-            yield from windows(t.narrow(2 + axis, o * dilation[axis], out[axis]), axis + 1)
+    def windows(t: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``t`` shifted by each kernel offset, offsets in row-major order, zero where the shift reads the
+        padding: one Pad per offset whose negative amounts crop, so no padded copy of the whole map and
+        no intermediate slices are held (the offset that reads ``t`` as it is copies nothing)."""
+        size = t.shape[2:]
+        for offset in itertools.product(*[range(k) for k in kernel]):
+            before = [padding[i] - offset[i] * dilation[i] for i in range(dims)]
+            after = [out[i] - size[i] - before[i] for i in range(dims)]
+            if any(before) or any(after):
+                yield torch.nn.functional.pad(t, [v for i in reversed(range(dims)) for v in (before[i], after[i])])
+            else:
+                yield t
 
+    # Every copy of the input is traced before the output gradient is touched: onnxruntime's execution
+    # order walks back from the outputs taking a node's latest-traced input first, so it now runs the
+    # backward that the gradient needs before these copies, not holding them through it
+    # (cnn-small's first block: 12 MiB off the step's liveness peak).
     if math.prod(out) < _MIN_BATCHED_POSITIONS and c_in >= _MIN_GEMM_CHANNELS:
+        shifted = [w.reshape(c_in, -1).t() for w in windows(input.transpose(0, 1))]
         grads = grad_output.transpose(0, 1).reshape(c_out, -1)  # [C_out, N·positions]
-        products = [aten.mm(grads, w.reshape(c_in, -1).t()) for w in windows(padded.transpose(0, 1), 0)]
+        products = [aten.mm(grads, w) for w in shifted]
         return torch.stack(products, -1).reshape(c_out, c_in, *kernel)
-    grads = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [N, positions, C_out]; MatMul folds the transpose
     if c_in >= _MIN_GEMM_CHANNELS:
+        shifted = [w.reshape(n, c_in, -1) for w in windows(input)]
+        grads = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [N, positions, C_out]; MatMul folds the transpose
         # aten.bmm, not @: matmul's decomposition expands (copies) both operands
-        products = [aten.bmm(w.reshape(n, c_in, -1), grads).sum(0) for w in windows(padded, 0)]
+        products = [aten.bmm(w, grads).sum(0) for w in shifted]
         return torch.stack(products, -1).transpose(0, 1).reshape(c_out, c_in, *kernel)
     offsets = math.prod(kernel)
-    columns = torch.cat(list(windows(padded, 0)), 1).reshape(n, offsets * c_in, -1)
+    columns = torch.cat(list(windows(input)), 1).reshape(n, offsets * c_in, -1)
+    grads = grad_output.reshape(n, c_out, -1).transpose(1, 2)
     product = aten.bmm(columns, grads).sum(0)  # [offsets·C_in, C_out]
     return product.reshape(offsets, c_in, c_out).permute(2, 1, 0).reshape(c_out, c_in, *kernel)
 
