@@ -24,10 +24,9 @@ from common import describe_machine, machine_info, markdown_table, write_results
 from edgebll.export import export_model
 
 from edgebll.manifest import load_block_manifest
-from edgebll.portable import load_state
+from edgebll.portable import load_state, train_session_options
 from edgebll.portable_schema import TRAIN_FILE
 from edgebll.run_folder import block_dir_name
-from edgebll.runner import session_options
 
 BLOCKS = 4
 TOP_NODES = 8
@@ -53,7 +52,7 @@ def profile_block(block_dir: Path, *, threads: int, batch: int, runs: int, warmu
     import onnxruntime
 
     manifest = load_block_manifest(block_dir, verify_files=False)
-    options = session_options(threads)
+    options = train_session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(block_dir / "ort_profile")
     session = onnxruntime.InferenceSession(str(block_dir / TRAIN_FILE), options, providers=["CPUExecutionProvider"])

@@ -72,11 +72,11 @@ PATTERN_COPY = 0.89
 """What ORT's memory pattern adds, as a fraction of the activations' peak: the difference of the
 calibration slopes with the pattern on and off (benchmarks/results/memory.json)."""
 
-PORTABLE_RUNTIME_BYTES = int(14.0 * 2**20)
+PORTABLE_RUNTIME_BYTES = int(13.6 * 2**20)
 """RUNTIME_BYTES of the portable backend: two inference sessions of the standard-op graphs
 (benchmarks/results/memory_portable.json, calibration.runtime_bytes)."""
 
-PORTABLE_ARENA_OVERHEAD = 0.18
+PORTABLE_ARENA_OVERHEAD = 0.16
 """ARENA_OVERHEAD of the portable backend (benchmarks/results/memory_portable.json)."""
 
 

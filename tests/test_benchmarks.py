@@ -139,3 +139,32 @@ def test_run_all_keeps_finished_runs_and_reruns_only_the_rest(tmp_path: Path, jo
     assert ran == ([] if jobs == 2 else ["4"])  # only what had not finished ran again
     publish("study", {}, [], lambda machine: "table", results_dir=tmp_path, keep=keep)
     assert not keep.exists() and (tmp_path / "study.md").read_text() == "table\n"
+
+
+def test_alloc_timeline_reads_the_traced_step_and_walks_liveness() -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    import alloc_timeline
+
+    trace = ["11 100.000000 mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, -1, 0) = 0x10",  # before the mark: not counted
+             '11 100.500000 write(2, "ALLOC_TIMELINE_START\\n", 21) = 21',
+             "11 100.600000 mmap(NULL, 1000, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xa0",
+             "12 100.700000 mmap(NULL, 3000, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xb0",
+             "11 100.800000 munmap(0xa0, 1000) = 0",
+             "11 100.900000 munmap(0x10, 4096) = 0",  # mapped before the mark: ignored
+             "11 101.000000 mmap(NULL, 500, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xc0",
+             '11 101.500000 write(2, "ALLOC_TIMELINE_END\\n", 19) = 19',
+             "11 101.600000 mmap(NULL, 9999, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xd0"]
+    traced = alloc_timeline.parse_trace(trace)
+    assert traced["peak_bytes"] == 4000 and abs(traced["peak_s"] - 0.2) < 1e-9
+    assert [size for _, size in traced["live"]] == [1000, 3000]
+    assert traced["left_bytes"] == 3500 and abs(traced["step_s"] - 1.0) < 1e-9
+    with pytest.raises(ValueError, match="no ALLOC_TIMELINE_START/ALLOC_TIMELINE_END pair"):
+        alloc_timeline.parse_trace(trace[:4])
+
+    # a -> view v -> b(v) -> c(a, b); c is the graph output: a's buffer lives through its view's last use
+    node = lambda name, inputs, outputs, view=False: {  # noqa: E731
+        "name": name, "inputs": inputs, "outputs": outputs, "view": view}
+    order = [node("A", ["x"], {"a": 100}), node("V", ["a"], {"v": 100}, view=True), node("B", ["v"], {"b": 10}),
+             node("C", ["a", "b"], {"c": 1}), node("D", ["x"], {"d": 50})]
+    walk = alloc_timeline.liveness(order, {"c"})
+    assert [sorted(alive) for alive in walk] == [["a"], ["a"], ["a", "b"], ["a", "b", "c"], ["c", "d"]]
