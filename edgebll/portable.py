@@ -60,8 +60,9 @@ def train_session_options(threads: int) -> SessionOptions:
 
     With reuse on, onnxruntime's plan hands a freed buffer to a tensor made later, and the buffer
     stays allocated, unused, in between: in a step's backward, which makes tensors of a few sizes
-    over and over, those idle buffers were 2-3 activations' worth at the peak. Without it a freed
-    buffer goes back to the arena and the next tensor of its size takes it from there.
+    over and over, those idle buffers were 2-3 activations' worth at the peak
+    (benchmarks/alloc_timeline.py). Without it a freed buffer goes back to the arena, and the next
+    tensor that fits takes it from there.
     """
     options = session_options(threads)
     options.enable_mem_reuse = False
