@@ -124,8 +124,8 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps({"profile": runner.train_session.end_profiling()}))
 
 
-def _ran_order(profile: list[dict[str, Any]], optimized: Any) -> tuple[list[dict[str, Any]], float]:
-    """The nodes of the last run in the order they ran, with their outputs' bytes; the run's start (µs)."""
+def _ran_order(profile: list[dict[str, Any]], optimized: Any) -> list[dict[str, Any]]:
+    """The nodes of the last run in the order they ran, with their outputs' bytes."""
     run = [e for e in profile if e.get("cat") == "Session" and e.get("name") == "model_run"][-1]
     events = sorted((e for e in profile if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
                      and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]), key=lambda e: e["ts"])
@@ -140,7 +140,7 @@ def _ran_order(profile: list[dict[str, Any]], optimized: Any) -> tuple[list[dict
         outputs = {o: 4 * math.prod(dims) for o, dims in zip(node.output, shapes) if o}
         order.append({"name": name, "op": node.op_type, "inputs": list(node.input), "outputs": outputs,
                       "view": node.op_type in _VIEW_OPS, "start_us": event["ts"] - run["ts"]})
-    return order, run["ts"]
+    return order
 
 
 def measure(block: Path, *, threads: int, batch_size: int, steps: int, reuse: bool) -> dict[str, Any]:
@@ -162,7 +162,7 @@ def measure(block: Path, *, threads: int, batch_size: int, steps: int, reuse: bo
         traced = parse_trace((out / "trace.txt").read_text().splitlines())
         profile = json.loads(Path(json.loads(done.stdout.splitlines()[-1])["profile"]).read_text())
         optimized = onnx.load(str(out / "optimized.onnx"), load_external_data=False)
-    order, _ = _ran_order(profile, optimized)
+    order = _ran_order(profile, optimized)
     walk = liveness(order, {o.name for o in optimized.graph.output})
 
     def node_at(seconds: float) -> int:
