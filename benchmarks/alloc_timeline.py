@@ -26,12 +26,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common import describe_machine, machine_info, markdown_table, write_results
+from edgebll.graph_memory import VIEW_OPS
 
 MARK_START, MARK_END = "ALLOC_TIMELINE_START", "ALLOC_TIMELINE_END"
 _MMAP = re.compile(r"^\d+\s+([\d.]+) mmap\(NULL, (\d+),.*= (0x[0-9a-f]+)")
 _MUNMAP = re.compile(r"^\d+\s+([\d.]+) munmap\((0x[0-9a-f]+), (\d+)\)")
-_VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+_ITEMSIZE = {"float": 4, "double": 8}
+"""Item bytes of the profiler's type names that numpy reads otherwise (bool, int64, float16 it reads alike)."""
 MIB = 2**20
 
 
@@ -93,7 +96,6 @@ def liveness(order: list[dict[str, Any]], graph_outputs: set[str]) -> list[dict[
 
 def _child(args: argparse.Namespace) -> None:
     """Train the block ``args.steps`` steps with the portable runner, marks around the last."""
-    import numpy as np
     from edgebll import portable
 
     configure = portable.train_session_options
@@ -136,10 +138,11 @@ def _ran_order(profile: list[dict[str, Any]], optimized: Any) -> list[dict[str, 
         node = nodes.get(name)
         if node is None:  # a node onnxruntime added after it saved the optimized model (a Cast): unsized
             continue
-        shapes = [next(iter(s.values())) for s in event["args"].get("output_type_shape", [])]
-        outputs = {o: 4 * math.prod(dims) for o, dims in zip(node.output, shapes) if o}
+        types = [next(iter(s.items())) for s in event["args"].get("output_type_shape", [])]
+        outputs = {o: (_ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize) * math.prod(dims)
+                   for o, (dtype, dims) in zip(node.output, types) if o}
         order.append({"name": name, "op": node.op_type, "inputs": list(node.input), "outputs": outputs,
-                      "view": node.op_type in _VIEW_OPS, "start_us": event["ts"] - run["ts"]})
+                      "view": node.op_type in VIEW_OPS, "start_us": event["ts"] - run["ts"]})
     return order
 
 

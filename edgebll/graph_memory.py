@@ -22,7 +22,7 @@ from edgebll.portable_schema import NEXT
 _ACCUMULATION_SUFFIX = "_grad.accumulation.buffer"
 _ALIASING_OPS = {"InPlaceAccumulatorV2"}
 """Ops whose output is their first input, updated in place (no new memory)."""
-_VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 """Ops whose output shares its first input's buffer (onnxruntime declares them aliasing)."""
 
 
@@ -88,7 +88,7 @@ def graph_memory(path: Path, manifest: BlockManifest, batch: int,
     # until the last use of any of its views, and costs nothing more
     root: dict[str, str] = {}
     for node in nodes:
-        if node.op_type in _VIEW_OPS and node.input and node.input[0]:
+        if node.op_type in VIEW_OPS and node.input and node.input[0]:
             root[node.output[0]] = root.get(node.input[0], node.input[0])
     last_use: dict[str, int] = {}
     for at, node in enumerate(nodes):
