@@ -71,6 +71,7 @@ test-aarch64: setup data cross-tools
 bench: setup data
 	$(PY) benchmarks/codec_speed.py
 	$(PY) benchmarks/step_speed.py
+	$(PY) benchmarks/folded_conv.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory_k_sweep.py --threads 1
 	$(PY) benchmarks/eval_memory.py

@@ -193,6 +193,8 @@ def _infer_shapes(onnx: Any, model: Any, batch: int) -> tuple[dict[str, tuple[li
             shapes.setdefault(init.name, (list(init.dims), _elem_size(helper, init.data_type)))
         # exact rules first; a guess (like the first input) only when they are exhausted, since
         # inference from the tensors they size may still get the rest right
+        if _evaluate_shape_arithmetic(work, shapes):
+            continue
         added = _apply(_contrib_shape, work.graph.node, shapes) or _apply(_guess_shape, work.graph.node, shapes)
         if not added:
             break
@@ -205,6 +207,49 @@ def _infer_shapes(onnx: Any, model: Any, batch: int) -> tuple[dict[str, tuple[li
                 shapes[name] = ([0], 4)
                 guessed.append(name)
     return shapes, guessed
+
+
+_SHAPE_ARITHMETIC = {
+    "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: a // b, "Mod": lambda a, b: a % b,
+}
+"""Integer ops of shape computations that ONNX's data propagation does not follow (a batch padded to a
+multiple: ``export/folded_conv.py``)."""
+
+
+def _evaluate_shape_arithmetic(work: Any, shapes: _Shapes) -> bool:
+    """Replace each shape computation whose operands are now known by a Constant of its value, so that the
+    next round of shape inference sizes the tensors it shapes (a Pad by a computed amount). Follows
+    Shape, Constant, Concat and :data:`_SHAPE_ARITHMETIC` on int64 values; True if any node was replaced."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    onnx_int64 = TensorProto.INT64
+    values: dict[str, Any] = {}
+    replaced = False
+    for at, node in enumerate(work.graph.node):
+        op, value = node.op_type, None
+        if op == "Constant":
+            attribute = node.attribute[0]
+            if attribute.name in ("value_ints", "value_int"):
+                values[node.output[0]] = np.array(helper.get_attribute_value(attribute), np.int64)
+            elif attribute.name == "value" and attribute.t.data_type == onnx_int64:
+                values[node.output[0]] = numpy_helper.to_array(attribute.t)
+            continue
+        if op == "Shape" and node.input[0] in shapes:
+            attrs = {a.name: a.i for a in node.attribute}
+            dims = shapes[node.input[0]][0]
+            value = np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)
+        elif op == "Concat" and all(name in values for name in node.input):
+            value = np.concatenate([values[name] for name in node.input])
+        elif op in _SHAPE_ARITHMETIC and all(name in values for name in node.input):
+            value = _SHAPE_ARITHMETIC[op](values[node.input[0]], values[node.input[1]]).astype(np.int64)
+        if value is not None:
+            values[node.output[0]] = value
+            work.graph.node[at].CopyFrom(helper.make_node("Constant", [], [node.output[0]],
+                                                           value=numpy_helper.from_array(value, node.output[0])))
+            replaced = True
+    return replaced
 
 
 _ELEM_TYPES_BY_SIZE = {1: 3, 2: 10, 4: 1, 8: 7}  # int8, float16, float32, int64: only the size matters here

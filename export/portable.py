@@ -6,7 +6,9 @@ needs neither: torch traces the whole step — forward, local loss, ``torch.auto
 optimizer update and BatchNorm's running statistics — with ``make_fx`` into core ATen ops, and
 the dynamo ONNX exporter translates those. Two backward ops have no ONNX translation and are
 decomposed here into forward ops (``convolution_backward``: ConvTranspose and Conv;
-``max_pool2d_with_indices_backward``: torch's scatter-add decomposition).
+``max_pool2d_with_indices_backward``: torch's scatter-add decomposition). A "same" convolution with more
+filters than output positions runs on several samples side by side (:mod:`.folded_conv`), which
+onnxruntime threads where it would not thread the convolution as it is.
 
 Graph contract (names in :mod:`edgebll.portable`): inputs ``x``, the side input, ``lr``, ``step``
 and every state tensor ``param:NAME``, ``buffer:NAME``, ``exp_avg:NAME``, ``exp_avg_sq:NAME``;
@@ -44,6 +46,7 @@ from edgebll.portable_schema import (
 from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
+from . import folded_conv
 from .in_place import order_updates_after_reads
 from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 
@@ -191,6 +194,7 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
         aten._native_batch_norm_legit_no_training, aten.native_batch_norm_backward,
         aten.max_pool2d_with_indices_backward,
     ]))
+    table[aten.convolution.default] = folded_conv.convolution
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.threshold_backward.default] = threshold_backward
     table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
@@ -310,7 +314,8 @@ def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_n
             # optimize=False: onnxscript 0.7.2's optimizer deletes Add(x, 1e-8) (AdamW's eps), and every
             # update of a parameter without gradient became 0/0 = NaN; onnxruntime folds constants itself
             program = torch.onnx.export(graph, tuple(args), dynamo=True, opset_version=OPSET, input_names=input_names,
-                                        output_names=output_names, dynamic_shapes=dynamic, optimize=False)
+                                        output_names=output_names, dynamic_shapes=dynamic, optimize=False,
+                                        custom_translation_table=folded_conv.TRANSLATIONS)
     except Exception as exc:  # the tracer and the exporter raise many kinds; all mean "cannot export this"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{where}: the portable training graph cannot be built ({type(exc).__name__}: {first}); "
