@@ -25,6 +25,7 @@ from common import describe_machine, markdown_table, publish
 
 from edgebll.export.folded_conv import fold_group
 from edgebll.export.portable import _quiet_exporter
+from edgebll.portable import train_session_options
 from edgebll.portable_schema import OPSET
 from edgebll.export import folded_conv
 
@@ -58,8 +59,8 @@ def _graph(channels: int, filters: int, height: int, width: int, group: int | No
 def time_shape(shape: tuple[int, int, int, int], *, threads: int, batch: int, rounds: int) -> dict:
     """Median milliseconds of the plain convolution and folded/plain ratios per group, interleaved."""
     channels, filters, height, width = shape
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    options = train_session_options(threads)  # as PortableRunner runs a step: spinning stops after each run
+    options.log_severity_level = 3
     groups = [g for g in GROUPS if height * g * (width + 1) >= filters and batch // g >= 2]
     sessions = {g: onnxruntime.InferenceSession(_graph(channels, filters, height, width, g), options,
                                                 providers=["CPUExecutionProvider"]) for g in [None, *groups]}
@@ -86,7 +87,7 @@ def render(rows: list[dict], settings: dict, machine: dict) -> str:
               *[r["ratios"].get(str(g), "—") for g in GROUPS], r["chosen_group"] or "plain"] for r in rows]
     return (f"# A convolution with more filters than positions: folded / plain\n\n`folded_conv.py` on "
             f"{describe_machine(machine)}. One 3×3 \"same\" convolution, batch {settings['batch']}, on onnxruntime's "
-            f"inference session; plain and each fold take turns, {settings['rounds']} rounds; each ratio is the median "
+            f"inference session as the portable runner sets it up; plain and each fold take turns, {settings['rounds']} rounds; each ratio is the median "
             "of folded / plain over the rounds (< 1: the fold is faster). \"export folds\": the group "
             "`fold_group` chooses for the portable graph.\n\n"
             + markdown_table(["channels", "map", "threads", "plain ms", *[f"{g} side by side" for g in GROUPS],

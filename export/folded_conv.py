@@ -26,9 +26,12 @@ from onnxscript import opset18 as op
 
 aten = torch.ops.aten
 
-_MIN_GROUP = 8  # batch 64, 7×7 maps, 2 threads: 8 side by side ran 0.71-0.82× the plain time, 2-4 up to 0.95×
+# benchmarks/results/folded_conv.md (batch 64): on 7×7 maps folded runs 0.44-0.69× the plain time at two
+# threads and 0.92-1.0× at one, with 4 to 32 samples side by side alike; on 4×4 maps (a zero column per 4)
+# 1.03-1.41× at either
+_MIN_GROUP = 8
 _MAX_GROUP = 32
-_MAX_SEPARATOR = 1 / 6  # zero columns per sample column; on 4×4 maps (1/4) the fold ran 1.2-1.4× slower
+_MAX_SEPARATOR = 1 / 6  # zero columns per sample column
 
 
 def fold_group(filters: int, height: int, width: int, pad: int) -> int | None:
