@@ -29,24 +29,28 @@ from edgebll.portable import train_session_options
 from edgebll.portable_schema import OPSET
 from edgebll.export import folded_conv
 
-SHAPES = [(64, 128, 7, 7), (128, 128, 7, 7), (128, 64, 7, 7), (128, 256, 7, 7), (256, 256, 7, 7),
-          (256, 512, 4, 4), (512, 512, 4, 4), (512, 256, 4, 4)]
-"""(input channels, filters, height, width): cnn-small's third and fourth stages, resnet18's layer3 and layer4,
-forwards and input gradients; every 3×3 with padding 1."""
+SHAPES = [(64, 128, 7, 7, 3, 1), (128, 128, 7, 7, 3, 1), (128, 64, 7, 7, 3, 1), (128, 256, 7, 7, 3, 1),
+          (256, 256, 7, 7, 3, 1), (256, 512, 4, 4, 3, 1), (512, 512, 4, 4, 3, 1), (512, 256, 4, 4, 3, 1),
+          (64, 128, 14, 14, 3, 2), (128, 256, 14, 14, 3, 2), (128, 256, 14, 14, 1, 2), (128, 256, 7, 7, 3, 2),
+          (256, 512, 7, 7, 1, 2)]
+"""(input channels, filters, height, width, kernel, stride): cnn-small's third and fourth stages and resnet18's
+layer3 and layer4, forwards and input gradients, and their strided first convolutions and shortcuts; padding
+kernel // 2."""
 GROUPS = (2, 4, 8, 16, 32)
 
 
-def _graph(channels: int, filters: int, height: int, width: int, group: int | None) -> bytes:
-    """The ONNX graph of one 3×3 "same" convolution, plain (``group`` None) or folded as the export folds it."""
+def _graph(channels: int, filters: int, height: int, width: int, kernel: int, stride: int, group: int | None) -> bytes:
+    """The ONNX graph of one convolution (padding ``kernel // 2``), plain (``group`` None) or folded as the export
+    folds it."""
     from torch.export import Dim
 
     class Convolution(torch.nn.Module):
         def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             if group is None:
-                return torch.nn.functional.conv2d(x, w, padding=1)
-            return folded_conv.folded_conv2d(x, w, [1, 1], group)
+                return torch.nn.functional.conv2d(x, w, stride=stride, padding=kernel // 2)
+            return folded_conv.folded_conv2d(x, w, [stride] * 2, [kernel // 2] * 2, group)
 
-    args = (torch.randn(11, channels, height, width), torch.randn(filters, channels, 3, 3))
+    args = (torch.randn(11, channels, height, width), torch.randn(filters, channels, kernel, kernel))
     with _quiet_exporter(), tempfile.TemporaryDirectory() as tmp:
         program = torch.onnx.export(Convolution(), args, dynamo=True,
                                     opset_version=OPSET, input_names=["x", "w"], output_names=["y"],
@@ -56,17 +60,20 @@ def _graph(channels: int, filters: int, height: int, width: int, group: int | No
         return onnx.load(str(Path(tmp) / "g.onnx")).SerializeToString()
 
 
-def time_shape(shape: tuple[int, int, int, int], *, threads: int, batch: int, rounds: int) -> dict:
+def time_shape(shape: tuple[int, int, int, int, int, int], *, threads: int, batch: int, rounds: int) -> dict:
     """Median milliseconds of the plain convolution and folded/plain ratios per group, interleaved."""
-    channels, filters, height, width = shape
+    channels, filters, height, width, kernel, stride = shape
+    pad = kernel // 2
+    out_height, out_width = ((size + 2 * pad - kernel) // stride + 1 for size in (height, width))
+    columns = folded_conv.span(width, pad, stride) // stride
     options = train_session_options(threads)  # as PortableRunner runs a step: spinning stops after each run
     options.log_severity_level = 3
-    groups = [g for g in GROUPS if height * g * (width + 1) >= filters and batch // g >= 2]
-    sessions = {g: onnxruntime.InferenceSession(_graph(channels, filters, height, width, g), options,
+    groups = [g for g in GROUPS if out_height * g * columns >= filters and batch // g >= 2]
+    sessions = {g: onnxruntime.InferenceSession(_graph(channels, filters, height, width, kernel, stride, g), options,
                                                 providers=["CPUExecutionProvider"]) for g in [None, *groups]}
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((batch, channels, height, width), dtype=np.float32),
-             "w": rng.standard_normal((filters, channels, 3, 3), dtype=np.float32) * 0.1}
+             "w": rng.standard_normal((filters, channels, kernel, kernel), dtype=np.float32) * 0.1}
     want = sessions[None].run(None, feeds)[0]
     for g in groups:  # the fold computes the same convolution
         np.testing.assert_allclose(sessions[g].run(None, feeds)[0], want, rtol=1e-4, atol=1e-3)
@@ -79,19 +86,21 @@ def time_shape(shape: tuple[int, int, int, int], *, threads: int, batch: int, ro
     plain = np.array(times[None])
     return {"shape": list(shape), "threads": threads, "plain_ms": round(float(np.median(plain)) * 1e3, 2),
             "ratios": {str(g): round(float(np.median(np.array(times[g]) / plain)), 3) for g in groups},
-            "chosen_group": fold_group(filters, height, width, 1)}
+            "chosen_group": fold_group(filters, out_height, out_width, columns) if stride == 1 else None}
 
 
 def render(rows: list[dict], settings: dict, machine: dict) -> str:
-    table = [[f"{r['shape'][0]}→{r['shape'][1]}", f"{r['shape'][2]}×{r['shape'][3]}", r["threads"], r["plain_ms"],
+    table = [[f"{r['shape'][0]}→{r['shape'][1]}", f"{r['shape'][2]}×{r['shape'][3]}",
+              f"{r['shape'][4]}×{r['shape'][4]}" + (f" /{r['shape'][5]}" if r["shape"][5] > 1 else ""), r["threads"],
+              r["plain_ms"],
               *[r["ratios"].get(str(g), "—") for g in GROUPS], r["chosen_group"] or "plain"] for r in rows]
     return (f"# A convolution with more filters than positions: folded / plain\n\n`folded_conv.py` on "
-            f"{describe_machine(machine)}. One 3×3 \"same\" convolution, batch {settings['batch']}, on onnxruntime's "
+            f"{describe_machine(machine)}. One convolution (padding kernel // 2), batch {settings['batch']}, on onnxruntime's "
             f"inference session as the portable runner sets it up; plain and each fold take turns, {settings['rounds']} rounds; each ratio is the median "
             "of folded / plain over the rounds (< 1: the fold is faster). \"export folds\": the group "
-            "`fold_group` chooses for the portable graph.\n\n"
-            + markdown_table(["channels", "map", "threads", "plain ms", *[f"{g} side by side" for g in GROUPS],
-                              "export folds"], table, "llrr" + "r" * len(GROUPS) + "r"))
+            "`fold_group` chooses for the portable graph (which folds stride-1 convolutions only).\n\n"
+            + markdown_table(["channels", "input map", "kernel /stride", "threads", "plain ms", *[f"{g} side by side" for g in GROUPS],
+                              "export folds"], table, "lllrr" + "r" * len(GROUPS) + "r"))
 
 
 def main(argv: list[str] | None = None) -> None:
