@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from onnxscript import opset18 as op
 
-aten = torch.ops.aten
-
 # benchmarks/results/folded_conv.md (batch 64): on 7×7 maps folded runs 0.41-0.74× the plain time at two
 # threads and 0.89-1.0× at one, with 4 to 32 samples side by side alike; on 4×4 maps (a zero column per 4)
 # 1.2-1.4× at one thread. Strided convolutions, which MLAS threads as they are, ran 1.04-2.8× slower folded.
@@ -107,7 +105,8 @@ def convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return NotImplemented
     kernel = [int(weight.shape[2]), int(weight.shape[3])]
     stride, padding = [int(v) for v in stride], [int(v) for v in padding]
-    if kernel == [1, 1] or padding[1] >= kernel[1]:  # a 1×1 is one matrix product already
+    # a 1×1 is one matrix product already; a padding as wide as the kernel would read past the zero columns
+    if kernel == [1, 1] or padding[1] >= kernel[1]:
         return NotImplemented
     out_height, out_width = (_output_size(int(input.shape[2 + i]), kernel[i], stride[i], padding[i]) for i in range(2))
     columns = span(int(input.shape[3]), padding[1], stride[1]) // stride[1]
