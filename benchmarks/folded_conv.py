@@ -23,7 +23,6 @@ import onnxruntime
 import torch
 from common import describe_machine, markdown_table, publish
 
-from edgebll.export.folded_conv import fold_group
 from edgebll.export.portable import _quiet_exporter
 from edgebll.portable import train_session_options
 from edgebll.portable_schema import OPSET
@@ -64,7 +63,7 @@ def time_shape(shape: tuple[int, int, int, int, int, int], *, threads: int, batc
     """Median milliseconds of the plain convolution and folded/plain ratios per group, interleaved."""
     channels, filters, height, width, kernel, stride = shape
     pad = kernel // 2
-    out_height, out_width = ((size + 2 * pad - kernel) // stride + 1 for size in (height, width))
+    out_height, out_width = (folded_conv.output_size(size, kernel, stride, pad) for size in (height, width))
     columns = folded_conv.span(width, pad, stride) // stride
     options = train_session_options(threads)  # as PortableRunner runs a step: spinning stops after each run
     options.log_severity_level = 3
@@ -86,7 +85,7 @@ def time_shape(shape: tuple[int, int, int, int, int, int], *, threads: int, batc
     plain = np.array(times[None])
     return {"shape": list(shape), "threads": threads, "plain_ms": round(float(np.median(plain)) * 1e3, 2),
             "ratios": {str(g): round(float(np.median(np.array(times[g]) / plain)), 3) for g in groups},
-            "chosen_group": fold_group(filters, out_height, out_width, columns) if stride == 1 else None}
+            "chosen_group": folded_conv.fold_group(filters, out_height, out_width, columns) if stride == 1 else None}
 
 
 def render(rows: list[dict], settings: dict, machine: dict) -> str:

@@ -49,7 +49,8 @@ def fold_group(filters: int, out_height: int, out_width: int, columns: int) -> i
     return group if group <= _MAX_GROUP else None
 
 
-def _output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+def output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Output positions along one axis of a convolution (dilation 1)."""
     return (size + 2 * pad - kernel) // stride + 1
 
 
@@ -64,7 +65,7 @@ def folded_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], 
 def _folded_conv2d_shape(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                          group: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0],
-                        *[_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i]) for i in range(2)]))
+                        *[output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i]) for i in range(2)]))
 
 
 def folded_conv2d_onnx(x: Any, weight: Any, stride: Sequence[int], padding: Sequence[int], group: int) -> Any:
@@ -75,7 +76,7 @@ def folded_conv2d_onnx(x: Any, weight: Any, stride: Sequence[int], padding: Sequ
     (sh, sw), (ph, pw) = stride, padding
     channels, height, width = (int(d) for d in x.shape[1:])
     filters, kh, kw = (int(d) for d in (weight.shape[0], *weight.shape[2:]))
-    out_height, out_width = _output_size(height, kh, sh, ph), _output_size(width, kw, sw, pw)
+    out_height, out_width = output_size(height, kh, sh, ph), output_size(width, kw, sw, pw)
     columns = span(width, pw, sw)
     n = op.Shape(x, start=0, end=1)
     g = op.Constant(value_ints=[group])
@@ -108,7 +109,7 @@ def convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # a 1×1 is one matrix product already; a padding as wide as the kernel would read past the zero columns
     if kernel == [1, 1] or padding[1] >= kernel[1]:
         return NotImplemented
-    out_height, out_width = (_output_size(int(input.shape[2 + i]), kernel[i], stride[i], padding[i]) for i in range(2))
+    out_height, out_width = (output_size(int(input.shape[2 + i]), kernel[i], stride[i], padding[i]) for i in range(2))
     columns = span(int(input.shape[3]), padding[1], stride[1]) // stride[1]
     group = fold_group(int(weight.shape[0]), out_height, out_width, columns)
     if group is None:
