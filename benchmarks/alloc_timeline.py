@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from common import describe_machine, machine_info, markdown_table, write_results
 from edgebll.graph_memory import VIEW_OPS
+from edgebll.portable_schema import TRAIN_FILE
 
 MARK_START, MARK_END = "ALLOC_TIMELINE_START", "ALLOC_TIMELINE_END"
 _MMAP = re.compile(r"^\d+\s+([\d.]+) mmap\(NULL, (\d+),.*= (0x[0-9a-f]+)")
@@ -230,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         _child(args)
         return
-    if not (args.block / "portable_train.onnx").is_file():
-        parser.error(f"{args.block} has no portable_train.onnx; hint: give a block folder of a run exported with "
+    if not (args.block / TRAIN_FILE).is_file():
+        parser.error(f"{args.block} has no {TRAIN_FILE}; hint: give a block folder of a run exported with "
                      "`edgebll export` (portable graphs are the default)")
     result = measure(args.block, threads=args.threads, batch_size=args.batch_size, steps=args.steps, reuse=args.reuse)
     machine = machine_info()

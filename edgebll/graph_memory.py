@@ -191,10 +191,10 @@ def _infer_shapes(onnx: Any, model: Any, batch: int) -> tuple[dict[str, tuple[li
                 shapes[value.name] = ([d.dim_value for d in tensor.shape.dim], _elem_size(helper, tensor.elem_type))
         for init in inferred.graph.initializer:
             shapes.setdefault(init.name, (list(init.dims), _elem_size(helper, init.data_type)))
-        # exact rules first; a guess (like the first input) only when they are exhausted, since
-        # inference from the tensors they size may still get the rest right
         if _evaluate_shape_arithmetic(work, shapes):
             continue
+        # exact rules first; a guess (like the first input) only when they are exhausted, since
+        # inference from the tensors they size may still get the rest right
         added = _apply(_contrib_shape, work.graph.node, shapes) or _apply(_guess_shape, work.graph.node, shapes)
         if not added:
             break
