@@ -46,7 +46,7 @@ from edgebll.portable_schema import (
 from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
-from . import folded_conv
+from . import folded_conv, stride_phases
 from .in_place import order_updates_after_reads
 from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 
@@ -55,6 +55,7 @@ aten = torch.ops.aten
 _MIN_BATCH = 2  # BatchNorm's batch statistics need two samples
 _MIN_GEMM_CHANNELS = 16  # below this the per-offset products are too thin: one product of every offset's window
 _MIN_BATCHED_POSITIONS = 100  # output positions from which per-sample products beat one product per offset
+_PHASE_FLOATS_PER_SAMPLE = 16384  # a strided weight gradient's padded input per channel group and sample (4 MiB at batch 64)
 
 
 def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
@@ -66,13 +67,8 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
     - input gradient: the transposed convolution of the output gradient with the same weight; the
       output padding restores the rows a strided convolution dropped. At stride 1 the same as a
       convolution with the kernel flipped and its channels exchanged.
-    - weight gradient: at stride 1 with groups 1 and 2+ input channels, matrix products over the
-      kernel offsets (``_weight_gradient_by_offsets``); otherwise a convolution whose "batch" is the input's
-      channels and whose kernel is the output gradient (channels and batch swapped), stride and
-      dilation exchanged, cut to the kernel size (the padded input's end rows that no offset reads
-      are not padded on, which took 3-11 % off the step of single stride-2 conv blocks); groups stay
-      groups (each group's samples are one group of channels). Products over strided windows ran as
-      fast at stride 2 but kept 3-7 MiB more of a cnn-small block resident (onnxruntime's arena).
+    - weight gradient: matrix products over the kernel offsets where :func:`_by_offsets` says so
+      (``_weight_gradient_by_offsets``), otherwise a convolution (``_weight_gradient_by_convolution``).
     - bias gradient: the output gradient summed over every axis but the channels.
     """
     if transposed:
@@ -92,57 +88,94 @@ def convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight:
             dropped = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                              + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(dims)]
             grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, dropped, groups)
-    if output_mask[1] and groups == 1 and input.shape[1] > 1 and all(v == 1 for v in stride):
-        grad_weight = _weight_gradient_by_offsets(grad_output, input, weight.shape, padding, dilation)
-    elif output_mask[1]:
-        n, c_in, c_out = input.shape[0], input.shape[1], grad_output.shape[1]
-        samples = input.reshape(n, groups, c_in // groups, *input.shape[2:])
-        samples = samples.permute(2, 1, 0, *[3 + i for i in range(dims)]).reshape(c_in // groups, groups * n,
-                                                                                   *input.shape[2:])
-        kernel = grad_output.reshape(n, groups, c_out // groups, *grad_output.shape[2:])
-        kernel = kernel.permute(1, 2, 0, *[3 + i for i in range(dims)]).reshape(c_out, n, *grad_output.shape[2:])
-        # the rows of the padded input past the last one any kernel offset reads would only give outputs
-        # beyond the kernel size (a stride-2 3×3 conv: 4×4 computed for 3×3): pad the end short instead
-        spans = [dilation[i] * (weight.shape[2 + i] - 1) + stride[i] * (grad_output.shape[2 + i] - 1) + 1
-                 for i in range(dims)]
-        ends = [spans[i] - padding[i] - input.shape[2 + i] for i in range(dims)]
-        if any(ends[i] < padding[i] for i in range(dims)) and all(v >= 0 for v in ends):
-            pads = [v for i in reversed(range(dims)) for v in (padding[i], ends[i])]
-            samples = torch.nn.functional.pad(samples, pads)
-            padding = [0] * dims
-        full = aten.convolution(samples, kernel, None, dilation, padding, stride, False, [0] * dims, groups)
-        full = full[(slice(None), slice(None), *[slice(0, weight.shape[2 + i]) for i in range(dims)])]
-        grad_weight = full.transpose(0, 1)
+    if output_mask[1]:
+        gradient = (_weight_gradient_by_offsets if _by_offsets(input, grad_output, weight.shape, stride, dilation, groups)
+                    else _weight_gradient_by_convolution)
+        grad_weight = gradient(grad_output, input, weight.shape, stride, padding, dilation, groups)
     if output_mask[2]:
         grad_bias = grad_output.sum([0, *spatial])
     return grad_input, grad_weight, grad_bias
 
 
+def _weight_gradient_by_convolution(grad_output: torch.Tensor, input: torch.Tensor, shape: Sequence[int],
+                                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                                    groups: int) -> torch.Tensor:
+    """A convolution's weight gradient as a convolution whose "batch" is the input's channels and whose kernel
+    is the output gradient (channels and batch swapped), stride and dilation exchanged, cut to the kernel
+    size (the padded input's end rows that no offset reads are not padded on, which took 3-11 % off the step
+    of single stride-2 conv blocks); groups stay groups (each group's samples are one group of channels)."""
+    dims = input.dim() - 2
+    n, c_in, c_out = input.shape[0], input.shape[1], grad_output.shape[1]
+    samples = input.reshape(n, groups, c_in // groups, *input.shape[2:])
+    samples = samples.permute(2, 1, 0, *[3 + i for i in range(dims)]).reshape(c_in // groups, groups * n,
+                                                                               *input.shape[2:])
+    kernel = grad_output.reshape(n, groups, c_out // groups, *grad_output.shape[2:])
+    kernel = kernel.permute(1, 2, 0, *[3 + i for i in range(dims)]).reshape(c_out, n, *grad_output.shape[2:])
+    # the rows of the padded input past the last one any kernel offset reads would only give outputs
+    # beyond the kernel size (a stride-2 3×3 conv: 4×4 computed for 3×3): pad the end short instead
+    spans = [dilation[i] * (shape[2 + i] - 1) + stride[i] * (grad_output.shape[2 + i] - 1) + 1 for i in range(dims)]
+    ends = [spans[i] - padding[i] - input.shape[2 + i] for i in range(dims)]
+    if any(ends[i] < padding[i] for i in range(dims)) and all(v >= 0 for v in ends):
+        samples = torch.nn.functional.pad(samples, [v for i in reversed(range(dims)) for v in (padding[i], ends[i])])
+        padding = [0] * dims
+    full = aten.convolution(samples, kernel, None, dilation, padding, stride, False, [0] * dims, groups)
+    full = full[(slice(None), slice(None), *[slice(0, shape[2 + i]) for i in range(dims)])]
+    return full.transpose(0, 1)
+
+
+def _by_offsets(input: torch.Tensor, grad_output: torch.Tensor, shape: Sequence[int], stride: Sequence[int],
+                dilation: Sequence[int], groups: int) -> bool:
+    """Whether a weight gradient runs as matrix products over the kernel offsets rather than as a convolution.
+
+    At stride 1 whenever there are 2+ input channels (groups 1). Strided (2-D, one stride for both axes,
+    dilation 1, 16+ input channels): where the output has ``_MIN_BATCHED_POSITIONS``+ positions or the kernel
+    is 1×1 (``python benchmarks/weight_gradient.py``, batch 64: 0.80-0.96× the convolution's time on 14×14
+    outputs; 1×1 shortcuts, whose window is a quarter of the input, 0.16-0.22× on 7×7 and 14×14 outputs and
+    0.61-0.66× on 4×4). On 7×7 outputs of larger kernels the products ran 0.88-0.91× but their copies of the
+    whole input held 4-6 MiB more of a cnn-small block's step resident; on 4×4 they were 1.2-1.3× slower.
+    """
+    if groups != 1 or input.shape[1] < 2:
+        return False
+    if all(v == 1 for v in stride):
+        return True
+    return (input.dim() == 4 and stride[0] == stride[1] and all(v == 1 for v in dilation)
+            and input.shape[1] >= _MIN_GEMM_CHANNELS
+            and (math.prod(grad_output.shape[2:]) >= _MIN_BATCHED_POSITIONS or math.prod(shape[2:]) == 1))
+
+
 def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, shape: Sequence[int],
-                                padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """A stride-1 convolution's weight gradient (groups 1) as matrix products over the kernel offsets.
+                                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                                groups: int = 1) -> torch.Tensor:
+    """A convolution's weight gradient as matrix products over the kernel offsets (``groups`` 1 only: the
+    argument is there for the same signature as :func:`_weight_gradient_by_convolution`).
 
-    Each offset's slice of the gradient is the padded input shifted by that offset times the output
-    gradient, summed over samples and positions. Two
-    layouts, by the output's size (MLAS, batch 64, two threads, cnn-small's blocks):
+    Each offset's slice of the gradient is the padded input shifted by that offset (every ``stride``-th
+    position from there) times the output gradient, summed over samples and positions. Two layouts, by
+    the output's size (MLAS, batch 64, two threads, cnn-small's blocks):
 
-    - large outputs (``_MIN_BATCHED_POSITIONS``+ positions): one product per sample,
-      ``[C_in, positions] × [positions, C_out]``, summed over the samples. The products split over
+    - large outputs (``_MIN_BATCHED_POSITIONS``+ positions, and strided kernels larger than 1×1): one
+      product per sample, ``[C_in, positions] × [positions, C_out]``, summed over the samples. The products split over
       the samples, so they use every thread: 0.6× the time of the one-product form on 14×14 and
       28×28 outputs, whose ``[C_out, C_in]`` result is too small to thread. Under 16 input channels
       the products are too thin: every offset's window goes into one product (an im2col).
-    - small outputs: one ``[C_out, N·positions] × [N·positions, C_in]`` product per offset, on the
-      input with channels first; per sample, 7×7 outputs made products too small and the sum over
-      samples as long as the products.
+    - small outputs (stride 1, or a strided 1×1): one ``[C_out, N·positions] × [N·positions, C_in]`` product
+      per offset, on the input with channels first; per sample, 7×7 outputs made products too small and the
+      sum over samples as long as the products, and the per-sample results (``N × C_in × C_out``) are large
+      (32 MiB for resnet18's 256 → 512 shortcut).
 
-    Windows of the map with its spatial axes flattened (one run per channel, copied 6× faster than
-    onnxruntime's row-by-row Slice of a 7×7 window) made no step faster: the products over the
-    runs' extra columns took what the copies saved.
+    At stride 1 the windows are crops of the input. Windows of the map with its spatial axes flattened
+    (one run per channel, copied 6× faster than onnxruntime's row-by-row Slice of a 7×7 window) made
+    no step faster there: the products over the runs' extra columns took what the copies saved. Strided,
+    a window's rows are every ``stride``-th one, which onnxruntime copies element by element (a crop of
+    a transposed 6-D view ran 2.5× the convolution's time): there the padded input is split into its
+    stride phases (:mod:`.stride_phases`, in channel groups) and a window is one run of a phase plane, the
+    output gradient padded with the plane's extra columns; a 1×1 kernel's window is one strided Slice.
     """
     dims = input.dim() - 2
     n, c_out, c_in = input.shape[0], shape[0], shape[1]
     kernel = list(shape[2:])
-    out = grad_output.shape[2:]
+    out = list(grad_output.shape[2:])
+    strided = any(v != 1 for v in stride)
 
     def windows(t: torch.Tensor) -> Iterator[torch.Tensor]:
         """``t`` shifted by each kernel offset, offsets in row-major order, zero where the shift reads the
@@ -157,25 +190,79 @@ def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, 
             else:
                 yield t
 
+    if strided:  # the stride phases' planes (2-D, one stride: _by_offsets)
+        block = stride[0]
+        columns = out[1] + (kernel[1] - 1) // block
+        rows = out[0] + (kernel[0] - 1) // block
+        last = [(kh // block, kw // block) for kh, kw in itertools.product(range(kernel[0]), range(kernel[1]))
+                if kh % block == block - 1 and kw % block == block - 1]
+        if any((a + out[0]) * columns + b > rows * columns for a, b in last):
+            rows += 1
+        spans = [block * rows, block * columns]
+
+    def phase_runs(t: torch.Tensor, lo: int, hi: int) -> Iterator[torch.Tensor]:
+        """Strided windows of channels ``lo:hi`` of ``t`` as ``[N, hi - lo, out_h·columns]`` runs of its stride
+        phases. One Pad takes the channels and pads the maps; each ``[H, W]`` map is then split on its own (as
+        a one-channel image), so a map's phases lie one after the other and a window is one Slice of the last
+        axis. Each phase plane is ``columns`` wide (the output's columns and the offsets' reach past them). A
+        run may end a few elements into the next plane, values that meet the output gradient's zero columns;
+        a row is added only where the last plane's would end past the map."""
+        after = [spans[i] - padding[i] - t.shape[2 + i] for i in range(2)]
+        pads = [padding[1], after[1], padding[0], after[0], -lo, hi - t.shape[1]]
+        part = torch.nn.functional.pad(t, pads) if any(pads) else t
+        maps = part.reshape(part.shape[0] * part.shape[1], 1, *spans)
+        plane = rows * columns
+        runs = stride_phases.space_to_depth(maps, block).reshape(part.shape[0], part.shape[1], block * block * plane)
+        for kh, kw in itertools.product(range(kernel[0]), range(kernel[1])):
+            start = (kh % block * block + kw % block) * plane + kh // block * columns + kw // block
+            yield runs[:, :, start:start + out[0] * columns]
+
+    def subsampled(t: torch.Tensor, lo: int, hi: int) -> Iterator[torch.Tensor]:
+        """A 1×1 kernel's one window without padding: every ``stride``-th row and column, one Slice."""
+        yield t[:, :, 0:stride[0] * out[0]:stride[0], 0:stride[1] * out[1]:stride[1]]
+
+    def whole(t: torch.Tensor, lo: int, hi: int) -> Iterator[torch.Tensor]:
+        return windows(t)
+
+    cut, widen, chunks = whole, (lambda g: g), [(0, c_in)]
+    if strided and kernel == [1, 1] and not any(padding):
+        cut = subsampled
+    elif strided:
+        cut = phase_runs
+        if columns > out[1]:  # the output gradient gets the planes' extra columns as zeros
+            widen = lambda g: torch.nn.functional.pad(g, [0, columns - out[1]])  # noqa: E731
+        # channels in groups whose padded maps and phases stay small: the head's gradient comes first in the
+        # backward, while every activation of the block is held, and two copies of the whole input on top
+        # of them took 11 MiB more of resnet18's first block (onnxruntime's arena; 2 MiB in groups)
+        groups = max(1, min(c_in // _MIN_GEMM_CHANNELS, -(-c_in * math.prod(spans) // _PHASE_FLOATS_PER_SAMPLE)))
+        size = -(-c_in // groups)
+        chunks = [(lo, min(lo + size, c_in)) for lo in range(0, c_in, size)]
+
     # Every copy of the input is traced before the output gradient is touched: onnxruntime's execution
     # order walks back from the outputs taking a node's latest-traced input first, so it now runs the
     # backward that the gradient needs before these copies, not holding them through it
     # (cnn-small's first block: 12 MiB off the step's liveness peak).
-    if math.prod(out) < _MIN_BATCHED_POSITIONS and c_in >= _MIN_GEMM_CHANNELS:
-        shifted = [w.reshape(c_in, -1).t() for w in windows(input.transpose(0, 1))]
+    if math.prod(out) < _MIN_BATCHED_POSITIONS and c_in >= _MIN_GEMM_CHANNELS and cut is not phase_runs:
+        if cut is subsampled:  # the quarter of the input that the 1×1 kernel reads, then channels first
+            shifted = [w.transpose(0, 1).reshape(c_in, -1).t() for w in subsampled(input, 0, c_in)]
+        else:
+            shifted = [w.reshape(c_in, -1).t() for w in windows(input.transpose(0, 1))]
         grads = grad_output.transpose(0, 1).reshape(c_out, -1)  # [C_out, N·positions]
         products = [aten.mm(grads, w) for w in shifted]
         return torch.stack(products, -1).reshape(c_out, c_in, *kernel)
     if c_in >= _MIN_GEMM_CHANNELS:
-        shifted = [w.reshape(n, c_in, -1) for w in windows(input)]
-        grads = grad_output.reshape(n, c_out, -1).transpose(1, 2)  # [N, positions, C_out]; MatMul folds the transpose
-        # aten.bmm, not @: matmul's decomposition expands (copies) both operands
-        products = [aten.bmm(w, grads).sum(0) for w in shifted]
-        return torch.stack(products, -1).transpose(0, 1).reshape(c_out, c_in, *kernel)
+        parts, grads = [], None
+        for lo, hi in chunks:
+            shifted = [w.reshape(n, hi - lo, -1) for w in cut(input, lo, hi)]
+            if grads is None:  # [N, positions, C_out]; MatMul folds the transpose
+                grads = widen(grad_output).reshape(n, c_out, -1).transpose(1, 2)
+            # aten.bmm, not @: matmul's decomposition expands (copies) both operands
+            parts.append(torch.stack([aten.bmm(w, grads).sum(0) for w in shifted], -1))  # [channels, C_out, offsets]
+        return torch.cat(parts, 0).transpose(0, 1).reshape(c_out, c_in, *kernel)
     offsets = math.prod(kernel)
-    columns = torch.cat(list(windows(input)), 1).reshape(n, offsets * c_in, -1)
+    im2col = torch.cat(list(windows(input)), 1).reshape(n, offsets * c_in, -1)
     grads = grad_output.reshape(n, c_out, -1).transpose(1, 2)
-    product = aten.bmm(columns, grads).sum(0)  # [offsets·C_in, C_out]
+    product = aten.bmm(im2col, grads).sum(0)  # [offsets·C_in, C_out]
     return product.reshape(offsets, c_in, c_out).permute(2, 1, 0).reshape(c_out, c_in, *kernel)
 
 
@@ -315,7 +402,7 @@ def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_n
             # update of a parameter without gradient became 0/0 = NaN; onnxruntime folds constants itself
             program = torch.onnx.export(graph, tuple(args), dynamo=True, opset_version=OPSET, input_names=input_names,
                                         output_names=output_names, dynamic_shapes=dynamic, optimize=False,
-                                        custom_translation_table=folded_conv.TRANSLATIONS)
+                                        custom_translation_table=folded_conv.TRANSLATIONS | stride_phases.TRANSLATIONS)
     except Exception as exc:  # the tracer and the exporter raise many kinds; all mean "cannot export this"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{where}: the portable training graph cannot be built ({type(exc).__name__}: {first}); "

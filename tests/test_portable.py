@@ -10,6 +10,7 @@ scales such a step by the gradient's size, so they compare at 1e-5 too.
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -312,8 +313,9 @@ def test_a_block_the_training_build_cannot_differentiate_is_exported_portable_on
 def test_convolution_weight_gradients_in_every_form_equal_torch(tmp_path: Path, dims: int) -> None:
     """Weight gradients in each of their forms: an im2col product (2 input channels); per-sample products (16
     channels, 100+ output positions: dilation, a non-square kernel, a 1×1 kernel); one product per offset (the last
-    conv, under 100 positions); and the convolution form (strided, grouped, strided grouped, one input channel).
-    Input gradients: stride 1 a flipped-kernel Conv (grouped too), stride 2 a ConvTranspose."""
+    conv, under 100 positions); products over stride phases (the first strided conv, 2-D only); and the convolution
+    form (1-D strided, strided 3×3 under 100 positions, grouped, strided grouped, one input channel). Input gradients:
+    stride 1 a flipped-kernel Conv (grouped too), stride 2 a ConvTranspose."""
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
     k = lambda *sizes: sizes[:dims]  # noqa: E731 (a kernel or padding in 1 or 2 dimensions)
     torch.manual_seed(0)
@@ -326,6 +328,20 @@ def test_convolution_weight_gradients_in_every_form_equal_torch(tmp_path: Path, 
     # positions, 2-D: 25×21, after each stride 2 13×11, 6×5, 3×3; 1-D: 250, 125, 62, 31
     assert_sgd_step_like_torch(units, nn.Sequential(pool, nn.Flatten(), nn.Linear(16, 10)), (2, *k(25, 21)) if dims == 2
                                else (2, 250), tmp_path)
+
+
+def test_strided_weight_gradients_from_stride_phases_equal_torch(tmp_path: Path) -> None:
+    """Strided weight gradients as products: per sample over every other row and column for a 1×1 kernel (57×55
+    -> 29×28) and over runs of the input's stride phases (SpaceToDepth; a 4×4 kernel, 29×28 -> 14×14, whose last
+    phase plane needs a row more, 32 channels in two groups); one product per offset for a 1×1 kernel under 100
+    positions (14×14 -> 7×7); and the convolution form for a 3×3 kernel under 100 positions (7×7 -> 4×4)."""
+    torch.manual_seed(0)
+    units = [nn.Conv2d(32, 32, 1, stride=2), nn.Conv2d(32, 16, 4, stride=2, padding=1), nn.ReLU(),
+             nn.Conv2d(16, 16, 1, stride=2), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU()]
+    assert_sgd_step_like_torch(units, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)),
+                               (32, 57, 55), tmp_path)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "portable_train.onnx")).graph.node)
+    assert ops["SpaceToDepth"] == 2
 
 
 def test_unsupported_layer_is_refused_at_export_naming_it(tmp_path: Path) -> None:
