@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgebll.errors import EdgeBLLError, ManifestError
 from edgebll.manifest import BlockManifest
 from edgebll.portable_schema import NEXT
@@ -215,13 +217,19 @@ _SHAPE_ARITHMETIC = {
 }
 """Integer ops of shape computations that ONNX's data propagation does not follow (a batch padded to a
 multiple: ``export/folded_conv.py``)."""
+_SHAPE_MOVES = {
+    "Squeeze": lambda a, axes=None: np.squeeze(a, axis=None if axes is None else tuple(int(v) for v in axes)),
+    "Unsqueeze": lambda a, axes: np.expand_dims(a, tuple(int(v) for v in axes)),
+    "Reshape": lambda a, shape: a.reshape([int(v) for v in shape]),
+}
+"""Moves of int64 values between shapes (the batch size taken from ``Shape(x)`` as a scalar, multiplied into
+a Reshape's target: ``export/portable.py``'s stride phases)."""
 
 
 def _evaluate_shape_arithmetic(work: Any, shapes: _Shapes) -> bool:
     """Replace each shape computation whose operands are now known by a Constant of its value, so that the
     next round of shape inference sizes the tensors it shapes (a Pad by a computed amount). Follows
     Shape, Constant, Concat and :data:`_SHAPE_ARITHMETIC` on int64 values; True if any node was replaced."""
-    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_int64 = TensorProto.INT64
@@ -244,6 +252,8 @@ def _evaluate_shape_arithmetic(work: Any, shapes: _Shapes) -> bool:
             value = np.concatenate([values[name] for name in node.input])
         elif op in _SHAPE_ARITHMETIC and all(name in values for name in node.input):
             value = _SHAPE_ARITHMETIC[op](values[node.input[0]], values[node.input[1]]).astype(np.int64)
+        elif op in _SHAPE_MOVES and all(name in values for name in node.input if name):
+            value = _SHAPE_MOVES[op](*[values[name] if name else None for name in node.input])
         if value is not None:
             values[node.output[0]] = value
             work.graph.node[at].CopyFrom(helper.make_node("Constant", [], [node.output[0]],
