@@ -204,6 +204,24 @@ def publish(name: str, settings: dict[str, Any], rows: list[dict[str, Any]],
     return json_path, md_path
 
 
+def shape_sweep(argv: list[str] | None, *, description: str, name: str, shapes: Sequence[Any],
+                time_shape: Callable[..., dict[str, Any]],
+                render: Callable[[list[dict[str, Any]], dict[str, Any], dict[str, Any]], str]) -> None:
+    """The main of a benchmark that times one op's graphs per shape at 1 and 2 threads: ``--batch``,
+    ``--rounds`` and ``--name`` from the command line, ``time_shape(shape, threads=, batch=, rounds=)`` per
+    row, then :func:`publish` with ``render(rows, settings, machine)``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=64, help="samples per run (default: 64)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each graph (default: 15)")
+    parser.add_argument("--name", default=name, help=f"results file stem (default: {name})")
+    args = parser.parse_args(argv)
+    rows = [time_shape(shape, threads=t, batch=args.batch, rounds=args.rounds) for shape in shapes for t in (1, 2)]
+    settings = {"batch": args.batch, "rounds": args.rounds}
+    publish(args.name, settings, rows, lambda machine: render(rows, settings, machine))
+
+
 def keep_path(name: str, results_dir: Path = RESULTS_DIR) -> Path:
     """Where ``run_all`` keeps the finished runs of benchmark ``name`` until ``publish`` writes its results."""
     results = results_dir / name  # a name may be a path (gpu_session.sh writes to $OUT/NAME)

@@ -12,7 +12,6 @@ Writes benchmarks/results/folded_conv.json and .md (``--name`` to change).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from common import describe_machine, markdown_table, publish
+from common import describe_machine, markdown_table, shape_sweep
 
 from edgebll.export.portable import _quiet_exporter
 from edgebll.portable import train_session_options
@@ -103,15 +102,9 @@ def render(rows: list[dict], settings: dict, machine: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Time a convolution with more filters than output positions, "
-                                     "plain against folded (several samples side by side), at 1 and 2 threads.")
-    parser.add_argument("--batch", type=int, default=64, help="samples per run (default: 64)")
-    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each graph (default: 15)")
-    parser.add_argument("--name", default="folded_conv", help="results file stem (default: folded_conv)")
-    args = parser.parse_args(argv)
-    rows = [time_shape(shape, threads=t, batch=args.batch, rounds=args.rounds) for shape in SHAPES for t in (1, 2)]
-    settings = {"batch": args.batch, "rounds": args.rounds}
-    publish(args.name, settings, rows, lambda machine: render(rows, settings, machine))
+    shape_sweep(argv, description="Time a convolution with more filters than output positions, "
+                                  "plain against folded (several samples side by side), at 1 and 2 threads.",
+                name="folded_conv", shapes=SHAPES, time_shape=time_shape, render=render)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes benchmarks/results/weight_gradient.json and .md (``--name`` to change).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from common import describe_machine, markdown_table, publish
+from common import describe_machine, markdown_table, shape_sweep
 
 from edgebll.export import folded_conv, portable, stride_phases
 from edgebll.portable import train_session_options
@@ -108,15 +107,9 @@ def render(rows: list[dict], settings: dict, machine: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Time a strided convolution's weight gradient as a convolution and "
-                                     "as products over its stride phases, at 1 and 2 threads.")
-    parser.add_argument("--batch", type=int, default=64, help="samples per run (default: 64)")
-    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each graph (default: 15)")
-    parser.add_argument("--name", default="weight_gradient", help="results file stem (default: weight_gradient)")
-    args = parser.parse_args(argv)
-    rows = [time_shape(shape, threads=t, batch=args.batch, rounds=args.rounds) for shape in SHAPES for t in (1, 2)]
-    settings = {"batch": args.batch, "rounds": args.rounds}
-    publish(args.name, settings, rows, lambda machine: render(rows, settings, machine))
+    shape_sweep(argv, description="Time a strided convolution's weight gradient as a convolution and "
+                                  "as products over its stride phases, at 1 and 2 threads.",
+                name="weight_gradient", shapes=SHAPES, time_shape=time_shape, render=render)
 
 
 if __name__ == "__main__":
