@@ -73,6 +73,7 @@ bench: setup data
 	$(PY) benchmarks/step_speed.py
 	$(PY) benchmarks/folded_conv.py
 	$(PY) benchmarks/weight_gradient.py
+	$(PY) benchmarks/conv_kernels.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory_k_sweep.py --threads 1
 	$(PY) benchmarks/eval_memory.py

@@ -116,6 +116,10 @@ def _timing(times: list[float], cpu_times: list[float], others_cores: float | No
                   cpu_median_s=statistics.median(cpu_times), others_cores=others_cores)
 
 
+SETTLE_S = 0.05
+"""Idle seconds before each timed step, so that the runtime timed before it has stopped spinning."""
+
+
 def time_interleaved(steps: dict[str, Callable[[], object]], *, warmup: int, repeats: int) -> dict[str, Timing]:
     """Run each step ``warmup`` times untimed, then time ``repeats`` rounds in which every step runs once.
 
@@ -123,6 +127,10 @@ def time_interleaved(steps: dict[str, Callable[[], object]], *, warmup: int, rep
     (measured here: the same step 70 ms for a while, then 140 ms), and within a round every runtime
     meets the same conditions, so the per-round ratios (:func:`round_ratio`) hold where the medians
     drift.
+
+    Each timed step starts ``SETTLE_S`` after the one before: torch's OpenMP workers spin for some
+    milliseconds after its step ends, and onnxruntime's Conv that ran next, sharing their cores,
+    took 1.3-1.4x its time alone (a gap of 5 ms or more restores it).
     """
     for step in steps.values():
         for _ in range(warmup):
@@ -132,6 +140,7 @@ def time_interleaved(steps: dict[str, Callable[[], object]], *, warmup: int, rep
     with other_processes_cpu() as others:
         for _ in range(repeats):
             for name, step in steps.items():
+                time.sleep(SETTLE_S)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 step()
                 times[name].append(time.perf_counter() - start)
