@@ -133,8 +133,8 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
         raise MemoryCapError(f"{message}; {block_dir}; hint: a smaller --batch-size or more "
                              "blocks (--blocks) shrink what one device holds")
     data = _result(done, f"block {block_dir}")
-    # above the child's own peak once the runtime is imported, the same point the baseline child reports:
-    # two processes' import peaks differed by up to 3 MB, a quarter of a small block's measurement
+    # above the child's own peak once the runtime is imported, the point the baseline child reports, but
+    # in the same process: no other process's variation enters the difference (a tiny block measures ~12 MB)
     imported = data.get("status_after_import", {}).get("VmHWM", baseline.rss_bytes)
     return BlockMeasurement(
         index=data["index"], kind=data["kind"], measured_peak_bytes=data["status"]["VmHWM"] - imported,
