@@ -3,8 +3,8 @@
 A training graph feeds its weights (they change every step), and onnxruntime runs a Conv with fed weights
 on MLAS's NCHW path (expand, then matrix product); a Conv whose weights are a constant initializer is
 rewritten at load time into MLAS's NCHWc kernels (x86 only), the path an inference graph gets. torch
-eager runs the same convolution on oneDNN. For each stride-1 3×3 convolution of cnn-small and resnet18
-whose output positions outnumber its filters (the portable graph runs the others folded:
+eager runs the same convolution on oneDNN. For stride-1 3×3 convolutions on 28×28 and 14×14 maps (cnn-small's
+and resnet18's first stages, and a 256-channel map that the portable graph would run folded:
 ``benchmarks/folded_conv.py``), the three take turns run by run (``step_speed.time_interleaved``: a
 pause before each timed run, so torch's spinning OpenMP workers do not slow the next run), batch 64, at
 1 and 2 threads; each ratio is the median over the rounds of the two runs' ratio in one round.
@@ -31,7 +31,8 @@ from edgebll.portable_schema import OPSET
 
 SHAPES = [(32, 32, 28), (64, 64, 28), (64, 64, 14), (128, 128, 14), (256, 256, 14)]
 """(channels, filters, height = width), 3×3 kernel, stride 1, padding 1: cnn-small's first and second
-stages, resnet18's layer1 and layer2 (and layer3's maps at 14×14)."""
+stages, resnet18's layer1 and layer2, and 256 channels at 14×14 (more filters than positions: the portable
+graph folds that one, this times it plain)."""
 
 
 def _graph(channels: int, filters: int, size: int, weight: np.ndarray | None) -> bytes:

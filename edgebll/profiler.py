@@ -135,7 +135,7 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
     data = _result(done, f"block {block_dir}")
     # above the child's own peak once the runtime is imported, the point the baseline child reports, but
     # in the same process: no other process's variation enters the difference (a tiny block measures ~12 MB)
-    imported = data.get("status_after_import", {}).get("VmHWM", baseline.rss_bytes)
+    imported = data["status_after_import"]["VmHWM"]
     return BlockMeasurement(
         index=data["index"], kind=data["kind"], measured_peak_bytes=data["status"]["VmHWM"] - imported,
         peak_rss_bytes=data["status"]["VmHWM"], peak_virtual_bytes=data["status"]["VmPeak"],

@@ -234,8 +234,8 @@ def _weight_gradient_by_offsets(grad_output: torch.Tensor, input: torch.Tensor, 
         # channels in groups whose padded maps and phases stay small: the head's gradient comes first in the
         # backward, while every activation of the block is held, and two copies of the whole input on top
         # of them took 11 MiB more of resnet18's first block (onnxruntime's arena; 2 MiB in groups)
-        groups = max(1, min(c_in // _MIN_GEMM_CHANNELS, -(-c_in * math.prod(spans) // _PHASE_FLOATS_PER_SAMPLE)))
-        size = -(-c_in // groups)
+        channel_groups = max(1, min(c_in // _MIN_GEMM_CHANNELS, -(-c_in * math.prod(spans) // _PHASE_FLOATS_PER_SAMPLE)))
+        size = -(-c_in // channel_groups)
         chunks = [(lo, min(lo + size, c_in)) for lo in range(0, c_in, size)]
 
     # Every copy of the input is traced before the output gradient is touched: onnxruntime's execution
