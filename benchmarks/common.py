@@ -180,9 +180,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_results(name: str, data: dict[str, Any], markdown: str, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    """Write ``<results_dir>/<name>.json`` and ``<name>.md``; returns both paths."""
-    results_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``<results_dir>/<name>.json`` and ``<name>.md`` (a ``name`` may be a path); returns both paths."""
     json_path, md_path = results_dir / f"{name}.json", results_dir / f"{name}.md"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
     _write_atomic(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path

@@ -77,10 +77,12 @@ class PortableRunner(RunnerBase):
     """The files in ``trained/`` that make this block's trained state (the state and its sidecar)."""
 
     def __init__(self, block_dir: str | os.PathLike, *, threads: int = 0, verify_files: bool = True,
-                 load_trained: bool = True, provider: str = "cpu") -> None:
+                 load_trained: bool = True, provider: str = "cpu",
+                 provider_options: dict[str, str] | None = None) -> None:
         """Load ``block_dir``'s portable graphs; with ``load_trained`` resume from ``trained/portable_state.npz``.
 
-        ``provider``: "cpu", or "cuda" (onnxruntime-gpu, e.g. NVIDIA's build for a Jetson).
+        ``provider``: "cpu", or "cuda" (onnxruntime-gpu, e.g. NVIDIA's build for a Jetson);
+        ``provider_options``: that provider's onnxruntime options (CUDA: ``{"use_tf32": "0"}`` for fp32 math).
         """
         import onnxruntime
 
@@ -100,11 +102,17 @@ class PortableRunner(RunnerBase):
                                f"{available}); hint: on a Jetson install NVIDIA's onnxruntime-gpu build for its "
                                "JetPack (see devices/README.md), or use --provider cpu")
         self.device = "cuda" if provider == "cuda" else "cpu"
-        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        providers: list[Any] = [(PROVIDERS[provider], provider_options or {})]
+        providers += ["CPUExecutionProvider"] if provider != "cpu" else []
         self.train_session = onnxruntime.InferenceSession(str(self.block_dir / TRAIN_FILE), train_session_options(threads),
                                                           providers=providers)
         self.eval_session = onnxruntime.InferenceSession(str(self.block_dir / EVAL_FILE), session_options(threads),
                                                          providers=providers)
+        # onnxruntime falls back to the CPU, with a log line only, when the CUDA provider's libraries do not load
+        if PROVIDERS[provider] not in self.train_session.get_providers():
+            raise EdgeBLLError(f"--provider {provider}: onnxruntime could not start {PROVIDERS[provider]} (the session "
+                               f"runs on {self.train_session.get_providers()}); hint: its CUDA and cuDNN libraries "
+                               "must match the onnxruntime-gpu build (see its log lines above), or use --provider cpu")
         self.progress = {"epoch": 0, "step": 0}
         state_file = self.block_dir / STATE_FILE
         trained = self.block_dir / TRAINED_DIR / STATE_FILE

@@ -17,7 +17,6 @@ import onnx
 import onnxruntime
 import torch
 from onnx import helper, numpy_helper
-from onnxruntime.training import artifacts as ort_artifacts
 from torch import nn
 
 from edgebll.errors import ExportError
@@ -243,6 +242,10 @@ def _native_stderr_to_log(log: Path) -> Iterator[None]:
 def generate_block_artifacts(model: onnx.ModelProto, graph: BlockGraph, trainable: list[str], out_dir: Path,
                              optimizer: OptimizerConfig) -> None:
     """Write training, eval and optimizer graphs and the checkpoint into ``out_dir`` (which exists)."""
+    # imported here, not at the top: the model zoo and the portable export import without the training
+    # build (a GPU machine with onnxruntime-gpu builds the torch blocks from this package)
+    from onnxruntime.training import artifacts as ort_artifacts
+
     onnxruntime.set_default_logger_severity(3)
     if optimizer.name not in ("adamw", "sgd"):
         raise ExportError(f"unknown optimizer {optimizer.name!r}; choose adamw or sgd")

@@ -86,12 +86,13 @@ def update_hazards(model: onnx.ModelProto) -> dict[str, list[str]]:
 
 
 def _zero_from(name: str, tag: str) -> list[onnx.NodeProto]:
-    """Nodes computing ``{tag}`` = 0.0 (float scalar) from tensor ``name``: the sum of an empty slice of it."""
+    """Nodes computing ``{tag}`` = [0.0] (float, shape [1]) from tensor ``name``: the sum of an empty slice of it."""
     return [
         helper.make_node("Reshape", [name, f"{tag}/flat_shape"], [f"{tag}/flat"], name=f"{tag}/flatten"),
         helper.make_node("Slice", [f"{tag}/flat", f"{tag}/none", f"{tag}/none"], [f"{tag}/empty"], name=f"{tag}/slice"),
         helper.make_node("Cast", [f"{tag}/empty"], [f"{tag}/empty_f"], to=TensorProto.FLOAT, name=f"{tag}/cast"),
-        helper.make_node("ReduceSum", [f"{tag}/empty_f"], [tag], keepdims=0, name=f"{tag}/sum"),
+        # keepdims: onnxruntime's CUDA kernel refuses to reduce a dimension of size 0 away
+        helper.make_node("ReduceSum", [f"{tag}/empty_f"], [tag], keepdims=1, name=f"{tag}/sum"),
     ]
 
 
@@ -129,7 +130,10 @@ def order_updates_after_reads(model: onnx.ModelProto) -> bool:
         added += _zero_from(nodes[sink].output[0], tag)
         model.graph.initializer.extend(_constants(tag))
         zeros.append(tag)
-    added.append(helper.make_node("Sum", zeros, ["after_reads/zero"], name="after_reads/sum"))
+    added.append(helper.make_node("Sum", zeros, ["after_reads/zeros"], name="after_reads/sum"))
+    added.append(helper.make_node("Reshape", ["after_reads/zeros", "after_reads/scalar_shape"], ["after_reads/zero"],
+                                  name="after_reads/scalar"))
+    model.graph.initializer.append(helper.make_tensor("after_reads/scalar_shape", TensorProto.INT64, [0], []))
     added.append(helper.make_node("Add", [_LR, "after_reads/zero"], [_ORDERED_LR], name="after_reads/lr"))
     for at in updates:
         node = nodes[at]

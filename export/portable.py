@@ -297,6 +297,17 @@ def state_of(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torc
     return params, others
 
 
+def initial_state(module: nn.Module, optimizer: OptimizerConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The state file's arrays before the first step: (parameters and buffers, the optimizer's zero moments)."""
+    params, others = state_of(module)
+    state = {param_key(n): t.numpy() for n, t in params.items()} | {buffer_key(n): t.numpy() for n, t in others.items()}
+    moments: dict[str, np.ndarray] = {}
+    if optimizer.name == "adamw":
+        moments |= {exp_avg_key(n): np.zeros_like(t.numpy()) for n, t in params.items()}
+        moments |= {exp_avg_sq_key(n): np.zeros_like(t.numpy()) for n, t in params.items()}
+    return state, moments
+
+
 def make_train_step(module: nn.Module, params: Sequence[str], buffers: Sequence[str],
                     optimizer: OptimizerConfig) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``step(x, side, lr, step, *params, *buffers, *exp_avg, *exp_avg_sq) -> (*outputs, *next state)``.
@@ -445,13 +456,7 @@ def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[t
     side_names = [spec.name for spec in inputs]
     if len(side_names) != 2:
         raise ExportError(f"{where}: a portable block takes a message and a side input, got {side_names}")
-    state: dict[str, np.ndarray] = {}
-    state |= {param_key(n): t.numpy() for n, t in params.items()}
-    state |= {buffer_key(n): t.numpy() for n, t in others.items()}
-    moments: dict[str, np.ndarray] = {}
-    if optimizer.name == "adamw":
-        moments |= {exp_avg_key(n): np.zeros_like(t.numpy()) for n, t in params.items()}
-        moments |= {exp_avg_sq_key(n): np.zeros_like(t.numpy()) for n, t in params.items()}
+    state, moments = initial_state(module, optimizer)
     keys = [*state, *moments]
     tensors = [torch.from_numpy(np.array(a)) for a in [*state.values(), *moments.values()]]
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = sorted(p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py") if p.name != "common.py")
@@ -48,6 +49,36 @@ def test_the_gpu_session_script_runs_on_the_cpu(tmp_path: Path) -> None:
     bare = subprocess.run(["bash", str(alone / script.name), "resnet18"], capture_output=True, text=True, timeout=60,
                           env={**env, "PYTHON": "/usr/bin/env"})  # a "python" that imports nothing
     assert bare.returncode == 2 and "hint: run make device-carry" in bare.stderr
+
+
+@pytest.mark.slow
+def test_cuda_step_rehearses_on_the_cpu_and_rebuilds_a_carried_runs_state(tmp_path: Path) -> None:
+    """benchmarks/cuda_step.py with --provider cpu --device cpu: both providers of the check are the CPU, so the
+    steps are bit-equal; a run carried without a state file gets the exported one back from the seed."""
+    from edgebll.export import export_model
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_step.py"
+    runs = tmp_path / "runs"
+    export_model("cnn-small", out=runs / "cnn-small", blocks=2, batch_size=16, seed=0, lr=1e-3, progress=False)
+    state = runs / "cnn-small" / "block-1" / "portable_state.npz"
+    with np.load(state) as f:
+        exported = dict(f)
+    state.unlink()
+    out = tmp_path / "out" / "cuda_step"
+    args = [sys.executable, str(script), "--provider", "cpu", "--device", "cpu", "--models", "cnn-small", "--blocks",
+            "2", "--batch-size", "16", "--repeats", "2", "--warmup", "0", "--check-steps", "2", "--name", str(out)]
+    done = subprocess.run([*args, "--runs", str(runs)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with np.load(state) as f:
+        rebuilt = dict(f)
+    assert list(rebuilt) == list(exported) and all(np.array_equal(rebuilt[k], exported[k]) for k in exported)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["model"], r["block"]) for r in rows] == [("cnn-small", 0), ("cnn-small", 1)]
+    assert all(r["parity"] == {"output_diff": 0.0, "params_beyond": 0.0, "params_max_over_lr": 0.0, "buffers_diff": 0.0}
+               for r in rows)
+    assert "| cnn-small | 1 |" in out.with_suffix(".md").read_text()
+    missing = subprocess.run([*args, "--runs", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "none/cnn-small does not exist; hint: export cnn-small" in missing.stderr
 
 
 def _accuracy_result(path: Path, seeds: list[int], accuracies: dict[str, list[float]], **settings: object) -> Path:

@@ -420,6 +420,17 @@ def test_updates_wait_for_every_reader_of_what_they_overwrite(tiny_portable_run:
     assert any(key.endswith(".weight") for key in hazards)
 
 
+def test_the_ordering_zero_is_a_scalar_from_reductions_that_keep_their_dims(tiny_portable_run: Path) -> None:
+    """onnxruntime's CUDA kernel refuses to reduce an empty dimension away (keepdims=0), so the zeros that order
+    the updates keep theirs, and one Reshape makes their sum the scalar that lr is."""
+    model = onnx.load(str(tiny_portable_run / "block-0" / "portable_train.onnx"))
+    sums = [n for n in model.graph.node if n.name.startswith("after_reads/") and n.op_type == "ReduceSum"]
+    assert sums and all(onnx.helper.get_attribute_value(a) == 1 for n in sums for a in n.attribute if a.name == "keepdims")
+    shapes = {v.name: v.type.tensor_type.shape for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    assert [d.dim_value for d in shapes[sums[0].output[0]].dim] == [1]
+    assert len(shapes["lr_after_reads"].dim) == 0
+
+
 def test_portable_checkpoint_round_trip(tiny_portable_run: Path, tmp_path: Path) -> None:
     block_dir = Path(shutil.copytree(tiny_portable_run / "block-0", tmp_path / "block-0"))
     runner = PortableRunner(block_dir)
@@ -466,6 +477,17 @@ def test_backend_choice_and_its_errors(run_copy: Path, tiny_portable_run: Path) 
         resolve_backend("ort-training", ["ort-training"], provider="cuda")
     with pytest.raises(EdgeBLLError, match="this onnxruntime has no CUDAExecutionProvider"):
         PortableRunner(tiny_portable_run / "block-0", provider="cuda")
+
+
+def test_a_cuda_provider_that_does_not_start_is_an_error_not_a_silent_cpu_run(tiny_portable_run: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    # an onnxruntime-gpu whose CUDA libraries do not load lists the provider, then runs the session on the CPU
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(EdgeBLLError, match=r"--provider cuda: onnxruntime could not start CUDAExecutionProvider \(the "
+                                           r"session runs on \['CPUExecutionProvider'\]\)"):
+        PortableRunner(tiny_portable_run / "block-0", provider="cuda", provider_options={"use_tf32": "0"})
 
 
 def test_runtime_on_the_portable_backend_resumes_to_the_uninterrupted_weights(tiny_portable_run: Path,
