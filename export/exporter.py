@@ -26,6 +26,7 @@ from edgebll.errors import ExportError
 from edgebll.memory import estimate_peak_bytes
 from edgebll.json_files import write_json_atomic
 from edgebll.manifest import ARTIFACT_FILES, MANIFEST_NAME, BlockManifest, sha256_file
+from edgebll.ort_training import training_available
 from edgebll.portable_schema import PORTABLE_FILES
 from edgebll.run_folder import FEEDBACK_DIR, METHODS, RUN_NAME, block_dir_name
 
@@ -233,6 +234,11 @@ def export_model(
     return out
 
 
+def _log(block_dir: Path, line: str) -> None:
+    with open(block_dir / "export.log", "a", encoding="utf-8") as log:
+        log.write(line + "\n")
+
+
 def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: str, model_name: str,
                  batch_size: int, optimizer: OptimizerConfig, trace_batch_size: int | None = None,
                  portable: bool = False) -> BlockManifest:
@@ -253,22 +259,29 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
         raise ExportError(f"{where}: {refused}") from exc
     trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
     files: list[str] = []
-    try:
-        generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
-        files += ARTIFACT_FILES
-    except RuntimeError as exc:
-        gap = missing_gradient(str(exc), plan.module)
-        if gap is None:
-            raise
-        op, layer = gap
+    if not training_available():  # e.g. an aarch64 host, or onnxruntime-gpu in its place
         if not portable:
-            raise ExportError(f"{where}: onnxruntime-training has no gradient for {op}, which {layer} becomes; hint: "
-                              "export with --portable (the default) to train the block on the portable backend, or "
-                              f"use {alternative(op)}") from exc
-        for name in ARTIFACT_FILES:  # the portable graphs train it; the training build's half is left out
-            (block_dir / name).unlink(missing_ok=True)
-        with open(block_dir / "export.log", "a", encoding="utf-8") as log:
-            log.write(f"{where}: onnxruntime-training has no gradient for {op} ({layer}): portable graphs only\n")
+            raise ExportError(f"{where}: --no-portable writes only the training build's artifacts, which need "
+                              "onnxruntime-training, and it is not installed; hint: export with --portable (the "
+                              "default), whose graphs train with --backend portable on any onnxruntime, or on x86-64 "
+                              "`pip install onnxruntime-training-cpu==1.19.2`")
+        _log(block_dir, f"{where}: onnxruntime-training is not installed: portable graphs only")
+    else:
+        try:
+            generate_block_artifacts(onnx_model, graph, trainable, block_dir, optimizer)
+            files += ARTIFACT_FILES
+        except RuntimeError as exc:
+            gap = missing_gradient(str(exc), plan.module)
+            if gap is None:
+                raise
+            op, layer = gap
+            if not portable:
+                raise ExportError(f"{where}: onnxruntime-training has no gradient for {op}, which {layer} becomes; "
+                                  "hint: export with --portable (the default) to train the block on the portable "
+                                  f"backend, or use {alternative(op)}") from exc
+            for name in ARTIFACT_FILES:  # the portable graphs train it; the training build's half is left out
+                (block_dir / name).unlink(missing_ok=True)
+            _log(block_dir, f"{where}: onnxruntime-training has no gradient for {op} ({layer}): portable graphs only")
     schema = None
     if portable:
         schema = export_portable(plan.module, plan.inputs, plan.outputs, block_dir, optimizer, where=where)

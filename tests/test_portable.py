@@ -309,6 +309,37 @@ def test_a_block_the_training_build_cannot_differentiate_is_exported_portable_on
     assert not (tmp_path / "no-portable").exists() and not (tmp_path / "dropout").exists()
 
 
+def test_a_host_without_the_training_build_exports_the_portable_graphs_alone(tmp_path: Path,
+                                                                            tiny_portable_run: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aarch64 host, or a GPU machine with onnxruntime-gpu, has no onnxruntime-training: the export writes the
+    portable graphs alone, the same ones as with it; --no-portable, which would write nothing it can train, is
+    refused and leaves no folder behind."""
+    import edgebll.export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "training_available", lambda: False)
+    torch.manual_seed(0)  # as tiny_portable_run was exported
+    run = export_model(portable_units(), out=tmp_path / "run", blocks=2, batch_size=8, optimizer="sgd", lr=0.05,
+                       progress=False)
+    assert json.loads((run / "run.json").read_text())["backends"] == ["portable"]
+    for k in (0, 1):
+        assert load_block_manifest(run / f"block-{k}").backends() == ["portable"]
+        assert not (run / f"block-{k}" / "training_model.onnx").exists()
+        assert "onnxruntime-training is not installed: portable graphs only" in \
+            (run / f"block-{k}" / "export.log").read_text()
+        alone, both = (PortableRunner(r / f"block-{k}", threads=1, load_trained=False) for r in (run, tiny_portable_run))
+        x, labels = _inputs(alone.manifest, np.random.default_rng(k))
+        assert alone.train_step(x, labels, 0.05).loss == both.train_step(x, labels, 0.05).loss
+        assert all(np.array_equal(a, b) for a, b in zip(alone.parameters().values(), both.parameters().values()))
+    assert [r.backend for r in Runtime.from_run(run, threads=1).runners] == ["portable", "portable"]
+    with pytest.raises(ExportError, match=r"block 0 \(units \['unit0', 'unit1'\]\): --no-portable writes only the "
+                                          r"training build's artifacts, which need onnxruntime-training, and it is "
+                                          r"not installed; hint: export with --portable"):
+        export_model(portable_units(), out=tmp_path / "no-portable", blocks=2, batch_size=8, progress=False,
+                     portable=False)
+    assert not (tmp_path / "no-portable").exists()
+
+
 @pytest.mark.parametrize("dims", [1, 2])
 def test_convolution_weight_gradients_in_every_form_equal_torch(tmp_path: Path, dims: int) -> None:
     """Weight gradients in each of their forms: an im2col product (2 input channels); per-sample products (16
