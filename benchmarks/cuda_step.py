@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from edgebll.export.portable import initial_state
 from edgebll.portable import PortableRunner, save_state
 from edgebll.portable_schema import STATE_FILE
 from edgebll.run_folder import block_dir_name
-from step_speed import Timing, round_ratio, time_interleaved
+from step_speed import Timing, round_ratio, time_interleaved, torch_step
 
 METHOD = "bwbpf"
 PACKAGES = ("numpy", "torch", "onnxruntime", "onnxruntime-gpu")
@@ -73,25 +72,6 @@ class Row:
     check_steps: int
     parity: Parity | None
     """``check_steps`` steps on the provider against the CPU provider (None: not checked)."""
-
-
-def torch_step(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, lr: float,
-               device: str) -> Callable[[], float]:
-    """torch eager's step with the portable runner's traffic: the batch from host memory, outputs back to it."""
-    block.to(device).train()
-    # OptimizerConfig's defaults: torch's AdamW formula, eps 1e-8, no weight decay
-    optimizer = torch.optim.AdamW(block.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    host_x, host_labels = torch.from_numpy(x), torch.from_numpy(labels)
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        outputs = block(host_x.to(device), host_labels.to(device))
-        outputs[0].backward()
-        optimizer.step()
-        host = [o.detach().cpu() for o in outputs]  # waits for the GPU, like the runner's outputs do
-        return float(host[0])
-
-    return step
 
 
 def ensure_state(block_dir: Path, block: torch.nn.Module) -> None:

@@ -153,23 +153,26 @@ def round_ratio(a: Timing, b: Timing) -> float:
     return round(statistics.median(x / y for x, y in zip(a.steps_s, b.steps_s)), 3)
 
 
-def torch_step(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, lr: float) -> Callable[[], float]:
-    """The same step in torch eager: forward, loss, backward, AdamW (the export's settings).
+def torch_step(block: torch.nn.Module, x: np.ndarray, labels: np.ndarray, *, lr: float,
+               device: str = "cpu") -> Callable[[], float]:
+    """The same step in torch eager: forward, loss, backward, AdamW (the export's settings), with the runners'
+    traffic: the batch from host memory, the outputs back to it (no copies on the CPU).
 
     The block is trained in place; a deep copy per call would cost memory and change nothing
     about the speed.
     """
-    block.train()
+    block.to(device).train()
     # OptimizerConfig's defaults: torch's AdamW formula, eps 1e-8, no weight decay
     optimizer = torch.optim.AdamW(block.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     inputs, targets = torch.from_numpy(x), torch.from_numpy(labels)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = block(inputs, targets)[0]
-        loss.backward()
+        outputs = block(inputs.to(device), targets.to(device))
+        outputs[0].backward()
         optimizer.step()
-        return loss.item()  # the ORT steps also hand their loss back as a Python float
+        host = [o.detach().cpu() for o in outputs]  # on a GPU: waits for it, as the runners' outputs do
+        return float(host[0])  # the ORT steps also hand their loss back as a Python float
 
     return step
 
