@@ -41,6 +41,7 @@ from tqdm import tqdm
 from common import describe_machine, machine_info, markdown_table, write_results
 from edgebll.export import MODELS, OptimizerConfig, build_blocks, build_model, export_model
 from edgebll.export.portable import initial_state
+from edgebll.manifest import load_block_manifest
 from edgebll.portable import PortableRunner, save_state
 from edgebll.portable_schema import STATE_FILE
 from edgebll.run_folder import block_dir_name
@@ -78,7 +79,8 @@ def ensure_state(block_dir: Path, block: torch.nn.Module) -> None:
     """Write ``block_dir``'s initial state from ``block`` where the file is missing (the runners here do not
     check the manifest's hashes: a carried run may lack files that only the training build reads)."""
     if not (block_dir / STATE_FILE).is_file():
-        state, moments = initial_state(block, OptimizerConfig())
+        optimizer = OptimizerConfig(name=load_block_manifest(block_dir, verify_files=False).optimizer["type"])
+        state, moments = initial_state(block, optimizer)  # the moments' keys: only the optimizer's name matters
         save_state(block_dir / STATE_FILE, {**state, **moments})
 
 
@@ -199,7 +201,7 @@ def _parity_cells(check: Parity | None) -> list[str]:
 def render_markdown(rows: list[Row], failures: list[str], machine: dict, settings: dict) -> str:
     table = markdown_table(
         ["model", "block", "params", "input shape", "portable ms", "torch ms", "portable/torch",
-         "outputs, step 1", f"params > 1e-5 apart", "largest param diff / lr", "BatchNorm stats"],
+         "outputs, step 1", "params > 1e-5 apart", "largest param diff / lr", "BatchNorm stats"],
         [[r.model, r.block, f"{r.params:,}", "×".join(map(str, r.input_shape)),
           f"{r.portable_ms:.2f} ± {r.portable_iqr_ms:.2f}", f"{r.torch_ms:.2f} ± {r.torch_iqr_ms:.2f}",
           f"{r.portable_over_torch:.2f}", *_parity_cells(r.parity)] for r in rows],
