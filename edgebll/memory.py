@@ -24,6 +24,9 @@ has imported ONNX Runtime (what ``edgebll profile`` measures), in seven parts:
   float32 scratch when the codec runs in numpy;
 - ``runtime``: ONNX Runtime's own sessions and first step (:data:`RUNTIME_BYTES`).
 
+``runtime`` differs from CPU to CPU by up to :data:`RUNTIME_SPREAD` of itself (mostly ORT's code
+pages; see there), which matters for tiny blocks only.
+
 ``RUNTIME_BYTES``, ``ARENA_OVERHEAD`` and ``PATTERN_COPY`` were measured, never fitted per
 block: ``benchmarks/memory.py`` takes the first from the blocks of a tiny model and the other two
 from batch-size sweeps of one model (cnn-small) with the memory pattern on and off, and writes
@@ -78,6 +81,14 @@ PORTABLE_RUNTIME_BYTES = int(13.6 * 2**20)
 
 PORTABLE_ARENA_OVERHEAD = 0.16
 """ARENA_OVERHEAD of the portable backend (benchmarks/results/memory_portable.json)."""
+
+RUNTIME_SPREAD = 0.3
+"""How far the ``runtime`` part measured on one x86-64 CPU can be from the constants, measured on
+another: the same tiny BLL feedback block measured 9.6 MiB on one machine, 11.4 MiB on a second
+(AMD EPYC, no AVX-512) and 12.4 MiB where RUNTIME_BYTES was calibrated. Most of it is ONNX
+Runtime's code touched by the first steps (file-backed pages: ``file_backed_bytes`` of a
+measurement, 8.9 of those 11.4 MiB), and ORT picks its kernels per instruction set. A tiny block's
+estimate is therefore good to this fraction of ``runtime`` plus the usual error of the rest."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -34,13 +34,14 @@ _OOM_MARKERS = ("bad_alloc", "bad allocation", "failed to allocate", "cannot all
 
 
 def _status() -> dict[str, int]:
-    """VmHWM (peak resident), VmRSS, VmPeak (peak virtual) and VmSize of this process, in bytes."""
+    """VmHWM (peak resident), VmRSS, VmPeak (peak virtual), VmSize, and RssAnon and RssFile (the resident
+    memory in the heap, and in mapped files such as ONNX Runtime's code) of this process, in bytes."""
     values: dict[str, int] = {}
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 key = line.split(":", 1)[0]
-                if key in ("VmHWM", "VmRSS", "VmPeak", "VmSize"):
+                if key in ("VmHWM", "VmRSS", "VmPeak", "VmSize", "RssAnon", "RssFile"):
                     values[key] = int(line.split()[1]) * 1024
     except OSError as exc:
         raise EdgeBLLError(f"profiling reads /proc/self/status, which this system lacks ({exc}); it needs Linux") from exc

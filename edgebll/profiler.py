@@ -73,6 +73,11 @@ class BlockMeasurement:
     steps: int
     mode: str = "train"
     """"train" (training steps) or "eval" (the eval graph: what `edgebll eval` runs)."""
+    file_backed_bytes: int | None = None
+    """Of the block's cost, the pages of mapped files it touched (RssFile at the end, above the import
+    point): mostly ONNX Runtime's code. Clean pages, shared by every process on the board that maps the
+    same library and dropped first under memory pressure; which of them a step touches depends on the
+    CPU (its kernels are chosen per instruction set). None where the kernel does not report RssFile."""
 
 
 def _run_child(arguments: list[str], *, cap: int | None, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -136,10 +141,13 @@ def measure_block(block_dir: str | os.PathLike, baseline: Baseline, *, steps: in
     # above the child's own peak once the runtime is imported, the point the baseline child reports, but
     # in the same process: no other process's variation enters the difference (a tiny block measures ~12 MB)
     imported = data["status_after_import"]["VmHWM"]
+    files = (data["status"]["RssFile"] - data["status_after_import"]["RssFile"]
+             if "RssFile" in data["status"] and "RssFile" in data["status_after_import"] else None)
     return BlockMeasurement(
         index=data["index"], kind=data["kind"], measured_peak_bytes=data["status"]["VmHWM"] - imported,
         peak_rss_bytes=data["status"]["VmHWM"], peak_virtual_bytes=data["status"]["VmPeak"],
         step_ms=data["step_ms"], first_step_ms=data["first_step_ms"], steps=data["steps"], mode=data["mode"],
+        file_backed_bytes=files,
     )
 
 
@@ -200,6 +208,7 @@ def profile_run(run_dir: str | os.PathLike, device: Any, *, steps: int = 5, thre
             entry.update(measured_peak_bytes=measured.measured_peak_bytes, step_ms=measured.step_ms,
                          first_step_ms=measured.first_step_ms, peak_rss_bytes=measured.peak_rss_bytes,
                          peak_virtual_bytes=measured.peak_virtual_bytes,
+                         file_backed_bytes=measured.file_backed_bytes,
                          error_percent=round(100 * (estimate.total / measured.measured_peak_bytes - 1), 1),
                          fits=baseline.rss_bytes + measured.measured_peak_bytes <= device.budget_bytes)
         entry["estimate_fits"] = baseline.rss_bytes + estimate.total <= device.budget_bytes
