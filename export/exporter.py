@@ -250,6 +250,11 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
     """
     block_dir.mkdir(parents=True, exist_ok=True)
     where = f"{'feedback ' if plan.kind == 'feedback' else ''}block {plan.index} (units {plan.units})"
+    if not portable and not training_available():  # refused before the trace, which takes the time
+        raise ExportError(f"{where}: --no-portable writes only the training build's artifacts, which need "
+                          "onnxruntime-training, and it is not installed; hint: export with --portable (the "
+                          "default), whose graphs train with --backend portable on any onnxruntime, or on x86-64 "
+                          "`pip install onnxruntime-training-cpu==1.19.2`")
     try:
         onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
     except Exception as exc:  # torch.onnx's errors share no base class worth naming
@@ -260,11 +265,6 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
     trainable = [name for name, p in plan.module.named_parameters() if p.requires_grad]
     files: list[str] = []
     if not training_available():  # e.g. an aarch64 host, or onnxruntime-gpu in its place
-        if not portable:
-            raise ExportError(f"{where}: --no-portable writes only the training build's artifacts, which need "
-                              "onnxruntime-training, and it is not installed; hint: export with --portable (the "
-                              "default), whose graphs train with --backend portable on any onnxruntime, or on x86-64 "
-                              "`pip install onnxruntime-training-cpu==1.19.2`")
         _log(block_dir, f"{where}: onnxruntime-training is not installed: portable graphs only")
     else:
         try:
