@@ -7,6 +7,11 @@ timed runs are summed per op type, and the single slowest nodes are listed with 
 
     python benchmarks/portable_ops.py                      # cnn-small, 2 threads
     python benchmarks/portable_ops.py --models resnet18 --threads 1
+    python benchmarks/portable_ops.py --threads 1 2           # and how each op type scales to 2 threads
+
+With several thread counts, a second table gives each op type's kernel time at each count and its
+speed-up at the highest, and how much of the step goes to op types that onnxruntime does not
+spread over the threads (speed-up under SCALES).
 
 Writes benchmarks/results/portable_ops.json and .md (``--name`` to change).
 """
@@ -30,6 +35,10 @@ from edgebll.run_folder import block_dir_name
 
 BLOCKS = 4
 TOP_NODES = 8
+SCALES = 1.1
+"""An op type whose kernel time falls by less than this factor from the fewest to the most threads
+is counted as not spread over the threads."""
+SCALING_OPS = 10
 
 
 def _role(node: dict, graph_inputs: set[str], consumers: dict[str, set[str]]) -> str:
@@ -95,10 +104,35 @@ def profile_block(block_dir: Path, *, threads: int, batch: int, runs: int, warmu
             "top_nodes": nodes}
 
 
+def thread_scaling(rows: list[dict], few: int, many: int) -> dict:
+    """Per block: each op type's kernel ms at ``few`` and ``many`` threads and its speed-up, and the
+    share of the ``many``-thread kernel time in op types that did not speed up by SCALES. ``ops``: the
+    SCALING_OPS op types with the most time at ``few`` threads over all blocks (the table's columns)."""
+    pairs: dict[tuple[str, str], dict[int, dict]] = collections.defaultdict(dict)
+    for r in rows:
+        pairs[(r["model"], r["block"])][r["threads"]] = r
+    time_at_few: dict[str, float] = collections.defaultdict(float)
+    for r in rows:
+        for op, ms in r["by_op"].items():
+            time_at_few[op] += ms if r["threads"] == few else 0
+    ops = sorted(time_at_few, key=lambda op: -time_at_few[op])[:SCALING_OPS]
+    blocks = []
+    for (model, block), by_threads in pairs.items():
+        slow, fast = by_threads[few]["by_op"], by_threads[many]["by_op"]
+        speedup = {op: slow[op] / fast[op] for op in slow if fast.get(op)}
+        unspread = sum(fast[op] for op, x in speedup.items() if x < SCALES)
+        blocks.append({"model": model, "block": block,
+                       "unspread_percent": round(100 * unspread / by_threads[many]["kernel_ms"], 1),
+                       "ops": {op: [round(slow[op], 2), round(fast[op], 2), round(speedup[op], 2)]
+                               for op in ops if op in speedup}})
+    return {"few": few, "many": many, "ops": ops, "blocks": blocks}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["cnn-small"], help="zoo models (default: cnn-small)")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default: 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="ORT intra-op threads; several counts add the per-op scaling table (default: 2)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     parser.add_argument("--runs", type=int, default=5, help="timed steps per block (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
@@ -111,28 +145,42 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models:
             run = export_model(model, out=Path(tmp) / model, blocks=BLOCKS, batch_size=args.batch_size, progress=False)
             for k in range(BLOCKS):
-                result = profile_block(run / block_dir_name(k), threads=args.threads, batch=args.batch_size,
-                                       runs=args.runs, warmup=args.warmup)
-                rows.append({"model": model, **result})
-                print(f"{model} {result['block']}: {result['kernel_ms']} ms", flush=True)
+                for threads in args.threads:
+                    result = profile_block(run / block_dir_name(k), threads=threads, batch=args.batch_size,
+                                           runs=args.runs, warmup=args.warmup)
+                    rows.append({"model": model, "threads": threads, **result})
+                    print(f"{model} {result['block']}, {threads} thread(s): {result['kernel_ms']} ms", flush=True)
     machine = machine_info()
     ops = sorted({op for r in rows for op in r["by_op"]}, key=lambda op: -sum(r["by_op"].get(op, 0) for r in rows))[:8]
-    table = markdown_table(["model", "block", "kernels ms", *[f"{op} %" for op in ops]],
-                           [[r["model"], r["block"], r["kernel_ms"],
+    table = markdown_table(["model", "block", "threads", "kernels ms", *[f"{op} %" for op in ops]],
+                           [[r["model"], r["block"], r["threads"], r["kernel_ms"],
                              *[f"{100 * r['by_op'].get(op, 0) / r['kernel_ms']:.0f}" for op in ops]] for r in rows],
-                           align="llr" + "r" * len(ops))
-    slowest = markdown_table(["model", "block", "op", "node", "what", "ms"],
-                             [[r["model"], r["block"], n["op"], n["name"][:40], n["role"], n["ms"]]
-                              for r in rows for n in r["top_nodes"][:3]], align="lllllr")
+                           align="llrr" + "r" * len(ops))
+    slowest = markdown_table(["model", "block", "threads", "op", "node", "what", "ms"],
+                             [[r["model"], r["block"], r["threads"], n["op"], n["name"][:40], n["role"], n["ms"]]
+                              for r in rows for n in r["top_nodes"][:3]], align="llrlllr")
+    threads = " ".join(map(str, args.threads))
     markdown = (
         "# Where the portable step's time goes: onnxruntime's profiler\n\n"
-        f"`python benchmarks/portable_ops.py --models {' '.join(args.models)} --threads {args.threads}` on "
+        f"`python benchmarks/portable_ops.py --models {' '.join(args.models)} --threads {threads}` on "
         f"{describe_machine(machine)}. Each block of a {BLOCKS}-block bwbpf "
-        f"split, batch {args.batch_size}, {args.threads} thread(s): kernel time of one training step (mean of "
+        f"split, batch {args.batch_size}, at {threads} thread(s): kernel time of one training step (mean of "
         f"{args.runs} after {args.warmup} warm-up steps), and each op type's share of it.\n\n" + table +
         "\n\nThe three slowest nodes of each block:\n\n" + slowest + "\n")
+    scaling = thread_scaling(rows, min(args.threads), max(args.threads)) if len(set(args.threads)) > 1 else None
+    if scaling:
+        few, many = scaling["few"], scaling["many"]
+        markdown += (
+            f"\nEach op type's kernel ms at {few} → {many} threads and its speed-up (the {SCALING_OPS} op types "
+            f"with the most time at {few}); \"unspread\": the share of the {many}-thread kernel time in op types "
+            f"that sped up by less than {SCALES}×.\n\n"
+            + markdown_table(["model", "block", "unspread %", *scaling["ops"]],
+                             [[b["model"], b["block"], b["unspread_percent"],
+                               *[f"{b['ops'][op][0]} → {b['ops'][op][1]} ({b['ops'][op][2]}×)" if op in b["ops"]
+                                 else "—" for op in scaling["ops"]]] for b in scaling["blocks"]],
+                             align="llr" + "r" * len(scaling["ops"])) + "\n")
     write_results(args.name, {"benchmark": "portable_ops", "machine": machine, "settings": vars(args),
-                              "onnxruntime": onnxruntime.__version__, "rows": rows}, markdown)
+                              "onnxruntime": onnxruntime.__version__, "rows": rows, "scaling": scaling}, markdown)
     print(markdown)
 
 

@@ -199,3 +199,18 @@ def test_alloc_timeline_reads_the_traced_step_and_walks_liveness() -> None:
              node("C", ["a", "b"], {"c": 1}), node("D", ["x"], {"d": 50})]
     walk = alloc_timeline.liveness(order, {"c"})
     assert [sorted(alive) for alive in walk] == [["a"], ["a"], ["a", "b"], ["a", "b", "c"], ["c", "d"]]
+
+
+def test_portable_ops_thread_scaling_counts_the_op_types_that_do_not_speed_up() -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    from portable_ops import thread_scaling
+
+    def row(threads: int, by_op: dict[str, float]) -> dict:
+        return {"model": "m", "block": "block-0", "threads": threads, "by_op": by_op, "kernel_ms": sum(by_op.values())}
+
+    rows = [row(1, {"Conv": 80.0, "Pad": 10.0, "Cast": 2.0}), row(2, {"Conv": 40.0, "Pad": 9.5, "Cast": 0.5})]
+    scaling = thread_scaling(rows, 1, 2)
+    assert scaling["ops"] == ["Conv", "Pad", "Cast"] and (scaling["few"], scaling["many"]) == (1, 2)
+    (block,) = scaling["blocks"]
+    assert block["ops"]["Conv"] == [80.0, 40.0, 2.0] and block["ops"]["Pad"] == [10.0, 9.5, 1.05]
+    assert block["unspread_percent"] == 19.0  # Pad's 9.5 of the 50 ms at two threads; Cast sped up 4x
