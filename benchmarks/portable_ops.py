@@ -112,9 +112,9 @@ def thread_scaling(rows: list[dict], few: int, many: int) -> dict:
     for r in rows:
         pairs[(r["model"], r["block"])][r["threads"]] = r
     time_at_few: dict[str, float] = collections.defaultdict(float)
-    for r in rows:
+    for r in (r for r in rows if r["threads"] == few):
         for op, ms in r["by_op"].items():
-            time_at_few[op] += ms if r["threads"] == few else 0
+            time_at_few[op] += ms
     ops = sorted(time_at_few, key=lambda op: -time_at_few[op])[:SCALING_OPS]
     blocks = []
     for (model, block), by_threads in pairs.items():
