@@ -248,13 +248,13 @@ def export_block(plan: BlockPlan, block_dir: Path, *, num_blocks: int, method: s
     The graph's batch axis is symbolic, so a small one exports the same graph faster; the manifest
     and its estimate still use ``batch_size``.
     """
-    block_dir.mkdir(parents=True, exist_ok=True)
     where = f"{'feedback ' if plan.kind == 'feedback' else ''}block {plan.index} (units {plan.units})"
-    if not portable and not training_available():  # refused before the trace, which takes the time
+    if not portable and not training_available():  # refused before the folder and the trace, which takes the time
         raise ExportError(f"{where}: --no-portable writes only the training build's artifacts, which need "
                           "onnxruntime-training, and it is not installed; hint: export with --portable (the "
                           "default), whose graphs train with --backend portable on any onnxruntime, or on x86-64 "
                           "`pip install onnxruntime-training-cpu==1.19.2`")
+    block_dir.mkdir(parents=True, exist_ok=True)
     try:
         onnx_model, graph = export_training_onnx(plan.module, plan.inputs, plan.outputs, trace_batch_size or batch_size)
     except Exception as exc:  # torch.onnx's errors share no base class worth naming

@@ -331,7 +331,7 @@ def test_a_host_without_the_training_build_exports_the_portable_graphs_alone(tmp
         x, labels = _inputs(alone.manifest, np.random.default_rng(k))
         assert alone.train_step(x, labels, 0.05).loss == both.train_step(x, labels, 0.05).loss
         mine, theirs = alone.parameters(), both.parameters()
-        assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+        assert mine.keys() == theirs.keys() and all(np.array_equal(mine[n], theirs[n]) for n in mine)
     assert [r.backend for r in Runtime.from_run(run, threads=1).runners] == ["portable", "portable"]
     with pytest.raises(ExportError, match=r"block 0 \(units \['unit0', 'unit1'\]\): --no-portable writes only the "
                                           r"training build's artifacts, which need onnxruntime-training, and it is "
