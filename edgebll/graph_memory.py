@@ -226,14 +226,20 @@ _SHAPE_MOVES = {
 a Reshape's target: ``export/portable.py``'s stride phases)."""
 
 
+_SHAPE_CONSTANT_SIZE = 16
+"""int64 initializers up to this many values are read as shape constants."""
+
+
 def _evaluate_shape_arithmetic(work: Any, shapes: _Shapes) -> bool:
     """Replace each shape computation whose operands are now known by a Constant of its value, so that the
     next round of shape inference sizes the tensors it shapes (a Pad by a computed amount). Follows
-    Shape, Constant, Concat and :data:`_SHAPE_ARITHMETIC` on int64 values; True if any node was replaced."""
+    Shape, Constant, int64 initializers, Concat and :data:`_SHAPE_ARITHMETIC` on int64 values; True if any node was replaced."""
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_int64 = TensorProto.INT64
-    values: dict[str, Any] = {}
+    # a graph folded at export holds its shape constants as initializers (small ones: shapes, axes, scalars)
+    values: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in work.graph.initializer
+                              if init.data_type == onnx_int64 and math.prod(init.dims) <= _SHAPE_CONSTANT_SIZE}
     replaced = False
     for at, node in enumerate(work.graph.node):
         op, value = node.op_type, None

@@ -8,7 +8,8 @@ the dynamo ONNX exporter translates those. Two backward ops have no ONNX transla
 decomposed here into forward ops (``convolution_backward``: ConvTranspose and Conv;
 ``max_pool2d_with_indices_backward``: torch's scatter-add decomposition). A "same" convolution with more
 filters than output positions runs on several samples side by side (:mod:`.folded_conv`), which
-onnxruntime threads where it would not thread the convolution as it is.
+onnxruntime threads where it would not thread the convolution as it is. Both graphs are written as
+onnxruntime's basic optimizations fold them, in the traced node order (:mod:`.offline_optimize`).
 
 Graph contract (names in :mod:`edgebll.portable`): inputs ``x``, the side input, ``lr``, ``step``
 and every state tensor ``param:NAME``, ``buffer:NAME``, ``exp_avg:NAME``, ``exp_avg_sq:NAME``;
@@ -46,8 +47,8 @@ from edgebll.portable_schema import (
 from edgebll.portable import save_state
 
 from .artifacts import GraphInput, OptimizerConfig, example_input
-from . import folded_conv, stride_phases
-from .in_place import order_updates_after_reads
+from . import folded_conv, offline_optimize, stride_phases
+from .in_place import order_updates_after_reads, update_hazards
 from .pool_gradients import adaptive_avg_pool2d_backward, avg_pool2d_backward
 
 aten = torch.ops.aten
@@ -465,10 +466,14 @@ def export_portable(module: nn.Module, inputs: list[GraphInput], outputs: list[t
     train_model = _to_onnx(train, [*examples, *scalars, *tensors], [*side_names, "lr", "step", *keys],
                            [*names_out, *[NEXT + k for k in keys]], 2, where)
     in_place = order_updates_after_reads(train_model)
+    folded = offline_optimize.fold(train_model)
+    if folded is not None and (not in_place or not update_hazards(folded)):
+        train_model = folded
     eval_module = module.eval()
     evaluate = make_eval_step(eval_module, list(params), list(others))
     eval_model = _to_onnx(evaluate, [*examples, *tensors[:len(state)]], [*side_names, *state],
                           names_out, 2, where)
+    eval_model = offline_optimize.fold(eval_model) or eval_model
     module.train()
     onnx.save(train_model, str(block_dir / TRAIN_FILE))
     onnx.save(eval_model, str(block_dir / EVAL_FILE))

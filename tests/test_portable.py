@@ -178,6 +178,7 @@ def test_portable_graphs_use_standard_ops_only(tiny_portable_run: Path) -> None:
             assert model.ir_version <= 10  # onnxruntime 1.19.2 loads IR <= 10
             assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
             assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+            assert "Constant" not in {n.op_type for n in model.graph.node}  # folded at export
             batch = model.graph.input[0].type.tensor_type.shape.dim[0]
             assert batch.dim_param, f"{name}: the batch axis is fixed at {batch.dim_value}"
 
