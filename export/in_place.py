@@ -17,7 +17,8 @@ onnxruntime-training (all gradients alive at once, as its gradient buffers are).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -141,28 +142,31 @@ def order_updates_after_reads(model: onnx.ModelProto) -> bool:
             if name == _LR:
                 node.input[k] = _ORDERED_LR
     del model.graph.node[:]
-    model.graph.node.extend(_topological([*nodes, *added]))
+    model.graph.node.extend(topological([*nodes, *added]))
     return not update_hazards(model)
 
 
-def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where every node follows the producers of its inputs, else as given (ONNX requires it)."""
+def topological(nodes: list[onnx.NodeProto],
+                key: Callable[[int], Any] | None = None) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every node follows the producers of its inputs (ONNX requires it); of the
+    nodes whose inputs are ready, the one with the smallest ``key(index)`` first (by default, as given)."""
+    rank = key or (lambda at: at)
     producer = {name: at for at, node in enumerate(nodes) for name in node.output if name}
     waiting = [{producer[n] for n in node.input if n in producer} for node in nodes]
     users: dict[int, list[int]] = {}
     for at, parents in enumerate(waiting):
         for parent in parents:
             users.setdefault(parent, []).append(at)
-    ready = [at for at, parents in enumerate(waiting) if not parents]
+    ready = [(rank(at), at) for at, parents in enumerate(waiting) if not parents]
     heapq.heapify(ready)
     order = []
     while ready:
-        at = heapq.heappop(ready)
+        _, at = heapq.heappop(ready)
         order.append(nodes[at])
         for user in users.get(at, []):
             waiting[user].discard(at)
             if not waiting[user]:
-                heapq.heappush(ready, user)
+                heapq.heappush(ready, (rank(user), user))
     if len(order) != len(nodes):
         raise ValueError("the graph has a cycle")
     return order

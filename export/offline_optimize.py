@@ -17,11 +17,12 @@ after the latest producer of its inputs.
 
 from __future__ import annotations
 
-import heapq
 import tempfile
 from pathlib import Path
 
 import onnx
+
+from .in_place import topological
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -70,23 +71,8 @@ def _in_order_of(nodes: list[onnx.NodeProto], traced: dict[str, int]) -> list[on
                 keys[at] = (max(parents, default=-1), 1, at)
         return keys[at]
 
-    waiting = [{producer[name] for name in node.input if name in producer} for node in nodes]
-    users: dict[int, list[int]] = {}
-    for at, parents in enumerate(waiting):
-        for parent in parents:
-            users.setdefault(parent, []).append(at)
-    ready = [key(at) for at, parents in enumerate(waiting) if not parents]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        at = heapq.heappop(ready)[2]
-        order.append(nodes[at])
-        if not nodes[at].name:
-            nodes[at].name = f"folded/{at}"
-        for user in users.get(at, []):
-            waiting[user].discard(at)
-            if not waiting[user]:
-                heapq.heappush(ready, key(user))
-    if len(order) != len(nodes):
-        raise ValueError("onnxruntime's folded graph has a cycle")
+    order = topological(nodes, key)
+    for at, node in enumerate(nodes):
+        if not node.name:
+            node.name = f"folded/{at}"
     return order
