@@ -424,7 +424,7 @@ def _to_onnx(function: Callable[..., Any], args: Sequence[torch.Tensor], input_n
         path = Path(tmp) / "graph.onnx"
         program.save(str(path))
         model = onnx.load(str(path))
-    foreign = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    foreign = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in offline_optimize.STANDARD_DOMAINS})
     if foreign:
         raise ExportError(f"{where}: the portable graph uses non-standard ops {foreign}; hint: replace the layers "
                           "that need them, or export without --portable")
