@@ -10,8 +10,11 @@ so the update may run first (it did for cnn-small: weights off by 2·lr after on
 :func:`order_updates_after_reads` adds the missing dependencies: every reader of a state tensor
 that is not already an ancestor of its update feeds a zero that is added to ``lr``, which every
 update reads. The zero is the sum of an empty slice of the reader's output, exactly 0 whatever
-the values, and costs nothing to compute. The updates then run after the backward, as in
-onnxruntime-training (all gradients alive at once, as its gradient buffers are).
+the values, and costs nothing to compute. The updates then run after the backward. What only
+the updates need and reads no state (AdamW's denominator, from the next ``exp_avg_sq``) does not
+feed that barrier (:func:`_from_next_state`): it runs with the updates instead of being held
+through the backward. A gradient does not wait for the barrier either: the moment updates, which
+need no ``lr``, consume it as soon as it is made.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from onnx import TensorProto, helper
 from edgebll.portable_schema import NEXT
 
 _LR = "lr"
+_STEP = "step"
 _ORDERED_LR = "lr_after_reads"
 _TYPE_ONLY_INPUTS = {"CastLike": {1}}
 """Inputs that carry only a type: onnxruntime drops such a CastLike, and the edge with it."""
@@ -102,6 +106,34 @@ def _constants(tag: str) -> Iterable[onnx.TensorProto]:
     yield helper.make_tensor(f"{tag}/none", TensorProto.INT64, [1], [0])
 
 
+def _from_next_state(model: onnx.ModelProto, nodes: list[onnx.NodeProto], updates: set[int]) -> set[int]:
+    """The nodes that only the updates need and that compute from the next state and ``step`` alone (AdamW's
+    denominator ``sqrt(v') / sqrt(1 - beta2^step) + eps``): nothing the updates must wait for reads them,
+    so they need not run before the barrier, and held from there to the end they would keep one tensor
+    the size of each weight alive through the backward."""
+    outputs = {o.name for o in model.graph.output}
+    fed = {i.name for i in model.graph.input} - {_STEP}
+    # a Constant's output is free to read anywhere: as an initializer
+    produced = {name: at for at, node in enumerate(nodes) for name in node.output if name and node.input}
+    users: dict[str, list[int]] = {}
+    for at, node in enumerate(nodes):
+        for name in node.input:
+            users.setdefault(name, []).append(at)
+    deferred = {at for at in range(len(nodes)) if at not in updates}
+    changed = True
+    while changed:
+        changed = False
+        for at in sorted(deferred):
+            node = nodes[at]
+            inputs_ok = all(name not in fed and (name in outputs or produced.get(name) is None
+                                                 or produced[name] in deferred) for name in node.input if name)
+            users_ok = all(user in updates or user in deferred for name in node.output for user in users.get(name, []))
+            if not (inputs_ok and users_ok) or outputs.intersection(node.output) or not node.output:
+                deferred.discard(at)
+                changed = True
+    return deferred
+
+
 def order_updates_after_reads(model: onnx.ModelProto) -> bool:
     """Make every optimizer update of ``model`` wait for all the rest of the step (see the module doc).
 
@@ -120,9 +152,10 @@ def order_updates_after_reads(model: onnx.ModelProto) -> bool:
             tainted.update(node.output)
     if not updates:
         return not update_hazards(model)
-    consumed = {name for at, node in enumerate(nodes) if at not in updates for name in node.input}
+    deferred = _from_next_state(model, nodes, updates)
+    consumed = {name for at, node in enumerate(nodes) if at not in updates | deferred for name in node.input}
     sinks = [at for at, node in enumerate(nodes)
-             if at not in updates and node.output and not consumed.intersection(node.output)
+             if at not in updates | deferred and node.output and not consumed.intersection(node.output)
              and node.op_type not in _SHAPE_OPS]
     added: list[onnx.NodeProto] = []
     zeros = []

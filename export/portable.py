@@ -338,11 +338,19 @@ def make_train_step(module: nn.Module, params: Sequence[str], buffers: Sequence[
             m, v = moments[at], moments[n_params + at]
             if g is not None:
                 p = p * (1 - lr * optimizer.weight_decay)
-                m = beta1 * m + (1 - beta1) * g
-                v = beta2 * v + (1 - beta2) * g * g
+                # torch's formula, associated so that at most two weight-sized temporaries live at once:
+                # the gradient dies at its first use, g² (1-β₂) = ((1-β₁) g)² (1-β₂)/(1-β₁)². The traced
+                # order is for onnxruntime's depth-first order, which walks an op's later-traced input
+                # first: β₁·m before the gradient's scaling, so that it is made after it, not held
+                # through the backward; v before m, so that m's update runs first and frees the scaled
+                # gradient in v's
+                decayed = beta1 * m
+                scaled = (1 - beta1) * g
+                v = beta2 * v + ((1 - beta2) / (1 - beta1) ** 2) * (scaled * scaled)
+                m = decayed + scaled
                 correction1 = 1 - beta1 ** count
                 correction2 = 1 - beta2 ** count
-                p = p - (lr / correction1) * m / (v.sqrt() / correction2.sqrt() + optimizer.eps)
+                p = p - m * ((lr / correction1) / (v.sqrt() / correction2.sqrt() + optimizer.eps))
             new_weights.append(p)
             new_m.append(m)
             new_v.append(v)

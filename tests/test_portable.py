@@ -615,6 +615,31 @@ def test_memory_estimate_reads_the_portable_graph(tiny_portable_run: Path) -> No
         estimate_peak_bytes(block, backend="tpu")
 
 
+def test_adamw_keeps_at_most_two_weight_sized_temporaries(tmp_path: Path) -> None:
+    """A block whose weight dwarfs its activations: the step's liveness peak is two copies of the weight (the
+    update's temporaries), not three or more (the gradient held beside two, or a denominator held through
+    the backward). test_adamw_matches_ort_training_and_torch checks the update's numbers."""
+    from edgebll.memory import estimate_peak_bytes
+
+    torch.manual_seed(0)
+    units = [nn.Sequential(nn.Flatten(), nn.Linear(12, 512), nn.Tanh()), nn.Sequential(nn.Linear(512, 512), nn.Tanh())]
+    run = export_model(units, out=tmp_path / "run", blocks=1, method="bp", batch_size=BATCH, input_shape=(3, 4),
+                       optimizer=OptimizerConfig(name="adamw"), progress=False)
+    weight = 512 * 512 * 4
+    activations = estimate_peak_bytes(run / "block-0", BATCH, backend="portable").activations
+    assert 2 * weight <= activations < 2.5 * weight
+    model = onnx.load(str(run / "block-0" / "portable_train.onnx"))
+    producer = {name: node for node in model.graph.node for name in node.output}
+    ordered, stack = set(), ["lr_after_reads"]
+    while stack:  # everything the updates wait for
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in ordered:
+            ordered.add(node.name)
+            stack.extend(node.input)
+    roots = [n.name for n in model.graph.node if n.op_type == "Sqrt" and n.input[0].startswith("next:exp_avg_sq:")]
+    assert roots and not ordered.intersection(roots)  # the denominators are made after the barrier, not held
+
+
 def test_adamw_with_torch_default_eps_keeps_parameters_without_gradient(tmp_path: Path) -> None:
     """A hidden unit that no sample activates gets a zero gradient: torch's AdamW leaves it (0 / (0 + eps)).
 
