@@ -152,10 +152,10 @@ def order_updates_after_reads(model: onnx.ModelProto) -> bool:
             tainted.update(node.output)
     if not updates:
         return not update_hazards(model)
-    deferred = _from_next_state(model, nodes, updates)
-    consumed = {name for at, node in enumerate(nodes) if at not in updates | deferred for name in node.input}
+    after = updates | _from_next_state(model, nodes, updates)  # what runs after the barrier
+    consumed = {name for at, node in enumerate(nodes) if at not in after for name in node.input}
     sinks = [at for at, node in enumerate(nodes)
-             if at not in updates | deferred and node.output and not consumed.intersection(node.output)
+             if at not in after and node.output and not consumed.intersection(node.output)
              and node.op_type not in _SHAPE_OPS]
     added: list[onnx.NodeProto] = []
     zeros = []
